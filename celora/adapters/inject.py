@@ -1,0 +1,122 @@
+"""Wire tri-matrix adapters into any HF model and expose named views of A, B, C and the head.
+
+Parameter names in a view are the model's own: ``<module>.lora_A``, ``<module>.lora_C``,
+``<module>.lora_B`` for adapted linears and ``<head module>.<param>`` for the task head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from celora.adapters.trilora import Basis, Init, TriLoraLinear, module_seed
+from celora.errors import CeloraError
+
+HEAD = "head"
+ALL_FACTORS = frozenset({"A", "B", "C", HEAD})
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Where and how adapters are placed: rank r, α (s = α/r), target module names, init."""
+
+    rank: int = 8
+    alpha: float = 8.0
+    targets: tuple[str, ...] = ("query", "value")
+    dropout: float = 0.0
+    init: Init = "kaiming"
+    basis: Basis = "random"
+    seed: int = 0
+
+
+def _matches(name: str, targets: Sequence[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def inject_adapters(model: nn.Module, spec: AdapterSpec) -> list[str]:
+    """Replace every ``nn.Linear`` whose name ends with a target by a TriLoraLinear; return names.
+
+    Each module's A, B, C come from ``module_seed(spec.seed, name)``: identical on every client.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped: list[str] = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or not _matches(name, spec.targets):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = TriLoraLinear(
+            module,
+            rank=spec.rank,
+            alpha=spec.alpha,
+            dropout=spec.dropout,
+            init=spec.init,
+            basis=spec.basis,
+            seed=module_seed(spec.seed, name),
+        )
+        setattr(parent, child, layer)
+        wrapped.append(name)
+    if not wrapped:
+        linears = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise CeloraError(f"model.targets {list(spec.targets)} match no linear layer (available: {', '.join(linears)})")
+    return wrapped
+
+
+def adapter_layers(model: nn.Module) -> dict[str, TriLoraLinear]:
+    """All tri-matrix layers of a model, by module name, in model order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, TriLoraLinear)}
+
+
+def factor_of(param_name: str) -> str:
+    """'A' | 'B' | 'C' for adapter factors, 'head' for anything else in a view."""
+    for f in ("A", "B", "C"):
+        if param_name.endswith(".lora_" + f):
+            return f
+    return HEAD
+
+
+def view_names(model: nn.Module, factors: Iterable[str], head_modules: Sequence[str]) -> list[str]:
+    """Ordered parameter names of the given factors ('A', 'B', 'C', 'head')."""
+    wanted = set(factors)
+    unknown = wanted - ALL_FACTORS
+    if unknown:
+        raise ValueError(f"unknown factors {sorted(unknown)}")
+    names: list[str] = []
+    for mod in adapter_layers(model):
+        names += [f"{mod}.lora_{f}" for f in ("A", "C", "B") if f in wanted]
+    if HEAD in wanted:
+        for head in head_modules:
+            names += [f"{head}.{p}" for p, _ in model.get_submodule(head).named_parameters()]
+    return names
+
+
+def get_tensors(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Detached CPU float32 copies of the named parameters."""
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().to("cpu", torch.float32).clone() for n in names}
+
+
+@torch.no_grad()
+def set_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy named tensors into the model's parameters (shapes must match)."""
+    params = dict(model.named_parameters())
+    for n, t in tensors.items():
+        p = params[n]
+        if p.shape != t.shape:
+            raise ValueError(f"{n}: shape {tuple(t.shape)} != {tuple(p.shape)}")
+        p.copy_(t.to(p))
+
+
+def set_trainable(model: nn.Module, factors: Iterable[str], head_modules: Sequence[str]) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze the given factors; return the trainable parameters."""
+    train = set(view_names(model, factors, head_modules))
+    out: list[nn.Parameter] = []
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in train)
+        if n in train:
+            out.append(p)
+    return out

@@ -1,0 +1,159 @@
+"""`celora` command line: run | models | datasets."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from celora.errors import CeloraError  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning with tri-matrix LoRA.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+class RichObserver:
+    """Progress bars for rounds and clients, plus messages (e.g. rejected payloads)."""
+
+    def __init__(self, progress: Progress, rounds: int) -> None:
+        self.progress = progress
+        self.round_task = progress.add_task("rounds", total=rounds)
+        self.client_task = progress.add_task("clients", total=0)
+
+    def on_round_start(self, rnd: int, clients: list[int]) -> None:
+        self.progress.reset(self.client_task, total=len(clients), description=f"round {rnd}: clients")
+
+    def on_client_done(self, rnd: int, client: int, record: Any) -> None:
+        self.progress.advance(self.client_task)
+
+    def on_round_end(self, rnd: int, metrics: dict[str, Any]) -> None:
+        self.progress.advance(self.round_task)
+        self.progress.console.print(
+            f"round {rnd}: acc mean {metrics['acc_mean']:.3f} (after agg. {metrics['acc_mean_agg']:.3f}), "
+            f"worst-10% {metrics['acc_worst10']:.3f}, up {metrics['bytes_up']} B, down {metrics['bytes_down']} B, "
+            f"{metrics['wall_s']:.1f}s"
+        )
+
+    def on_message(self, text: str) -> None:
+        self.progress.console.print(f"[yellow]{text}[/yellow]")
+
+
+def _default_out(config: Path | None, method: str) -> Path:
+    stem = config.stem if config else "default"
+    return Path("runs") / f"{stem}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Argument(help="experiment TOML (see configs/)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a key, e.g. --set data.alpha=0.1")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="run folder (default runs/<config>-<method>-<time>)")] = (
+        None
+    ),
+    no_export: Annotated[bool, typer.Option("--no-export", help="skip the PEFT adapter export")] = False,
+) -> None:
+    """Run one federated experiment on the in-process engine and write its run folder."""
+    from celora.config import load_config
+    from celora.data.partition import format_partition_table
+    from celora.fl.simulation import Simulation, check_names, prepare
+    from celora.report import clients_table, plot_accuracy, rounds_table
+
+    cfg = load_config(config, set_ or [])
+    check_names(cfg)
+    out_dir = out or _default_out(config, cfg.method)
+    console.print(
+        f"[bold]celora[/bold] {cfg.method} · model {cfg.model.name} · {cfg.num_clients} clients · "
+        f"{cfg.rounds} rounds · data {cfg.data.path or cfg.data.name} ({cfg.data.partition})"
+    )
+    with console.status("loading data and model (offline)…"):
+        prepared = prepare(cfg)
+    from celora.data.partition import partition_summary
+
+    console.print(
+        format_partition_table(partition_summary(prepared.split, prepared.dataset.labels, prepared.dataset.label_names))
+    )
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+    with progress:
+        sim = Simulation(
+            cfg, out_dir, observer=RichObserver(progress, cfg.rounds), prepared=prepared, export_adapters=not no_export
+        )
+        result = sim.run()
+    console.print(rounds_table(result.rounds))
+    console.print(clients_table(result.rounds[-1]))
+    plot_accuracy(result.rounds, out_dir / "accuracy.png", title=f"{cfg.method} · {cfg.data.partition}")
+    s = result.summary
+    bpcr = s["bytes_per_client_round"]
+    console.print(
+        f"[bold]final[/bold]: acc mean {s['acc_mean']:.3f} · weighted {s['acc_weighted']:.3f} · "
+        f"worst-10% {s['acc_worst10']:.3f} · global {s['acc_global']:.3f} · "
+        f"{bpcr['up']:.0f} B up / {bpcr['down']:.0f} B down per client-round · {s['wall_s']:.0f}s"
+    )
+    console.print(f"run folder: {out_dir}")
+
+
+@app.command()
+def models() -> None:
+    """List the offline model zoo."""
+    from celora.models.zoo import ZOO
+
+    t = Table(title="models")
+    for col in ("name", "kind", "package", "description"):
+        t.add_column(col)
+    for e in ZOO.values():
+        t.add_row(e.name, e.kind, e.package or "(built in code)", e.description)
+    console.print(t)
+
+
+@app.command()
+def datasets() -> None:
+    """List the shipped datasets (any CSV/JSONL/Parquet works via data.path)."""
+    from celora.data.sources import DATASETS
+
+    for name in sorted(DATASETS):
+        console.print(name)
+
+
+def main() -> None:
+    """Entry point: user errors print one line and exit 2, without a traceback."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(standalone_mode=False)
+    except CeloraError as err:
+        err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("aborted")
+        sys.exit(130)
+    except typer.Exit as ex:
+        sys.exit(ex.exit_code)
+    except Exception as err:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

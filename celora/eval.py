@@ -1,0 +1,33 @@
+"""Personalized, fairness and global metrics over clients."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def worst_fraction_mean(acc: np.ndarray, fraction: float = 0.1) -> float:
+    """Mean accuracy of the worst ⌈fraction · N⌉ clients (at least one)."""
+    a = np.sort(acc[~np.isnan(acc)])
+    if a.size == 0:
+        return float("nan")
+    k = max(1, math.ceil(fraction * a.size))
+    return float(a[:k].mean())
+
+
+def personalized_metrics(acc: np.ndarray, n_train: np.ndarray) -> dict[str, float]:
+    """acc_mean = (1/N) Σ acc_i; acc_weighted = Σ n_i acc_i / Σ n_i; acc_worst10 = worst-10 % mean.
+
+    Clients not yet evaluated (NaN) are left out.
+    """
+    acc = np.asarray(acc, dtype=float)
+    ok = ~np.isnan(acc)
+    if not ok.any():
+        return {"acc_mean": float("nan"), "acc_weighted": float("nan"), "acc_worst10": float("nan")}
+    w = np.asarray(n_train, dtype=float)[ok]
+    return {
+        "acc_mean": float(acc[ok].mean()),
+        "acc_weighted": float((acc[ok] * w).sum() / w.sum()) if w.sum() > 0 else float(acc[ok].mean()),
+        "acc_worst10": worst_fraction_mean(acc),
+    }

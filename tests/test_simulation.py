@@ -1,0 +1,138 @@
+"""The in-process engine on a tiny random BERT and a slice of BBC News (fast)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from celora.config import load_config
+from celora.fl.simulation import Simulation, prepare, run_experiment
+
+TINY = [
+    "model.name=tiny-bert",
+    "model.rank=4",
+    "model.max_length=48",
+    "num_clients=4",
+    "rounds=2",
+    "data.max_samples=240",
+    "train.batch_size=16",
+    "train.lr=5e-3",
+    "data.partition=dirichlet",
+]
+
+
+def _cfg(*extra):
+    return load_config(None, TINY + list(extra))
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    return prepare(_cfg())
+
+
+def test_run_folder_and_metrics(tmp_path):
+    out = tmp_path / "run"
+    res = run_experiment(_cfg("method=celora-global"), out)
+    for f in ("config.toml", "partition.json", "metrics.jsonl", "summary.json"):
+        assert (out / f).is_file(), f
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    for key in ("round", "method", "acc_mean", "acc_weighted", "acc_worst10", "bytes_up", "bytes_down", "wall_s"):
+        assert key in rows[0]
+    c = rows[0]["clients"][0]
+    assert {"id", "n_train", "acc", "loss", "bytes_up", "bytes_down"} <= set(c)
+    summary = json.loads((out / "summary.json").read_text())
+    for key in (
+        "method",
+        "acc_mean",
+        "acc_weighted",
+        "acc_worst10",
+        "acc_global",
+        "bytes_up_total",
+        "bytes_down_total",
+        "bytes_per_client_round",
+        "rounds",
+        "wall_s",
+    ):
+        assert key in summary
+    assert summary == res.summary
+    assert all((out / "adapters" / f"client_{i}" / "adapter_model.safetensors").is_file() for i in range(4))
+    part = json.loads((out / "partition.json").read_text())
+    assert len(part["clients"]) == 4
+    # bytes: 4 C matrices of 4×4 fp32 up and down per client-round, plus a small header
+    per = summary["bytes_per_client_round"]["up"]
+    assert 4 * 16 * 4 < per < 4 * 16 * 4 + 200
+    assert summary["bytes_up_total"] == sum(r["bytes_up"] for r in rows)
+
+
+def test_private_state_kept_and_only_c_shared(prepared):
+    sim = Simulation(_cfg("method=celora-global"), prepared=prepared)
+    res = sim.run()
+    a_names = [n for n in prepared.all_names if n.endswith("lora_A")]
+    c_names = [n for n in prepared.all_names if n.endswith("lora_C")]
+    # A is private: it differs between clients; C was last set to the same global mean for everyone
+    assert not torch.allclose(res.states[0][a_names[0]], res.states[1][a_names[0]])
+    assert all(torch.allclose(res.states[0][c], res.states[3][c]) for c in c_names)
+    assert sim.up_layout.names == c_names
+
+
+def test_fedit_sends_a_b_and_costs_far_more(prepared):
+    g = Simulation(_cfg("method=celora-global", "rounds=1"), prepared=prepared).run().summary
+    f = Simulation(_cfg("method=fedit", "rounds=1"), prepared=prepared).run().summary
+    assert f["payload"]["shared_factors"] == ["A", "B", "head"]
+    assert f["bytes_per_client_round"]["up"] > 5 * g["bytes_per_client_round"]["up"]
+
+
+def test_local_sends_nothing(prepared):
+    s = Simulation(_cfg("method=local", "rounds=1"), prepared=prepared).run().summary
+    assert s["bytes_up_total"] == 0 and s["bytes_down_total"] == 0
+    assert s["acc_mean"] == s["acc_mean_agg"]
+
+
+def test_partial_participation(prepared):
+    res = Simulation(_cfg("method=celora-global", "clients_per_round=2", "rounds=3"), prepared=prepared).run()
+    for row in res.rounds:
+        assert row["participants"] == 2
+        assert sum(c["bytes_up"] > 0 for c in row["clients"]) == 2
+        assert all(c["bytes_up"] == 0 for c in row["clients"] if not c["participated"])
+
+
+def test_deterministic_with_seed(prepared):
+    a = Simulation(_cfg("method=celora-global"), prepared=prepared).run().summary
+    b = Simulation(_cfg("method=celora-global"), prepared=prepared).run().summary
+    assert a["acc_mean"] == b["acc_mean"] and a["bytes_up_total"] == b["bytes_up_total"]
+
+
+@pytest.mark.parametrize("attack", ["nan", "shape", "unknown", "garbage", "oversize"])
+def test_hostile_payload_rejected_and_run_continues(prepared, attack):
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    def hook(rnd, client, blob):
+        if client != 1 or rnd != 1:
+            return blob
+        if attack == "garbage":
+            return b"\x00\x01not a payload"
+        if attack == "oversize":
+            return blob + b"\0" * 100_000
+        t = st_load(blob)
+        key = next(iter(t))
+        if attack == "nan":
+            t[key] = t[key].clone()
+            t[key].view(-1)[0] = float("nan")
+        elif attack == "shape":
+            t[key] = torch.zeros(3, 3)
+        else:
+            t["evil.lora_A"] = torch.zeros(2)
+        return st_save(t, metadata={"wire": "fp32"})
+
+    sim = Simulation(_cfg("method=celora-global"), prepared=prepared, wire_hook=hook)
+    res = sim.run()
+    r1 = res.rounds[0]
+    assert r1["rejected"] == 1
+    bad = r1["clients"][1]
+    assert bad["rejected"] and bad["participated"]
+    assert res.rounds[1]["rejected"] == 0 and len(res.rounds) == 2
+    assert np.isfinite(res.summary["acc_mean"])
+    assert all(torch.isfinite(t).all() for st in res.states.values() for t in st.values())

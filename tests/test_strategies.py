@@ -1,0 +1,59 @@
+"""Strategies are fed hand-built messages: no model involved."""
+
+import numpy as np
+import pytest
+import torch
+
+from celora.config import AggregationConfig
+from celora.errors import CeloraError
+from celora.fl.strategies import STRATEGIES, RoundContext, get_strategy
+
+C = "enc.l0.q.lora_C"
+
+
+def _ctx(n_train, rnd=1):
+    return RoundContext(rnd=rnd, num_clients=len(n_train), n_train=np.asarray(n_train))
+
+
+def test_registry_has_baselines_and_rejects_unknown():
+    assert {"celora-global", "fedit", "local"} <= set(STRATEGIES)
+    with pytest.raises(CeloraError, match="unknown method 'nope'"):
+        get_strategy("nope")
+
+
+def test_factor_sets_and_head_policy():
+    g = get_strategy("celora-global")
+    assert g.shared_factors == {"C"} and g.trained_factors == {"A", "B", "C", "head"}
+    f = get_strategy("fedit")
+    assert f.shared_factors == {"A", "B", "head"} and "C" not in f.trained_factors
+    f_local_head = get_strategy("fedit", AggregationConfig(head="local"))
+    assert f_local_head.shared_factors == {"A", "B"}
+    assert get_strategy("local").shared_factors == frozenset()
+
+
+def test_celora_global_is_sample_weighted_mean_sent_to_all():
+    s = get_strategy("celora-global")
+    updates = {0: {C: torch.full((2, 2), 1.0)}, 2: {C: torch.full((2, 2), 4.0)}}
+    out = s.aggregate(_ctx([10, 5, 30]), updates)
+    assert set(out) == {0, 1, 2}  # everyone gets the new global C (delivered when next online)
+    assert torch.allclose(out[1][C], torch.full((2, 2), (10 * 1 + 30 * 4) / 40))
+
+
+def test_fedit_averages_a_b_and_head():
+    s = get_strategy("fedit")
+    ups = {
+        i: {
+            "l.lora_A": torch.full((3, 2), float(i)),
+            "l.lora_B": torch.full((2, 3), 2.0 * i),
+            "classifier.weight": torch.full((2, 3), float(i)),
+        }
+        for i in range(3)
+    }
+    out = s.aggregate(_ctx([1, 1, 2]), ups)
+    assert torch.allclose(out[0]["l.lora_A"], torch.full((3, 2), 1.25))
+    assert torch.allclose(out[0]["l.lora_B"], torch.full((2, 3), 2.5))
+
+
+def test_local_sends_nothing_and_empty_round():
+    assert get_strategy("local").aggregate(_ctx([1, 2]), {0: {C: torch.eye(2)}}) == {}
+    assert get_strategy("fedit").aggregate(_ctx([1, 2]), {}) == {}
