@@ -69,7 +69,7 @@ def run(
     from celora.config import load_config
     from celora.data.partition import format_partition_table
     from celora.fl.simulation import Simulation, check_names, prepare
-    from celora.report import clients_table, plot_accuracy, rounds_table
+    from celora.report import clients_table, plot_accuracy, plot_weights, rounds_table, top_collaborators
 
     cfg = load_config(config, set_ or [])
     check_names(cfg)
@@ -101,6 +101,14 @@ def run(
     console.print(rounds_table(result.rounds))
     console.print(clients_table(result.rounds[-1]))
     plot_accuracy(result.rounds, out_dir / "accuracy.png", title=f"{cfg.method} · {cfg.data.partition}")
+    weights = result.diagnostics.get("weights")
+    if weights is not None:
+        plot_weights(weights, out_dir / "weights.png", title=f"w_ij, round {cfg.rounds}")
+        tops = top_collaborators(weights)
+        console.print(
+            "top collaborators (client: partner w_ij …): "
+            + "; ".join(f"{i}: " + ", ".join(f"{j} {w:.2f}" for j, w in pairs) for i, pairs in tops.items())
+        )
     s = result.summary
     bpcr = s["bytes_per_client_round"]
     console.print(

@@ -59,6 +59,7 @@ class AggregationConfig(_Section):
     beta: float = Field(0.5, ge=0, le=1, description="weight of data similarity vs parameter similarity")
     lam: float = Field(1.0, ge=0, description="strength of similarity in the learned weights (0 = FedAvg)")
     head: Literal["local", "shared"] | None = Field(None, description="head policy; default per method")
+    distance_method: Literal["exact", "fast", "auto"] = "auto"
 
 
 class PayloadConfig(_Section):

@@ -85,3 +85,36 @@ def plot_accuracy(rows: list[dict[str, Any]], path: str | Path, title: str = "")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def top_collaborators(weights: Any, k: int = 3) -> dict[int, list[tuple[int, float]]]:
+    """For each client row i with weights, the k largest w_ij over j ≠ i, as (j, w_ij)."""
+    import numpy as np
+
+    w = np.asarray(weights, dtype=float)
+    out: dict[int, list[tuple[int, float]]] = {}
+    for i in range(w.shape[0]):
+        if w[i].sum() <= 0:
+            continue
+        order = [int(j) for j in np.argsort(-w[i]) if j != i and w[i, j] > 0][:k]
+        out[i] = [(j, float(w[i, j])) for j in order]
+    return out
+
+
+def plot_weights(weights: Any, path: str | Path, title: str = "aggregation weights w_ij") -> Path:
+    """weights.png: heatmap of the learned weight matrix (row i = client i's mix of C_j)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    im = ax.imshow(weights, cmap="viridis", vmin=0)
+    ax.set_xlabel("client j (contributor)")
+    ax.set_ylabel("client i (receiver)")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -55,8 +55,14 @@ def test_rejects_wrong_shape():
     t = _c_tensors()
     lay = Layout.of(t)
     bad = {k: torch.zeros(7, 7) for k in t}
-    with pytest.raises(PayloadError, match="expected"):
+    with pytest.raises(PayloadError, match="unknown tensor 'C:7x7'"):
         decode(encode(bad, Layout.of(bad)), lay)
+    # the right entry name with a wrong stacked shape (one layer short)
+    from safetensors.torch import save
+
+    blob = save({"C:8x8": torch.zeros(11, 8, 8)}, metadata={"wire": "fp32"})
+    with pytest.raises(PayloadError, match="expected fp32 \\(12, 8, 8\\)"):
+        decode(blob, lay)
 
 
 def test_rejects_nan_and_inf():

@@ -150,3 +150,29 @@ def decode(
         for i, n in enumerate(names):
             out[n] = x[i].clone()
     return out
+
+
+def encode_named(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """Self-describing fp32 blob (one safetensors entry per tensor), for one-time messages."""
+    return st_save(
+        {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, metadata={"wire": "fp32"}
+    )
+
+
+def decode_named(blob: bytes, *, max_bytes: int) -> dict[str, torch.Tensor]:
+    """Parse a self-describing blob; reject oversize, malformed, non-fp32 or non-finite content.
+
+    Names and shapes are checked by the consumer (e.g. ``summary_from_tensors``).
+    """
+    if len(blob) > max_bytes:
+        raise PayloadError(f"payload oversize: {len(blob)} bytes > limit {max_bytes}")
+    try:
+        raw = st_load(blob)
+    except (SafetensorError, ValueError) as err:
+        raise PayloadError(f"payload malformed: {str(err).splitlines()[0][:120]}") from None
+    for k, t in raw.items():
+        if t.dtype != torch.float32:
+            raise PayloadError(f"payload tensor {k!r} is {t.dtype}, expected float32")
+        if not torch.isfinite(t).all():
+            raise PayloadError(f"payload tensor {k!r} contains NaN or Inf")
+    return raw

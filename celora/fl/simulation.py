@@ -27,8 +27,25 @@ from celora.data.partition import FederatedSplit, make_federated_split, partitio
 from celora.data.sources import Dataset, load_dataset
 from celora.errors import CeloraError
 from celora.eval import personalized_metrics
-from celora.fl.client import Encoded, encode_texts, evaluate, train_local
-from celora.fl.payload import Layout, PayloadError, WireDtype, decode, encode, expected_size
+from celora.fl.client import Encoded, encode_texts, evaluate, pooled_features, train_local
+from celora.fl.payload import (
+    Layout,
+    PayloadError,
+    WireDtype,
+    decode,
+    decode_named,
+    encode,
+    encode_named,
+    expected_size,
+)
+from celora.fl.similarity import (
+    ClientSummary,
+    clip_features,
+    fit_class_gmms,
+    privatize_summary,
+    summary_from_tensors,
+    summary_to_tensors,
+)
 from celora.fl.strategies import RoundContext, Strategy, Tensors, get_strategy
 from celora.models.zoo import LoadedModel, load_model
 
@@ -95,6 +112,7 @@ class RunResult:
     summary: dict[str, Any]
     rounds: list[dict[str, Any]] = field(default_factory=list)
     states: dict[int, Tensors] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
 def check_names(cfg: ExperimentConfig) -> None:
@@ -220,7 +238,7 @@ class Simulation:
         self._write("partition.json", json.dumps(part, indent=2))
         n = cfg.num_clients
         states = {i: {k: v.clone() for k, v in p.init_state.items()} for i in range(n)}
-        self.strategy.setup(self.n_train)
+        setup_up = self._setup_strategy()
         outbox: dict[int, Tensors] = {}
         out_version = dict.fromkeys(range(n), 0)
         recv_version = dict.fromkeys(range(n), 0)
@@ -270,6 +288,7 @@ class Simulation:
                     )
             last.update({i: r for i, r in records.items() if r.participated})
             row = self._round_row(rnd, [records[i] for i in range(n)], time.perf_counter() - t0)
+            self._record_diagnostics(rnd, row)
             totals["up"] += row["bytes_up"]
             totals["down"] += row["bytes_down"]
             rounds.append(row)
@@ -278,7 +297,69 @@ class Simulation:
                     fh.write(json.dumps(row) + "\n")
             self.obs.on_round_end(rnd, row)
         summary = self._finish(states, rounds, totals, time.perf_counter() - t_run)
-        return RunResult(summary, rounds, states)
+        summary["bytes_setup_up"] = int(sum(setup_up.values()))  # one-time data summaries, not per round
+        summary["bytes_up_total"] += summary["bytes_setup_up"]
+        if self.out is not None:
+            self._write("summary.json", json.dumps(summary, indent=2))
+        return RunResult(summary, rounds, states, dict(self.strategy.diagnostics))
+
+    # ----------------------------------------------------------------- data summaries (once)
+    def _client_summary(self, i: int) -> ClientSummary:
+        """Client side: pooled frozen-backbone features → per-class diagonal GMMs (optionally DP)."""
+        cfg, p = self.cfg, self.p
+        idx = p.split.clients[i].train_idx
+        self._load(p.init_state)  # ΔW = 0 at init: the frozen backbone's features
+        feats = pooled_features(p.loaded.model, p.encoded, idx, cfg.train.eval_batch_size)
+        labels = p.dataset.labels[idx]
+        pr = cfg.privacy
+        if pr.summary_epsilon is None:
+            return fit_class_gmms(feats, labels, seed=cfg.seed)
+        feats = clip_features(feats, pr.summary_clip)
+        summary = fit_class_gmms(feats, labels, seed=cfg.seed)
+        rng = np.random.default_rng(cfg.seed * 65_537 + i)
+        return privatize_summary(
+            summary, epsilon=pr.summary_epsilon, delta=pr.summary_delta, clip=pr.summary_clip, rng=rng
+        )
+
+    def _setup_strategy(self) -> dict[int, int]:
+        """Collect data summaries (one upload per client, counted) if the method uses them."""
+        if not self.strategy.uses_data_summaries:
+            self.strategy.setup(self.n_train)
+            return {}
+        hidden = int(getattr(self.p.loaded.model.config, "hidden_size", 0)) or None
+        limit = 64 * 1024 * 1024
+        summaries: list[ClientSummary] = []
+        nbytes: dict[int, int] = {}
+        for i in range(self.cfg.num_clients):
+            blob = encode_named(summary_to_tensors(self._client_summary(i)))
+            nbytes[i] = len(blob)
+            try:  # server side: validate what arrived
+                summaries.append(summary_from_tensors(decode_named(blob, max_bytes=limit), feature_dim=hidden))
+            except CeloraError as err:
+                raise CeloraError(f"client {i}: data summary rejected: {err}") from None
+        self.strategy.setup(self.n_train, summaries)
+        sim = self.strategy.diagnostics.get("similarity_data")
+        if self.out is not None and sim is not None:
+            np.save(self.out / "similarity_data.npy", sim)
+        self.obs.on_message(
+            f"data summaries: {sum(nbytes.values())} B uploaded once ({sum(nbytes.values()) // len(nbytes)} B/client)"
+        )
+        return nbytes
+
+    def _record_diagnostics(self, rnd: int, row: dict[str, Any]) -> None:
+        """Per-round weights matrix (weights_round_<t>.npy) and summary diagnostics in the metrics row."""
+        diag = self.strategy.diagnostics
+        if "weights" not in diag or diag.get("participants") is None:
+            return
+        if self.out is not None:
+            np.save(self.out / f"weights_round_{rnd}.npy", diag["weights"])
+        eff = diag.get("effective_collaborators", {})
+        row["diag"] = {
+            "effective_collaborators": eff,
+            "effective_collaborators_mean": float(np.mean(list(eff.values()))) if eff else float("nan"),
+            "update_cosine_mean": diag.get("update_cosine_mean"),
+        }
+        diag["participants"] = None
 
     def _client_round(
         self,
@@ -384,12 +465,10 @@ class Simulation:
             "evaluated": "acc_* = after local training (local step); acc_*_agg = after receiving the server's message",
             "wall_s": round(wall, 2),
         }
-        if self.out is not None:
-            self._write("summary.json", json.dumps(summary, indent=2))
-            if self.export_adapters:
-                exporter = PeftExporter(p.loaded.model, p.spec, p.loaded.head_modules, p.loaded.source)
-                for i, st in states.items():
-                    exporter.save(st, self.out / "adapters" / f"client_{i}")
+        if self.out is not None and self.export_adapters:
+            exporter = PeftExporter(p.loaded.model, p.spec, p.loaded.head_modules, p.loaded.source)
+            for i, st in states.items():
+                exporter.save(st, self.out / "adapters" / f"client_{i}")
         return summary
 
 
