@@ -72,7 +72,7 @@ def run(
     from celora.report import clients_table, plot_accuracy, plot_weights, rounds_table, top_collaborators
 
     cfg = load_config(config, set_ or [])
-    check_names(cfg)
+    cfg = check_names(cfg)
     out_dir = out or _default_out(config, cfg.method)
     console.print(
         f"[bold]celora[/bold] {cfg.method} · model {cfg.model.name} · {cfg.num_clients} clients · "
@@ -117,6 +117,80 @@ def run(
         f"{bpcr['up']:.0f} B up / {bpcr['down']:.0f} B down per client-round · {s['wall_s']:.0f}s"
     )
     console.print(f"run folder: {out_dir}")
+
+
+@app.command()
+def compare(
+    config: Annotated[Path, typer.Argument(help="base experiment TOML")],
+    methods: Annotated[
+        str, typer.Option("--methods", help="comma-separated methods")
+    ] = "celora,celora-global,fedit,local",
+    seeds: Annotated[str, typer.Option("--seeds", help="comma-separated seeds")] = "0,1,2",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a key for every cell")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="comparison folder (default runs/compare-<config>)")] = (
+        None
+    ),
+) -> None:
+    """Run methods × seeds on identical partitions (resumable) and print the comparison table."""
+    from celora.compare import aggregate_rows, parse_list, parse_seeds, run_comparison
+    from celora.config import load_config
+
+    base = load_config(config, set_ or [])
+    method_list = parse_list(methods, "--methods")
+    seed_list = parse_seeds(seeds)
+    out_dir = out or Path("runs") / f"compare-{config.stem}"
+    total = len(method_list) * len(seed_list)
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    )
+    with progress:
+        cells = progress.add_task("cells", total=total)
+        observers: list[RichObserver] = []
+
+        def observer_for(method: str, seed: int) -> RichObserver:
+            for ob in observers:  # drop the previous cell's bars
+                progress.remove_task(ob.round_task)
+                progress.remove_task(ob.client_task)
+            observers.clear()
+            progress.update(cells, description=f"cells (now {method}, seed {seed})")
+            ob = RichObserver(progress, base.rounds)
+            observers.append(ob)
+            progress.advance(cells)
+            return ob
+
+        def on_skip(method: str, seed: int) -> None:
+            progress.console.print(f"{method} seed {seed}: finished earlier, skipped")
+            progress.advance(cells)
+
+        rows = run_comparison(base, method_list, seed_list, out_dir, observer_for=observer_for, on_skip=on_skip)
+    agg = aggregate_rows(rows, method_list)
+    t = Table(title=f"comparison: {len(seed_list)} seeds, identical partitions per seed")
+    for col in (
+        "method",
+        "acc mean",
+        "worst-10%",
+        "acc after agg.",
+        "global acc",
+        "up B/cl-rd",
+        "down B/cl-rd",
+        "total MB",
+        "wall s",
+    ):
+        t.add_column(col, justify="right")
+    for a in agg:
+        t.add_row(
+            a["method"],
+            f"{a['acc_mean']:.3f} ± {a['acc_mean_std']:.3f}",
+            f"{a['acc_worst10']:.3f} ± {a['acc_worst10_std']:.3f}",
+            f"{a['acc_mean_agg']:.3f}",
+            f"{a['acc_global']:.3f} ± {a['acc_global_std']:.3f}",
+            f"{a['bytes_up_per_client_round']:,.0f}",
+            f"{a['bytes_down_per_client_round']:,.0f}",
+            f"{a['bytes_total'] / 1e6:.3f}",
+            f"{a['wall_s']:.0f}",
+        )
+    console.print(t)
+    console.print(f"wrote {out_dir}/compare.csv, compare.md, compare.png")
 
 
 @app.command()

@@ -136,3 +136,29 @@ def test_hostile_payload_rejected_and_run_continues(prepared, attack):
     assert res.rounds[1]["rejected"] == 0 and len(res.rounds) == 2
     assert np.isfinite(res.summary["acc_mean"])
     assert all(torch.isfinite(t).all() for st in res.states.values() for t in st.values())
+
+
+def test_centralized_trains_one_model_and_sends_nothing(prepared):
+    res = Simulation(_cfg("method=centralized", "rounds=1"), prepared=prepared).run()
+    assert res.summary["bytes_up_total"] == 0 and res.summary["bytes_down_total"] == 0
+    a = [n for n in prepared.all_names if n.endswith("lora_A")][0]
+    assert torch.equal(res.states[0][a], res.states[3][a])
+
+
+def test_fedsb_forces_svd_basis_and_fedit_refuses_it():
+    from celora.errors import CeloraError
+    from celora.fl.simulation import check_names
+
+    assert check_names(_cfg("method=fedsb")).model.basis == "svd"
+    with pytest.raises(CeloraError, match="model.basis"):
+        check_names(_cfg("method=fedit", "model.basis=svd"))
+
+
+@pytest.mark.parametrize("method", ["ffa", "fedsa", "fedsb"])
+def test_other_baselines_run_and_share_what_they_should(method):
+    cfg = _cfg(f"method={method}", "rounds=1")
+    sim = Simulation(cfg, prepared=prepare(cfg))
+    res = sim.run()
+    factors = {n.rsplit("_", 1)[-1] for n in sim.up_layout.names if "lora_" in n}
+    assert factors == {"ffa": {"B"}, "fedsa": {"A"}, "fedsb": {"C"}}[method]
+    assert np.isfinite(res.summary["acc_mean"]) and res.summary["bytes_up_total"] > 0

@@ -57,3 +57,35 @@ def test_fedit_averages_a_b_and_head():
 def test_local_sends_nothing_and_empty_round():
     assert get_strategy("local").aggregate(_ctx([1, 2]), {0: {C: torch.eye(2)}}) == {}
     assert get_strategy("fedit").aggregate(_ctx([1, 2]), {}) == {}
+
+
+def test_more_baselines_factor_sets():
+    assert get_strategy("ffa").trained_factors == {"B", "head"} and get_strategy("ffa").shared_factors == {"B", "head"}
+    sa = get_strategy("fedsa")
+    assert sa.trained_factors == {"A", "B", "head"} and sa.shared_factors == {"A"}
+    sb = get_strategy("fedsb")
+    assert sb.trained_factors == {"C", "head"} and sb.shared_factors == {"C"} and sb.basis == "svd"
+    assert get_strategy("centralized").pooled and get_strategy("centralized").shared_factors == frozenset()
+
+
+def test_fedsb_aggregation_is_exact():
+    """mean_j ΔW(C_j) == ΔW(mean_j C_j) when A, B are shared and frozen (SVD basis)."""
+    from torch import nn
+
+    from celora.adapters.trilora import TriLoraLinear
+
+    torch.manual_seed(0)
+    layer = TriLoraLinear(nn.Linear(16, 12), rank=4, alpha=4, basis="svd", seed=0)
+    g = torch.Generator().manual_seed(3)
+    cs = [torch.randn(4, 4, generator=g) for _ in range(3)]
+    n = [5, 1, 4]
+    deltas = []
+    for c in cs:
+        with torch.no_grad():
+            layer.lora_C.copy_(c)
+        deltas.append(layer.delta_weight().detach())
+    mean_delta = sum(w * d for w, d in zip(n, deltas, strict=True)) / sum(n)
+    out = get_strategy("fedsb").aggregate(_ctx(n), {j: {C: c} for j, c in enumerate(cs)})
+    with torch.no_grad():
+        layer.lora_C.copy_(out[0][C])
+    assert torch.allclose(layer.delta_weight(), mean_delta, atol=1e-5)

@@ -115,12 +115,17 @@ class RunResult:
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
-def check_names(cfg: ExperimentConfig) -> None:
-    """Fail fast (CeloraError naming the field) on an unknown method, model or dataset."""
+def check_names(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Fail fast (CeloraError naming the field) on an unknown method, model or dataset; return the config
+    with method-imposed settings applied (e.g. Fed-SB's SVD basis)."""
     from celora.data.sources import DATASETS
     from celora.models.zoo import ZOO
 
-    get_strategy(cfg.method)
+    strategy = get_strategy(cfg.method)
+    if strategy.basis is not None and cfg.model.basis != strategy.basis:
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"basis": strategy.basis})})
+    if cfg.model.basis == "svd" and "C" not in strategy.trains:
+        raise CeloraError(f"model.basis = 'svd' starts C at 0, so method '{cfg.method}' (C frozen) would learn nothing")
     if cfg.model.name not in ZOO and not (Path(cfg.model.name) / "config.json").is_file():
         known = ", ".join(sorted(ZOO))
         raise CeloraError(f"unknown model.name '{cfg.model.name}' (known: {known}, or a local HF folder)")
@@ -129,11 +134,12 @@ def check_names(cfg: ExperimentConfig) -> None:
         raise CeloraError(f"unknown data.name '{cfg.data.name}' (known: {known}; or set data.path)")
     if cfg.data.path is not None and not Path(cfg.data.path).is_file():
         raise CeloraError(f"data.path: file not found: {cfg.data.path}")
+    return cfg
 
 
 def prepare(cfg: ExperimentConfig) -> Prepared:
     """Load data, partition it, tokenize once, build the frozen model and inject adapters."""
-    check_names(cfg)
+    cfg = check_names(cfg)
     d = cfg.data
     dataset = load_dataset(
         None if d.path else d.name,
@@ -190,6 +196,7 @@ class Simulation:
         prepared: Prepared | None = None,
         export_adapters: bool = True,
     ) -> None:
+        cfg = check_names(cfg)
         self.cfg = cfg
         self.strategy: Strategy = get_strategy(cfg.method, cfg.aggregation)
         self.out = Path(out_dir) if out_dir is not None else None
@@ -254,7 +261,9 @@ class Simulation:
             records: dict[int, ClientRound] = {}
             uploads: dict[int, Tensors] = {}
             sent: dict[int, Tensors] = {}
-            for i in sampled:
+            if self.strategy.pooled:
+                records.update(self._pooled_round(rnd, sampled, states))
+            for i in [] if self.strategy.pooled else sampled:
                 rec = self._client_round(rnd, i, states, outbox, out_version, recv_version, uploads, sent)
                 records[i] = rec
                 self.obs.on_client_done(rnd, i, rec)
@@ -360,6 +369,35 @@ class Simulation:
             "update_cosine_mean": diag.get("update_cosine_mean"),
         }
         diag["participants"] = None
+
+    def _pooled_round(self, rnd: int, sampled: list[int], states: dict[int, Tensors]) -> dict[int, ClientRound]:
+        """Centralized reference: one model trained on the union of the sampled clients' data."""
+        cfg, p = self.cfg, self.p
+        pool = np.concatenate([p.split.clients[i].train_idx for i in sampled])
+        self._load(states[sampled[0]])
+        torch.manual_seed(cfg.seed * 100_003 + rnd * 1_009)
+        res = train_local(
+            p.loaded.model,
+            p.encoded,
+            pool,
+            self.params,
+            epochs=cfg.train.local_epochs,
+            batch_size=cfg.train.batch_size,
+            lr=cfg.train.lr,
+            head_params=self.head_params,
+            head_lr=cfg.train.head_lr,
+            weight_decay=cfg.train.weight_decay,
+            max_steps=cfg.train.max_steps,
+            seed=cfg.seed * 7919 + rnd * 31,
+        )
+        shared = get_tensors(p.loaded.model, p.all_names)
+        records = {}
+        for i in range(cfg.num_clients):
+            states[i] = {k: v.clone() for k, v in shared.items()}
+            acc, loss = self._eval(p.split.clients[i].test_idx)
+            records[i] = ClientRound(i, len(p.split.clients[i].train_idx), True, acc, loss, acc, loss, res.loss)
+            self.obs.on_client_done(rnd, i, records[i])
+        return records
 
     def _client_round(
         self,

@@ -1,6 +1,15 @@
 """Federated methods, one file each, behind a registry (``get_strategy(name)``)."""
 
-from celora.fl.strategies import celora, celora_global, fedit, local  # noqa: F401  (registration)
+from celora.fl.strategies import (  # noqa: F401  (registration)
+    celora,
+    celora_global,
+    centralized,
+    fedit,
+    fedsa,
+    fedsb,
+    ffa,
+    local,
+)
 from celora.fl.strategies.base import RoundContext, Strategy, Tensors
 from celora.fl.strategies.registry import STRATEGIES, get_strategy, register_strategy
 

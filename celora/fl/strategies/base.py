@@ -38,6 +38,8 @@ class Strategy(ABC):
     shares: ClassVar[frozenset[str]]  # adapter factors that travel (the head is added by policy)
     default_head: ClassVar[str] = "local"
     uses_data_summaries: ClassVar[bool] = False
+    basis: ClassVar[str | None] = None  # an adapter basis the method requires (e.g. "svd"), else the config's
+    pooled: ClassVar[bool] = False  # trains one model on the union of the clients' data (centralized reference)
     description: ClassVar[str] = ""
 
     def __init__(self, cfg: AggregationConfig | None = None) -> None:

@@ -1,0 +1,198 @@
+"""Methods × seeds on identical partitions: one run folder per cell, resumable, one table.
+
+Every (method, seed) cell of a comparison uses the same data split for that seed (the partition
+depends only on the data config and the seed). A cell is finished when ``<method>/seed_<s>/cell.json``
+exists; re-running a comparison skips finished cells.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from celora.config import ExperimentConfig, build_config
+from celora.errors import CeloraError
+from celora.fl.simulation import Observer, Prepared, Simulation, check_names, prepare
+
+CELL_KEYS = (
+    "method",
+    "seed",
+    "acc_mean",
+    "acc_weighted",
+    "acc_worst10",
+    "acc_mean_agg",
+    "acc_global",
+    "bytes_up_per_client_round",
+    "bytes_down_per_client_round",
+    "bytes_total",
+    "wall_s",
+)
+
+
+def parse_list(text: str, what: str) -> list[str]:
+    """'a,b , c' → ['a', 'b', 'c'] (CeloraError naming ``what`` if empty)."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise CeloraError(f"{what}: give at least one value (comma-separated)")
+    return items
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' → [0, 1, 2]."""
+    try:
+        return [int(x) for x in parse_list(text, "--seeds")]
+    except ValueError:
+        raise CeloraError(f"--seeds: expected integers like 0,1,2, got {text!r}") from None
+
+
+def cell_config(base: ExperimentConfig, method: str, seed: int) -> ExperimentConfig:
+    """The base config with this cell's method and seed (validated)."""
+    data = base.model_dump()
+    data.update(method=method, seed=seed)
+    return check_names(build_config(data))
+
+
+def _cell_row(summary: dict[str, Any], seed: int) -> dict[str, Any]:
+    per = summary["bytes_per_client_round"]
+    return {
+        "method": summary["method"],
+        "seed": seed,
+        "acc_mean": summary["acc_mean"],
+        "acc_weighted": summary["acc_weighted"],
+        "acc_worst10": summary["acc_worst10"],
+        "acc_mean_agg": summary["acc_mean_agg"],
+        "acc_global": summary["acc_global"],
+        "bytes_up_per_client_round": per["up"],
+        "bytes_down_per_client_round": per["down"],
+        "bytes_total": summary["bytes_up_total"] + summary["bytes_down_total"],
+        "wall_s": summary["wall_s"],
+    }
+
+
+def run_comparison(
+    base: ExperimentConfig,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    out_dir: str | Path,
+    *,
+    observer_for: Callable[[str, int], Observer | None] | None = None,
+    on_skip: Callable[[str, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every missing (method, seed) cell; return one row per cell (finished ones read back)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = [(m, s, cell_config(base, m, s)) for s in seeds for m in methods]  # validate all first
+    prepared: dict[str, Prepared] = {}
+    rows: list[dict[str, Any]] = []
+    for method, seed, cfg in cells:
+        cell_dir = out / method / f"seed_{seed}"
+        done = cell_dir / "cell.json"
+        if done.is_file():
+            rows.append(json.loads(done.read_text(encoding="utf-8")))
+            if on_skip:
+                on_skip(method, seed)
+            continue
+        key = json.dumps([seed, cfg.model.model_dump(), cfg.data.model_dump()], sort_keys=True)
+        if key not in prepared:
+            prepared.clear()  # one prepared model at a time keeps memory flat
+            prepared[key] = prepare(cfg)
+        obs = observer_for(method, seed) if observer_for else None
+        result = Simulation(cfg, cell_dir, observer=obs, prepared=prepared[key], export_adapters=False).run()
+        row = _cell_row(result.summary, seed)
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(row, indent=2), encoding="utf-8")
+        tmp.replace(done)
+        rows.append(row)
+    write_outputs(rows, out, methods)
+    return rows
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def aggregate_rows(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
+    """Per method: mean and sample std over seeds of every metric."""
+    out = []
+    for m in methods:
+        cell = [r for r in rows if r["method"] == m]
+        if not cell:
+            continue
+        agg: dict[str, Any] = {"method": m, "seeds": len(cell)}
+        for k in CELL_KEYS[2:]:
+            agg[k], agg[k + "_std"] = _mean_std([r[k] for r in cell])
+        out.append(agg)
+    return out
+
+
+def markdown_table(agg: Sequence[dict[str, Any]]) -> str:
+    """The comparison as a Markdown table (accuracy mean ± std over seeds, bytes per client-round)."""
+    lines = [
+        "| method | seeds | acc mean | worst-10 % | acc after agg. | global acc | up B/client-round "
+        "| down B/client-round | total MB | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for a in agg:
+        lines.append(
+            f"| {a['method']} | {a['seeds']} | {a['acc_mean']:.3f} ± {a['acc_mean_std']:.3f} "
+            f"| {a['acc_worst10']:.3f} ± {a['acc_worst10_std']:.3f} | {a['acc_mean_agg']:.3f} "
+            f"| {a['acc_global']:.3f} ± {a['acc_global_std']:.3f} | {a['bytes_up_per_client_round']:,.0f} "
+            f"| {a['bytes_down_per_client_round']:,.0f} | {a['bytes_total'] / 1e6:.3f} | {a['wall_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(agg: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """compare.png: personalized accuracy (± std) vs total MB on the wire (log x), one marker per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    positive = [a["bytes_total"] / 1e6 for a in agg if a["bytes_total"] > 0]
+    floor = min(positive) / 10 if positive else 1e-3
+    markers = "os^Dv<>pPX*h"
+    for k, a in enumerate(agg):
+        mb = a["bytes_total"] / 1e6
+        x = mb if mb > 0 else floor
+        ax.errorbar(
+            x,
+            a["acc_mean"],
+            yerr=a["acc_mean_std"],
+            fmt=markers[k % len(markers)],
+            capsize=3,
+            label=f"{a['method']}" + ("" if mb > 0 else " (0 B)"),
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("total MB on the wire (up + down, all clients, all rounds)")
+    ax.set_ylabel("personalized accuracy (mean over clients)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_outputs(rows: Sequence[dict[str, Any]], out: Path, methods: Sequence[str]) -> list[dict[str, Any]]:
+    """compare.csv (one row per cell), compare.md (aggregated), compare.png."""
+    with (out / "compare.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(CELL_KEYS))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: r[k] for k in CELL_KEYS})
+    agg = aggregate_rows(rows, methods)
+    (out / "compare.md").write_text(markdown_table(agg), encoding="utf-8")
+    plot_comparison(agg, out / "compare.png", title=out.name)
+    return agg
