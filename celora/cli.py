@@ -194,6 +194,38 @@ def compare(
 
 
 @app.command()
+def comm(
+    model: Annotated[str, typer.Option("--model", help="zoo name, shape name (smollm2-135m, llama-7b) or HF folder")],
+    rank: Annotated[int, typer.Option("--rank", help="adapter rank r")] = 8,
+    targets: Annotated[str | None, typer.Option("--targets", help="comma-separated module names")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="wire precision fp32 | fp16 | int8")] = "fp32",
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Bytes per client-round of every method, from the model's shapes (meta device, no weights)."""
+    import json
+
+    from celora.compare import parse_list
+    from celora.fl.comm import comm_context, comm_table
+
+    if dtype not in ("fp32", "fp16", "int8"):
+        raise CeloraError(f"--dtype must be fp32, fp16 or int8, got {dtype!r}")
+    tg = parse_list(targets, "--targets") if targets else None
+    rows = comm_table(model, rank, tg, dtype)  # type: ignore[arg-type]
+    ctx = comm_context(model, rank, tg)
+    if as_json:
+        console.print_json(json.dumps({"context": ctx, "methods": rows}))
+        return
+    t = Table(title=f"{model}: d={ctx['hidden']}, L={ctx['layers']}, r={rank}, {dtype}; per client-round, each way")
+    for col in ("method", "travels", "numbers", "tensor bytes", "framing", "total", "fedit / this"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        ratio = f"{r['vs_fedit']:.0f}x" if r["vs_fedit"] else "-"
+        t.add_row(r["method"], r["travels"], f"{r['params']:,}", f"{r['tensor_bytes']:,}", f"{r['framing_bytes']:,}",
+                  f"{r['bytes_up']:,}", ratio)
+    console.print(t)
+
+
+@app.command()
 def models() -> None:
     """List the offline model zoo."""
     from celora.models.zoo import ZOO

