@@ -220,9 +220,38 @@ def comm(
         t.add_column(col, justify="right")
     for r in rows:
         ratio = f"{r['vs_fedit']:.0f}x" if r["vs_fedit"] else "-"
-        t.add_row(r["method"], r["travels"], f"{r['params']:,}", f"{r['tensor_bytes']:,}", f"{r['framing_bytes']:,}",
-                  f"{r['bytes_up']:,}", ratio)
+        t.add_row(
+            r["method"],
+            r["travels"],
+            f"{r['params']:,}",
+            f"{r['tensor_bytes']:,}",
+            f"{r['framing_bytes']:,}",
+            f"{r['bytes_up']:,}",
+            ratio,
+        )
     console.print(t)
+
+
+@app.command()
+def report(
+    folder: Annotated[Path, typer.Argument(help="a run folder or a comparison folder")],
+    html: Annotated[bool, typer.Option("--html", help="write report.html (self-contained) into the folder")] = False,
+) -> None:
+    """Print a run's tables again, or write one self-contained HTML page for a run or comparison."""
+    from celora.report import clients_table, read_metrics, rounds_table, write_html_report
+
+    if html:
+        console.print(f"wrote {write_html_report(folder)}")
+        return
+    if (folder / "compare.md").is_file():
+        console.print((folder / "compare.md").read_text(encoding="utf-8"))
+        return
+    if not (folder / "metrics.jsonl").is_file():
+        raise CeloraError(f"{folder}: not a run folder (no metrics.jsonl)")
+    rows = read_metrics(folder)
+    console.print(rounds_table(rows))
+    if rows:
+        console.print(clients_table(rows[-1]))
 
 
 @app.command()

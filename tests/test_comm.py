@@ -23,9 +23,18 @@ def test_closed_forms(name, d, layers, r):
 
 
 def test_hf_folder_and_errors(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "bert", "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
-        "intermediate_size": 128, "vocab_size": 100}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "bert",
+                "hidden_size": 64,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 4,
+                "intermediate_size": 128,
+                "vocab_size": 100,
+            }
+        )
+    )
     rows = {x["method"]: x for x in comm_table(str(tmp_path), 4)}
     assert rows["celora"]["params"] == 2 * 3 * 16 and rows["fedit"]["params"] == 2 * 3 * 4 * 128
     with pytest.raises(CeloraError, match="--model"):

@@ -22,10 +22,22 @@ from celora.models.zoo import ZOO, package_dir
 
 # Shapes of models whose weights are not shipped: enough to count bytes.
 SHAPES: dict[str, dict[str, Any]] = {
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152),
-    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32000),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+    ),
+    "llama-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
 }
 
 
@@ -39,7 +51,8 @@ def model_config(name: str) -> PretrainedConfig:
     if name in SHAPES:
         return LlamaConfig(**SHAPES[name])
     if name in ZOO:
-        return ZOO[name].build(2, 0).model.config  # tiny models: cheap to build
+        config: PretrainedConfig = ZOO[name].build(2, 0).model.config  # type: ignore[assignment]  # tiny: cheap
+        return config
     path = Path(name)
     if (path / "config.json").is_file():
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -73,21 +86,22 @@ def comm_table(
             total = tensor = 0
         if method == "fedit":
             fedit_total = total
-        rows.append({
-            "method": method,
-            "travels": ",".join(sorted(strat.shares)) or "-",
-            "params": layout.numel(),
-            "tensor_bytes": tensor,
-            "framing_bytes": total - tensor,
-            "bytes_up": total,
-            "bytes_down": total,
-            "vs_fedit": (fedit_total / total) if total and fedit_total else None,
-        })
+        rows.append(
+            {
+                "method": method,
+                "travels": ",".join(sorted(strat.shares)) or "-",
+                "params": layout.numel(),
+                "tensor_bytes": tensor,
+                "framing_bytes": total - tensor,
+                "bytes_up": total,
+                "bytes_down": total,
+                "vs_fedit": (fedit_total / total) if total and fedit_total else None,
+            }
+        )
     return rows
 
 
 def comm_context(name: str, rank: int, targets: list[str] | None) -> dict[str, Any]:
     """d, L and targets used, for the table caption."""
     cfg = model_config(name)
-    return {"model": name, "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "rank": rank,
-            "targets": targets}
+    return {"model": name, "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "rank": rank, "targets": targets}
