@@ -27,7 +27,7 @@ from celora.data.partition import FederatedSplit, make_federated_split, partitio
 from celora.data.sources import Dataset, load_dataset
 from celora.errors import CeloraError
 from celora.eval import personalized_metrics
-from celora.fl.client import Encoded, encode_texts, evaluate, pooled_features, train_local
+from celora.fl.client import Encoded, TrainResult, encode_texts, evaluate, pooled_features, train_local
 from celora.fl.payload import (
     Layout,
     PayloadError,
@@ -370,26 +370,31 @@ class Simulation:
         }
         diag["participants"] = None
 
+    def _train(self, idx: np.ndarray, rnd: int, salt: int) -> TrainResult:
+        """Local training of the currently loaded state on rows ``idx`` (seeded per round and client)."""
+        cfg, t = self.cfg, self.cfg.train
+        torch.manual_seed(cfg.seed * 100_003 + rnd * 1_009 + salt)
+        return train_local(
+            self.p.loaded.model,
+            self.p.encoded,
+            idx,
+            self.params,
+            epochs=t.local_epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            head_params=self.head_params,
+            head_lr=t.head_lr,
+            weight_decay=t.weight_decay,
+            max_steps=t.max_steps,
+            seed=cfg.seed * 7919 + rnd * 31 + salt,
+        )
+
     def _pooled_round(self, rnd: int, sampled: list[int], states: dict[int, Tensors]) -> dict[int, ClientRound]:
         """Centralized reference: one model trained on the union of the sampled clients' data."""
         cfg, p = self.cfg, self.p
         pool = np.concatenate([p.split.clients[i].train_idx for i in sampled])
         self._load(states[sampled[0]])
-        torch.manual_seed(cfg.seed * 100_003 + rnd * 1_009)
-        res = train_local(
-            p.loaded.model,
-            p.encoded,
-            pool,
-            self.params,
-            epochs=cfg.train.local_epochs,
-            batch_size=cfg.train.batch_size,
-            lr=cfg.train.lr,
-            head_params=self.head_params,
-            head_lr=cfg.train.head_lr,
-            weight_decay=cfg.train.weight_decay,
-            max_steps=cfg.train.max_steps,
-            seed=cfg.seed * 7919 + rnd * 31,
-        )
+        res = self._train(pool, rnd, 0)
         shared = get_tensors(p.loaded.model, p.all_names)
         records = {}
         for i in range(cfg.num_clients):
@@ -410,7 +415,7 @@ class Simulation:
         uploads: dict[int, Tensors],
         sent: dict[int, Tensors],
     ) -> ClientRound:
-        cfg, p = self.cfg, self.p
+        p = self.p
         client = p.split.clients[i]
         rec = ClientRound(i, len(client.train_idx), True, float("nan"), float("nan"), float("nan"), float("nan"))
         if i in outbox and out_version[i] > recv_version[i]:  # a message it missed while not sampled
@@ -420,21 +425,7 @@ class Simulation:
             rec.bytes_down += nbytes
         sent[i] = {k: states[i][k] for k in self.up_layout.names}
         self._load(states[i])
-        torch.manual_seed(cfg.seed * 100_003 + rnd * 1_009 + i)
-        res = train_local(
-            p.loaded.model,
-            p.encoded,
-            client.train_idx,
-            self.params,
-            epochs=cfg.train.local_epochs,
-            batch_size=cfg.train.batch_size,
-            lr=cfg.train.lr,
-            head_params=self.head_params,
-            head_lr=cfg.train.head_lr,
-            weight_decay=cfg.train.weight_decay,
-            max_steps=cfg.train.max_steps,
-            seed=cfg.seed * 7919 + rnd * 31 + i,
-        )
+        res = self._train(client.train_idx, rnd, i)
         rec.train_loss = res.loss
         rec.acc, rec.loss = self._eval(client.test_idx)
         states[i] = get_tensors(p.loaded.model, p.all_names)
