@@ -51,6 +51,7 @@ from celora.models.zoo import LoadedModel, load_model
 
 log = logging.getLogger("celora")
 
+SUMMARY_MAX_BYTES = 64 * 1024 * 1024
 WireHook = Callable[[int, int, bytes], bytes]  # (round, client, blob) -> blob: fault injection on uploads
 
 
@@ -208,6 +209,7 @@ class Simulation:
         model = self.p.loaded.model
         heads = self.p.loaded.head_modules
         self.up_layout = Layout.of(self.p.init_state, view_names(model, self.strategy.shared_factors, heads))
+        self.down_layout = self.up_layout  # every method sends back tensors of the shared layout
         self.params = set_trainable(model, self.strategy.trained_factors, heads)
         self.head_params = [p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] in heads]
         self.max_up = int(expected_size(self.up_layout, self.dtype) * cfg.payload.max_bytes_factor) + 1024
@@ -219,12 +221,6 @@ class Simulation:
 
     def _eval(self, idx: np.ndarray) -> tuple[float, float]:
         return evaluate(self.p.loaded.model, self.p.encoded, idx, self.cfg.train.eval_batch_size)
-
-    def _send(self, msg: Tensors) -> tuple[Tensors, int]:
-        """Serialize a server → client message, decode it on the client side; return it and its bytes."""
-        layout = Layout.of(msg)
-        blob = encode(msg, layout, self.dtype)
-        return decode(blob, layout, self.dtype), len(blob)
 
     def _write(self, name: str, text: str) -> None:
         if self.out is not None:
@@ -275,12 +271,10 @@ class Simulation:
             for i in sampled:  # participants are online: deliver now and evaluate what they hold
                 rec = records[i]
                 if i in outbox and out_version[i] > recv_version[i]:
-                    got, nbytes = self._send(outbox[i])
-                    states[i].update(got)
+                    blob = self.server_message(outbox[i])
+                    states[i], rec.acc_agg, rec.loss_agg = self.client_receive(i, states[i], blob)
                     recv_version[i] = out_version[i]
-                    rec.bytes_down += nbytes
-                    self._load(states[i])
-                    rec.acc_agg, rec.loss_agg = self._eval(p.split.clients[i].test_idx)
+                    rec.bytes_down += len(blob)
                 else:
                     rec.acc_agg, rec.loss_agg = rec.acc, rec.loss
             for i in range(n):
@@ -330,30 +324,38 @@ class Simulation:
             summary, epsilon=pr.summary_epsilon, delta=pr.summary_delta, clip=pr.summary_clip, rng=rng
         )
 
-    def _setup_strategy(self) -> dict[int, int]:
-        """Collect data summaries (one upload per client, counted) if the method uses them."""
-        if not self.strategy.uses_data_summaries:
+    def client_summary_blob(self, i: int) -> bytes:
+        """Client side, once: the serialized per-class GMM summary of client i's training features."""
+        return encode_named(summary_to_tensors(self._client_summary(i)))
+
+    def server_setup(self, blobs: dict[int, bytes] | None) -> dict[int, int]:
+        """Server side, once: validate the clients' summaries and set the strategy up; bytes per client."""
+        if blobs is None:
             self.strategy.setup(self.n_train)
             return {}
         hidden = int(getattr(self.p.loaded.model.config, "hidden_size", 0)) or None
-        limit = 64 * 1024 * 1024
         summaries: list[ClientSummary] = []
-        nbytes: dict[int, int] = {}
         for i in range(self.cfg.num_clients):
-            blob = encode_named(summary_to_tensors(self._client_summary(i)))
-            nbytes[i] = len(blob)
-            try:  # server side: validate what arrived
-                summaries.append(summary_from_tensors(decode_named(blob, max_bytes=limit), feature_dim=hidden))
+            try:
+                tensors = decode_named(blobs[i], max_bytes=SUMMARY_MAX_BYTES)
+                summaries.append(summary_from_tensors(tensors, feature_dim=hidden))
             except CeloraError as err:
                 raise CeloraError(f"client {i}: data summary rejected: {err}") from None
         self.strategy.setup(self.n_train, summaries)
         sim = self.strategy.diagnostics.get("similarity_data")
         if self.out is not None and sim is not None:
             np.save(self.out / "similarity_data.npy", sim)
+        nbytes = {i: len(b) for i, b in blobs.items()}
         self.obs.on_message(
             f"data summaries: {sum(nbytes.values())} B uploaded once ({sum(nbytes.values()) // len(nbytes)} B/client)"
         )
         return nbytes
+
+    def _setup_strategy(self) -> dict[int, int]:
+        """Collect data summaries (one upload per client, counted) if the method uses them."""
+        if not self.strategy.uses_data_summaries:
+            return self.server_setup(None)
+        return self.server_setup({i: self.client_summary_blob(i) for i in range(self.cfg.num_clients)})
 
     def _record_diagnostics(self, rnd: int, row: dict[str, Any]) -> None:
         """Per-round weights matrix (weights_round_<t>.npy) and summary diagnostics in the metrics row."""
@@ -404,6 +406,49 @@ class Simulation:
             self.obs.on_client_done(rnd, i, records[i])
         return records
 
+    # ----------------------------------------------------------------- client side (also used by Flower)
+    def client_fit(self, rnd: int, i: int, state: Tensors) -> tuple[Tensors, bytes | None, ClientRound]:
+        """Train client i from ``state``, evaluate it (local step), and serialize what its method shares.
+
+        Returns the client's new full state (A, B, C, head), the upload blob (None if nothing travels)
+        and its metrics record.
+        """
+        p = self.p
+        client = p.split.clients[i]
+        rec = ClientRound(i, len(client.train_idx), True, float("nan"), float("nan"), float("nan"), float("nan"))
+        self._load(state)
+        res = self._train(client.train_idx, rnd, i)
+        rec.train_loss = res.loss
+        rec.acc, rec.loss = self._eval(client.test_idx)
+        new_state = get_tensors(p.loaded.model, p.all_names)
+        if not self.up_layout.entries:
+            return new_state, None, rec
+        blob = encode({k: new_state[k] for k in self.up_layout.names}, self.up_layout, self.dtype)
+        rec.bytes_up = len(blob)
+        return new_state, blob, rec
+
+    def client_receive(self, i: int, state: Tensors, blob: bytes) -> tuple[Tensors, float, float]:
+        """Client i decodes a server message, updates its state and is evaluated ("aggregated")."""
+        got = decode(blob, self.down_layout, self.dtype)
+        new_state = {**state, **got}
+        self._load(new_state)
+        acc, loss = self._eval(self.p.split.clients[i].test_idx)
+        return new_state, acc, loss
+
+    # ----------------------------------------------------------------- server side (also used by Flower)
+    def server_accept(self, rnd: int, i: int, blob: bytes) -> Tensors | str:
+        """Decode and validate client i's upload: its tensors, or the rejection reason (logged)."""
+        try:
+            return decode(blob, self.up_layout, self.dtype, max_bytes=self.max_up)
+        except PayloadError as err:
+            self.obs.on_message(f"round {rnd}: rejected the update of client {i}: {err}")
+            log.warning("round %d: rejected the update of client %d: %s", rnd, i, err)
+            return str(err)
+
+    def server_message(self, msg: Tensors) -> bytes:
+        """Serialize a server → client message (its layout is the method's shared layout)."""
+        return encode(msg, self.down_layout, self.dtype)
+
     def _client_round(
         self,
         rnd: int,
@@ -415,32 +460,25 @@ class Simulation:
         uploads: dict[int, Tensors],
         sent: dict[int, Tensors],
     ) -> ClientRound:
-        p = self.p
-        client = p.split.clients[i]
-        rec = ClientRound(i, len(client.train_idx), True, float("nan"), float("nan"), float("nan"), float("nan"))
+        missed = 0
         if i in outbox and out_version[i] > recv_version[i]:  # a message it missed while not sampled
-            got, nbytes = self._send(outbox[i])
-            states[i].update(got)
+            blob = self.server_message(outbox[i])
+            states[i] = {**states[i], **decode(blob, self.down_layout, self.dtype)}
             recv_version[i] = out_version[i]
-            rec.bytes_down += nbytes
+            missed = len(blob)
         sent[i] = {k: states[i][k] for k in self.up_layout.names}
-        self._load(states[i])
-        res = self._train(client.train_idx, rnd, i)
-        rec.train_loss = res.loss
-        rec.acc, rec.loss = self._eval(client.test_idx)
-        states[i] = get_tensors(p.loaded.model, p.all_names)
-        if not self.up_layout.entries:
+        states[i], up, rec = self.client_fit(rnd, i, states[i])
+        rec.bytes_down += missed
+        if up is None:
             return rec
-        blob = encode({k: states[i][k] for k in self.up_layout.names}, self.up_layout, self.dtype)
         if self.wire_hook is not None:
-            blob = self.wire_hook(rnd, i, blob)
-        rec.bytes_up = len(blob)
-        try:
-            uploads[i] = decode(blob, self.up_layout, self.dtype, max_bytes=self.max_up)
-        except PayloadError as err:
-            rec.rejected = str(err)
-            self.obs.on_message(f"round {rnd}: rejected the update of client {i}: {err}")
-            log.warning("round %d: rejected the update of client %d: %s", rnd, i, err)
+            up = self.wire_hook(rnd, i, up)
+            rec.bytes_up = len(up)
+        accepted = self.server_accept(rnd, i, up)
+        if isinstance(accepted, str):
+            rec.rejected = accepted
+        else:
+            uploads[i] = accepted
         return rec
 
     def _round_row(self, rnd: int, records: list[ClientRound], wall: float) -> dict[str, Any]:
