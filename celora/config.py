@@ -26,6 +26,7 @@ class ModelConfig(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     init: Literal["kaiming", "paper"] = "kaiming"
     basis: Literal["random", "svd"] = "random"
+    train_ab: bool = Field(True, description="train A and B locally (false: only C and the head train)")
     max_length: int = Field(128, ge=8, le=4096)
 
 
@@ -60,6 +61,8 @@ class AggregationConfig(_Section):
     lam: float = Field(1.0, ge=0, description="strength of similarity in the learned weights (0 = FedAvg)")
     head: Literal["local", "shared"] | None = Field(None, description="head policy; default per method")
     distance_method: Literal["exact", "fast", "auto"] = "auto"
+    warmup_rounds: int = Field(0, ge=0, description="first k rounds run warmup_method (e.g. FedIT to align A, B)")
+    warmup_method: str = "fedit"
 
 
 class PayloadConfig(_Section):

@@ -162,3 +162,25 @@ def test_other_baselines_run_and_share_what_they_should(method):
     factors = {n.rsplit("_", 1)[-1] for n in sim.up_layout.names if "lora_" in n}
     assert factors == {"ffa": {"B"}, "fedsa": {"A"}, "fedsb": {"C"}}[method]
     assert np.isfinite(res.summary["acc_mean"]) and res.summary["bytes_up_total"] > 0
+
+
+def test_warmup_rounds_run_fedit_then_c_only(prepared):
+    res = Simulation(_cfg("method=celora", "rounds=3", "aggregation.warmup_rounds=1"), prepared=prepared).run()
+    per_round_up = [r["bytes_up"] for r in res.rounds]
+    assert per_round_up[0] > 5 * per_round_up[1] and per_round_up[1] == per_round_up[2]
+    a = [n for n in prepared.all_names if n.endswith("lora_A")][0]
+    # A was averaged in the warm-up round and then trained locally: clients drift apart again
+    assert not torch.allclose(res.states[0][a], res.states[1][a])
+    assert res.summary["payload"]["shared_factors"] == ["C"]
+
+
+def test_train_ab_false_trains_only_c_and_head(prepared):
+    cfg = _cfg("method=celora-global", "rounds=1", "model.train_ab=false")
+    res = Simulation(cfg, prepared=prepared).run()
+    for name in prepared.all_names:
+        if name.endswith(("lora_A", "lora_B")):
+            assert torch.equal(res.states[2][name], prepared.init_state[name]), name
+    from celora.errors import CeloraError
+
+    with pytest.raises(CeloraError, match="train_ab"):
+        Simulation(_cfg("method=fedit", "model.train_ab=false"), prepared=prepared)

@@ -125,8 +125,14 @@ def check_names(cfg: ExperimentConfig) -> ExperimentConfig:
     strategy = get_strategy(cfg.method)
     if strategy.basis is not None and cfg.model.basis != strategy.basis:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"basis": strategy.basis})})
-    if cfg.model.basis == "svd" and "C" not in strategy.trains:
-        raise CeloraError(f"model.basis = 'svd' starts C at 0, so method '{cfg.method}' (C frozen) would learn nothing")
+    phases = [("method", strategy)]
+    if cfg.aggregation.warmup_rounds:
+        phases.append(("aggregation.warmup_method", get_strategy(cfg.aggregation.warmup_method)))
+    for field_name, strat in phases:
+        if cfg.model.basis == "svd" and "C" not in strat.trains:
+            raise CeloraError(f"{field_name} '{strat.name}' keeps C frozen, but model.basis = 'svd' starts C at 0")
+        if not cfg.model.train_ab and "C" not in strat.trains:
+            raise CeloraError(f"model.train_ab = false leaves {field_name} '{strat.name}' nothing to train")
     if cfg.model.name not in ZOO and not (Path(cfg.model.name) / "config.json").is_file():
         known = ", ".join(sorted(ZOO))
         raise CeloraError(f"unknown model.name '{cfg.model.name}' (known: {known}, or a local HF folder)")
@@ -199,21 +205,34 @@ class Simulation:
     ) -> None:
         cfg = check_names(cfg)
         self.cfg = cfg
-        self.strategy: Strategy = get_strategy(cfg.method, cfg.aggregation)
+        self.main_strategy: Strategy = get_strategy(cfg.method, cfg.aggregation)
+        agg = cfg.aggregation
+        self.warmup_strategy = get_strategy(agg.warmup_method, agg) if agg.warmup_rounds else None
         self.out = Path(out_dir) if out_dir is not None else None
         self.obs: Observer = observer or _Silent()
         self.wire_hook = wire_hook
         self.export_adapters = export_adapters
         self.p = prepared or prepare(cfg)
         self.dtype: WireDtype = cfg.payload.dtype
-        model = self.p.loaded.model
-        heads = self.p.loaded.head_modules
-        self.up_layout = Layout.of(self.p.init_state, view_names(model, self.strategy.shared_factors, heads))
-        self.down_layout = self.up_layout  # every method sends back tensors of the shared layout
-        self.params = set_trainable(model, self.strategy.trained_factors, heads)
-        self.head_params = [p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] in heads]
-        self.max_up = int(expected_size(self.up_layout, self.dtype) * cfg.payload.max_bytes_factor) + 1024
+        self.activate(self.strategy_for(1))
         self.n_train = np.array([len(c.train_idx) for c in self.p.split.clients])
+
+    def strategy_for(self, rnd: int) -> Strategy:
+        """The warm-up method for rounds 1..warmup_rounds, the configured method afterwards."""
+        if self.warmup_strategy is not None and rnd <= self.cfg.aggregation.warmup_rounds:
+            return self.warmup_strategy
+        return self.main_strategy
+
+    def activate(self, strategy: Strategy) -> None:
+        """Set what trains (freeze masks) and what travels (layouts) for ``strategy``."""
+        self.strategy = strategy
+        model, heads = self.p.loaded.model, self.p.loaded.head_modules
+        self.up_layout = Layout.of(self.p.init_state, view_names(model, strategy.shared_factors, heads))
+        self.down_layout = self.up_layout  # every method sends back tensors of the shared layout
+        trained = set(strategy.trained_factors) - (set() if self.cfg.model.train_ab else {"A", "B"})
+        self.params = set_trainable(model, trained, heads)
+        self.head_params = [p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] in heads]
+        self.max_up = int(expected_size(self.up_layout, self.dtype) * self.cfg.payload.max_bytes_factor) + 1024
 
     # ----------------------------------------------------------------- helpers
     def _load(self, state: Tensors) -> None:
@@ -252,6 +271,16 @@ class Simulation:
         t_run = time.perf_counter()
         for rnd in range(1, cfg.rounds + 1):
             t0 = time.perf_counter()
+            flushed: dict[int, int] = {}
+            if self.strategy_for(rnd) is not self.strategy:  # end of warm-up: deliver what is pending
+                for i, msg in outbox.items():
+                    if out_version[i] > recv_version[i]:
+                        blob = self.server_message(msg)
+                        states[i] = {**states[i], **decode(blob, self.down_layout, self.dtype)}
+                        recv_version[i] = out_version[i]
+                        flushed[i] = len(blob)
+                outbox.clear()
+                self.activate(self.strategy_for(rnd))
             sampled = sorted(int(i) for i in rng.choice(n, size=cfg.sampled_per_round, replace=False))
             self.obs.on_round_start(rnd, sampled)
             records: dict[int, ClientRound] = {}
@@ -289,6 +318,8 @@ class Simulation:
                         acc_agg=prev.acc_agg if prev else float("nan"),
                         loss_agg=prev.loss_agg if prev else float("nan"),
                     )
+            for i, nbytes in flushed.items():
+                records[i].bytes_down += nbytes
             last.update({i: r for i, r in records.items() if r.participated})
             row = self._round_row(rnd, [records[i] for i in range(n)], time.perf_counter() - t0)
             self._record_diagnostics(rnd, row)
@@ -304,7 +335,7 @@ class Simulation:
         summary["bytes_up_total"] += summary["bytes_setup_up"]
         if self.out is not None:
             self._write("summary.json", json.dumps(summary, indent=2))
-        return RunResult(summary, rounds, states, dict(self.strategy.diagnostics))
+        return RunResult(summary, rounds, states, dict(self.main_strategy.diagnostics))
 
     # ----------------------------------------------------------------- data summaries (once)
     def _client_summary(self, i: int) -> ClientSummary:
@@ -330,8 +361,10 @@ class Simulation:
 
     def server_setup(self, blobs: dict[int, bytes] | None) -> dict[int, int]:
         """Server side, once: validate the clients' summaries and set the strategy up; bytes per client."""
+        if self.warmup_strategy is not None:
+            self.warmup_strategy.setup(self.n_train)
         if blobs is None:
-            self.strategy.setup(self.n_train)
+            self.main_strategy.setup(self.n_train)
             return {}
         hidden = int(getattr(self.p.loaded.model.config, "hidden_size", 0)) or None
         summaries: list[ClientSummary] = []
@@ -341,8 +374,8 @@ class Simulation:
                 summaries.append(summary_from_tensors(tensors, feature_dim=hidden))
             except CeloraError as err:
                 raise CeloraError(f"client {i}: data summary rejected: {err}") from None
-        self.strategy.setup(self.n_train, summaries)
-        sim = self.strategy.diagnostics.get("similarity_data")
+        self.main_strategy.setup(self.n_train, summaries)
+        sim = self.main_strategy.diagnostics.get("similarity_data")
         if self.out is not None and sim is not None:
             np.save(self.out / "similarity_data.npy", sim)
         nbytes = {i: len(b) for i, b in blobs.items()}
@@ -353,7 +386,7 @@ class Simulation:
 
     def _setup_strategy(self) -> dict[int, int]:
         """Collect data summaries (one upload per client, counted) if the method uses them."""
-        if not self.strategy.uses_data_summaries:
+        if not self.main_strategy.uses_data_summaries:
             return self.server_setup(None)
         return self.server_setup({i: self.client_summary_blob(i) for i in range(self.cfg.num_clients)})
 
