@@ -184,3 +184,12 @@ def test_train_ab_false_trains_only_c_and_head(prepared):
 
     with pytest.raises(CeloraError, match="train_ab"):
         Simulation(_cfg("method=fedit", "model.train_ab=false"), prepared=prepared)
+
+
+def test_diagnostics_every_round(prepared):
+    res = Simulation(_cfg("method=celora-global"), prepared=prepared).run()
+    for row in res.rounds:
+        d = row["diag"]
+        assert d["aggregation_delta"] == pytest.approx(row["acc_mean_agg"] - row["acc_mean"])
+        assert -1.0 <= d["update_cosine_mean"] <= 1.0
+        assert 1.0 <= d["effective_collaborators_mean"] <= 4.0

@@ -322,7 +322,7 @@ class Simulation:
                 records[i].bytes_down += nbytes
             last.update({i: r for i, r in records.items() if r.participated})
             row = self._round_row(rnd, [records[i] for i in range(n)], time.perf_counter() - t0)
-            self._record_diagnostics(rnd, row)
+            self._record_diagnostics(rnd, row, uploads, sent)
             totals["up"] += row["bytes_up"]
             totals["down"] += row["bytes_down"]
             rounds.append(row)
@@ -390,20 +390,34 @@ class Simulation:
             return self.server_setup(None)
         return self.server_setup({i: self.client_summary_blob(i) for i in range(self.cfg.num_clients)})
 
-    def _record_diagnostics(self, rnd: int, row: dict[str, Any]) -> None:
-        """Per-round weights matrix (weights_round_<t>.npy) and summary diagnostics in the metrics row."""
+    def _record_diagnostics(
+        self,
+        rnd: int,
+        row: dict[str, Any],
+        uploads: dict[int, Tensors] | None = None,
+        sent: dict[int, Tensors] | None = None,
+    ) -> None:
+        """Does sharing do anything? Per round: mean pairwise cosine of the shared updates u_i = x_i − x_i^{sent},
+        the weight matrix (weights_round_<t>.npy) and effective collaborators 1/Σ_j w_ij² where the strategy
+        has weights. The accuracy change of the aggregation step itself is acc_mean_agg − acc_mean."""
+        out: dict[str, Any] = {"aggregation_delta": row["acc_mean_agg"] - row["acc_mean"]}
+        uploads, sent = uploads or {}, sent or {}
+        ids = sorted(i for i in uploads if i in sent)
+        if len(ids) > 1:
+            names = list(uploads[ids[0]])
+            u = torch.stack([torch.cat([(uploads[i][n] - sent[i][n]).reshape(-1) for n in names]) for i in ids])
+            unit = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            cos = unit @ unit.T
+            out["update_cosine_mean"] = float(cos[~torch.eye(len(ids), dtype=torch.bool)].mean())
         diag = self.strategy.diagnostics
-        if "weights" not in diag or diag.get("participants") is None:
-            return
-        if self.out is not None:
-            np.save(self.out / f"weights_round_{rnd}.npy", diag["weights"])
-        eff = diag.get("effective_collaborators", {})
-        row["diag"] = {
-            "effective_collaborators": eff,
-            "effective_collaborators_mean": float(np.mean(list(eff.values()))) if eff else float("nan"),
-            "update_cosine_mean": diag.get("update_cosine_mean"),
-        }
-        diag["participants"] = None
+        if "weights" in diag and diag.get("participants") is not None:
+            if self.out is not None:
+                np.save(self.out / f"weights_round_{rnd}.npy", diag["weights"])
+            eff = diag.get("effective_collaborators", {})
+            out["effective_collaborators"] = eff
+            out["effective_collaborators_mean"] = float(np.mean(list(eff.values()))) if eff else float("nan")
+            diag["participants"] = None
+        row["diag"] = out
 
     def _train(self, idx: np.ndarray, rnd: int, salt: int) -> TrainResult:
         """Local training of the currently loaded state on rows ``idx`` (seeded per round and client)."""

@@ -82,4 +82,10 @@ class FedAvgStrategy(Strategy, ABC):
         if not updates:
             return {}
         mean = weighted_mean(updates, {i: float(ctx.n_train[i]) for i in updates})
+        ids = sorted(updates)
+        p = ctx.n_train[ids].astype(float) / ctx.n_train[ids].sum()
+        weights = np.zeros((ctx.num_clients, ctx.num_clients))
+        weights[np.ix_(ids, ids)] = np.broadcast_to(p, (len(ids), len(ids)))
+        eff = 1.0 / float((p**2).sum())
+        self.diagnostics.update(weights=weights, participants=ids, effective_collaborators=dict.fromkeys(ids, eff))
         return {i: mean for i in range(ctx.num_clients)}

@@ -60,13 +60,11 @@ class Celora(Strategy):
         mixed = combine(w, x)
         full = np.zeros((ctx.num_clients, ctx.num_clients))
         full[np.ix_(ids, ids)] = w
-        off = s_param[~np.eye(len(ids), dtype=bool)]
         self.diagnostics.update(
             weights=full,
             similarity_param=s_param,
             participants=ids,
             effective_collaborators={int(i): float(e) for i, e in zip(ids, effective_collaborators(w), strict=True)},
-            update_cosine_mean=float(2 * off.mean() - 1) if off.size else float("nan"),
         )
         out: dict[int, Tensors] = {}
         shapes = [updates[ids[0]][n].shape for n in names]
