@@ -64,26 +64,28 @@ def run(
         None
     ),
     no_export: Annotated[bool, typer.Option("--no-export", help="skip the PEFT adapter export")] = False,
+    runtime: Annotated[
+        str,
+        typer.Option(
+            "--runtime",
+            help="inprocess (one process) | flower (local SuperLink + SuperNodes on loopback, see docs/flower.md)",
+        ),
+    ] = "inprocess",
 ) -> None:
-    """Run one federated experiment on the in-process engine and write its run folder."""
+    """Run one federated experiment (in-process engine, or a local Flower deployment) and write its run folder."""
     from celora.config import load_config
     from celora.data.partition import format_partition_table
     from celora.fl.simulation import Simulation, check_names, prepare
     from celora.report import clients_table, plot_accuracy, plot_weights, rounds_table, top_collaborators
 
+    if runtime not in ("inprocess", "flower"):
+        raise CeloraError(f"--runtime must be inprocess or flower, got {runtime!r}")
     cfg = load_config(config, set_ or [])
     cfg = check_names(cfg)
     out_dir = out or _default_out(config, cfg.method)
     console.print(
         f"[bold]celora[/bold] {cfg.method} · model {cfg.model.name} · {cfg.num_clients} clients · "
-        f"{cfg.rounds} rounds · data {cfg.data.path or cfg.data.name} ({cfg.data.partition})"
-    )
-    with console.status("loading data and model (offline)…"):
-        prepared = prepare(cfg)
-    from celora.data.partition import partition_summary
-
-    console.print(
-        format_partition_table(partition_summary(prepared.split, prepared.dataset.labels, prepared.dataset.label_names))
+        f"{cfg.rounds} rounds · data {cfg.data.path or cfg.data.name} ({cfg.data.partition}) · runtime {runtime}"
     )
     progress = Progress(
         TextColumn("{task.description}"),
@@ -93,11 +95,30 @@ def run(
         console=console,
         transient=False,
     )
-    with progress:
-        sim = Simulation(
-            cfg, out_dir, observer=RichObserver(progress, cfg.rounds), prepared=prepared, export_adapters=not no_export
+    if runtime == "flower":
+        from celora.fl.flower.runner import run_flower
+
+        with progress:
+            result = run_flower(cfg, out_dir, observer=RichObserver(progress, cfg.rounds), export=not no_export)
+    else:
+        with console.status("loading data and model (offline)…"):
+            prepared = prepare(cfg)
+        from celora.data.partition import partition_summary
+
+        console.print(
+            format_partition_table(
+                partition_summary(prepared.split, prepared.dataset.labels, prepared.dataset.label_names)
+            )
         )
-        result = sim.run()
+        with progress:
+            sim = Simulation(
+                cfg,
+                out_dir,
+                observer=RichObserver(progress, cfg.rounds),
+                prepared=prepared,
+                export_adapters=not no_export,
+            )
+            result = sim.run()
     console.print(rounds_table(result.rounds))
     console.print(clients_table(result.rounds[-1]))
     plot_accuracy(result.rounds, out_dir / "accuracy.png", title=f"{cfg.method} · {cfg.data.partition}")

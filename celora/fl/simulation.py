@@ -20,7 +20,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from celora.adapters.export import PeftExporter
 from celora.adapters.inject import AdapterSpec, get_tensors, inject_adapters, set_tensors, set_trainable, view_names
 from celora.config import ExperimentConfig, dump_config
 from celora.data.partition import FederatedSplit, make_federated_split, partition_summary
@@ -321,8 +320,8 @@ class Simulation:
             for i, nbytes in flushed.items():
                 records[i].bytes_down += nbytes
             last.update({i: r for i, r in records.items() if r.participated})
-            row = self._round_row(rnd, [records[i] for i in range(n)], time.perf_counter() - t0)
-            self._record_diagnostics(rnd, row, uploads, sent)
+            row = self.round_row(rnd, [records[i] for i in range(n)], time.perf_counter() - t0)
+            self.record_diagnostics(rnd, row, uploads, sent)
             totals["up"] += row["bytes_up"]
             totals["down"] += row["bytes_down"]
             rounds.append(row)
@@ -390,7 +389,7 @@ class Simulation:
             return self.server_setup(None)
         return self.server_setup({i: self.client_summary_blob(i) for i in range(self.cfg.num_clients)})
 
-    def _record_diagnostics(
+    def record_diagnostics(
         self,
         rnd: int,
         row: dict[str, Any],
@@ -528,7 +527,7 @@ class Simulation:
             uploads[i] = accepted
         return rec
 
-    def _round_row(self, rnd: int, records: list[ClientRound], wall: float) -> dict[str, Any]:
+    def round_row(self, rnd: int, records: list[ClientRound], wall: float) -> dict[str, Any]:
         accs = np.array([r.acc for r in records])
         accs_agg = np.array([r.acc_agg for r in records])
         sizes = np.array([r.n_train for r in records])
@@ -580,6 +579,8 @@ class Simulation:
             "wall_s": round(wall, 2),
         }
         if self.out is not None and self.export_adapters:
+            from celora.adapters.export import PeftExporter  # peft is heavy: imported only to export
+
             exporter = PeftExporter(p.loaded.model, p.spec, p.loaded.head_modules, p.loaded.source)
             for i, st in states.items():
                 exporter.save(st, self.out / "adapters" / f"client_{i}")

@@ -1,0 +1,231 @@
+"""celora on Flower: the wire format, the strategy + ClientApp over an in-memory grid, and (slow) real
+SuperLink/SuperNode processes on loopback — insecure, and TLS with SuperNode authentication."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr")
+
+from flower_helpers import TINY, MemoryGrid, check_message_log, read_jsonl  # noqa: E402
+
+from celora import cli  # noqa: E402
+from celora.config import load_config  # noqa: E402
+from celora.errors import CeloraError  # noqa: E402
+from celora.fl.flower.server import CeloraFlowerStrategy  # noqa: E402
+from celora.fl.flower.wire import KEY, blob_record, digest, record_blob  # noqa: E402
+from celora.fl.payload import PayloadError, decode  # noqa: E402
+from celora.fl.simulation import Simulation, prepare  # noqa: E402
+
+
+def _cfg(*extra: str):
+    return load_config(None, TINY + list(extra))
+
+
+@pytest.fixture(scope="module")
+def inprocess():
+    """The in-process engine's result on the tiny setup (reference for every runtime test)."""
+    cfg = _cfg()
+    sim = Simulation(cfg, prepared=prepare(cfg), export_adapters=False)
+    return sim.run()
+
+
+def _assert_same_accuracies(ref_rows, rows, tol=1e-6):
+    assert len(ref_rows) == len(rows)
+    for a, b in zip(ref_rows, rows, strict=True):
+        for ca, cb in zip(a["clients"], b["clients"], strict=True):
+            for key in ("acc", "acc_agg", "loss", "loss_agg"):
+                same = np.isnan(ca[key]) and np.isnan(cb[key]) or abs(ca[key] - cb[key]) <= tol
+                assert same, (a["round"], ca["id"], key, ca[key], cb[key])
+            assert (ca["bytes_up"], ca["bytes_down"]) == (cb["bytes_up"], cb["bytes_down"])
+        assert set(a) <= set(b)
+
+
+# --------------------------------------------------------------------------- fast
+def test_blob_travels_verbatim_and_flower_counts_it():
+    blob = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + bytes(range(200))
+    rec = blob_record(blob)
+    assert record_blob(rec) == blob
+    assert rec.count_bytes() == len(blob) + len(KEY)
+    rec2 = flwr.app.ArrayRecord({KEY: flwr.app.Array(np.zeros(3))})
+    with pytest.raises(PayloadError):
+        record_blob(rec2)
+
+
+def test_certificates_and_node_keys_load_like_flower(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    from celora.fl.flower.certs import main
+
+    main([str(tmp_path), "--nodes", "2"])
+    cert = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "127.0.0.1" in [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    priv = load_ssh_private_key((tmp_path / "node_1").read_bytes(), None)
+    pub = load_ssh_public_key((tmp_path / "node_1.pub").read_bytes())
+    assert isinstance(priv, ec.EllipticCurvePrivateKey) and isinstance(pub, ec.EllipticCurvePublicKey)
+    assert pub.curve.name == "secp384r1"
+
+
+def test_run_config_options_and_errors(tmp_path):
+    from celora.fl.flower.server_app import FlowerOptions, resolve
+
+    opts = FlowerOptions.from_run_config({"config": "configs/quickstart.toml", "set": "rounds=1", "round-timeout": 30})
+    assert opts.round_timeout == 30.0
+    cfg, out = resolve(opts.model_copy(update={"out": str(tmp_path / "r")}), None)
+    assert cfg.rounds == 1 and out == tmp_path / "r"
+    with pytest.raises(CeloraError, match="round-timeout"):
+        FlowerOptions.from_run_config({"round-timeout": -1})
+    with pytest.raises(CeloraError, match="only in-process"):
+        CeloraFlowerStrategy(_cfg("method=centralized"), None)
+
+
+def test_cli_rejects_unknown_runtime(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["celora", "run", "--runtime", "mpi"])
+    with pytest.raises(SystemExit) as ex:
+        cli.main()
+    assert ex.value.code == 2
+    assert "--runtime must be inprocess or flower" in capsys.readouterr().err
+
+
+def test_strategy_and_clientapp_match_inprocess(tmp_path, inprocess):
+    """Real ClientApp + Flower strategy over an in-memory grid: same accuracies, personalized C̄_i, C only."""
+    out = tmp_path / "run"
+    strategy = CeloraFlowerStrategy(_cfg(), out, round_timeout=5, node_wait=1)
+    grid = MemoryGrid(3)
+    summary = strategy.run(grid)
+    rows = read_jsonl(out / "metrics.jsonl")
+    _assert_same_accuracies(inprocess.rounds, rows)
+    assert abs(summary["acc_global"] - inprocess.summary["acc_global"]) <= 1e-6
+    assert set(inprocess.summary) <= set(summary)
+    assert summary["bytes_up_total"] == inprocess.summary["bytes_up_total"]
+    # Flower's own count: celora's bytes + the record key of every blob message
+    lines = read_jsonl(out / "flower" / "messages.jsonl")
+    blobs_up = sum(1 for x in lines if x["dir"] == "up" and ("up" in x["records"] or "summary" in x["records"]))
+    blobs_down = sum(1 for x in lines if x["dir"] == "down" and "down" in x["records"])
+    assert summary["flower"]["bytes_up_arrays"] == summary["bytes_up_total"] + len(KEY) * blobs_up
+    assert summary["flower"]["bytes_down_arrays"] == summary["bytes_down_total"] + len(KEY) * blobs_down
+    check_message_log(lines, 3, 2)
+    # one fresh RecordDict per message; the C̄_i of different clients differ as tensors
+    trains = [m for m in grid.sent if m.metadata.message_type == "train" and "down" in m.content]
+    assert len({id(m.content) for m in trains}) == len(trains)
+    layout, dtype = strategy.sim.down_layout, strategy.sim.dtype
+    last = {m.metadata.dst_node_id: decode(record_blob(m.content["down"]), layout, dtype) for m in trains[-3:]}
+    a, b = list(last.values())[:2]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    # private factors stayed in context.state on the nodes
+    state = grid.contexts[grid.nodes[0]].state["celora.state"]
+    assert any(k.endswith("lora_A") for k in state) and (out / "adapters" / "client_0").is_dir()
+
+
+def test_lost_node_is_reported_not_dropped(tmp_path):
+    out = tmp_path / "run"
+    strategy = CeloraFlowerStrategy(_cfg(), out, round_timeout=1, node_wait=1, export=False)
+    grid = MemoryGrid(3, dead={1002: 2})  # client 2 stops answering from round 2 on
+    summary = strategy.run(grid)
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["lost"] for r in rows] == [[], [2]]
+    c2 = rows[1]["clients"][2]
+    assert not c2["participated"] and c2["rejected"].startswith("lost: no reply")
+    assert rows[1]["rejected"] == 1 and rows[1]["participants"] == 2
+    assert summary["flower"]["lost_clients"]["2"]["round"] == 2
+    assert summary["flower"]["acc_global_clients"] == 2
+    assert all(m.metadata.dst_node_id != 1002 for m in grid.sent if m.metadata.message_type == "evaluate")
+
+
+def test_digest_is_content_hash():
+    assert digest(b"abc") != digest(b"abd") and len(digest(b"")) == 16
+
+
+# --------------------------------------------------------------------------- slow: real processes
+@pytest.mark.slow
+def test_flower_runtime_three_supernodes_on_loopback(tmp_path, inprocess):
+    """`celora run --runtime flower` path: SuperLink + 3 SuperNodes, 2 rounds of celora."""
+    from celora.fl.flower.runner import run_flower
+
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    res = run_flower(_cfg(), out, round_timeout=120, timeout=420)
+    rows = read_jsonl(out / "metrics.jsonl")
+    _assert_same_accuracies(inprocess.rounds, rows)
+    for f in ("config.toml", "partition.json", "summary.json", "similarity_data.npy", "weights_round_2.npy"):
+        assert (out / f).is_file(), f
+    assert all((out / "adapters" / f"client_{i}" / "adapter_model.safetensors").is_file() for i in range(3))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == res.summary and summary["flower"]["lost_clients"] == {}
+    assert abs(summary["acc_global"] - inprocess.summary["acc_global"]) <= 1e-6
+    check_message_log(read_jsonl(out / "flower" / "messages.jsonl"), 3, 2)
+    assert time.monotonic() - t0 < 420
+
+
+@pytest.mark.slow
+def test_tls_node_auth_and_a_supernode_killed_mid_run(tmp_path, inprocess):
+    """TLS + SuperNode authentication; an unregistered SuperNode is refused; one SuperNode is killed after
+    round 1: round 2 completes with the others, the run finishes, and the dead client is reported."""
+    from celora.config import dump_config
+    from celora.fl.flower.deploy import LocalDeployment, write_app
+
+    out = tmp_path / "run"
+    app_dir = write_app(tmp_path / "app", dump_config(_cfg()))
+    run_config = {"config": "experiment.toml", "out": str(out), "round-timeout": 150.0, "export": False}
+    with LocalDeployment(tmp_path / "dep", 3, tls=True, auth=True) as dep:
+        dep.start()
+        intruder = dep.start_supernode(3, partition=0, key=True)  # its key was never registered
+        run = dep.run_app(app_dir, run_config, timeout=420)
+        log = out / "flower" / "messages.jsonl"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and run.poll() is None:
+            ups = [x for x in read_jsonl(log) if x["dir"] == "up" and x["round"] == 1] if log.is_file() else []
+            if len(ups) == 3:
+                break
+            time.sleep(1.0)
+        assert run.poll() is None, dep.procs["flwr-run"].tail()
+        dep.kill("supernode-2")
+        run.wait(timeout=max(10.0, deadline + 120 - time.monotonic()))
+        assert run.returncode == 0, dep.procs["flwr-run"].tail()
+        intruder_log = intruder.tail(200)
+        intruder_code = intruder.popen.poll()
+        superlink_log = dep.procs["superlink"].log.read_text(errors="replace")
+    summary = json.loads((out / "summary.json").read_text())
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert summary["rounds"] == 2 and len(rows) == 2
+    assert list(summary["flower"]["nodes"]) == ["0", "1", "2"]  # the intruder never joined
+    assert "2" in summary["flower"]["lost_clients"] and rows[1]["lost"] == [2]
+    c2 = rows[1]["clients"][2]
+    assert c2["rejected"].startswith("lost:") and not c2["participated"]
+    assert rows[1]["participants"] == 2
+    # round 1 is untouched by the loss, and round 2's local step of the survivors too
+    # (client 2 died before its round-1 C̄_2 reached it: that message was never delivered)
+    r1, ref1 = rows[0]["clients"], inprocess.rounds[0]["clients"]
+    for i in range(3):
+        assert abs(r1[i]["acc"] - ref1[i]["acc"]) <= 1e-6 and abs(r1[i]["loss"] - ref1[i]["loss"]) <= 1e-6
+    for i in (0, 1):
+        assert abs(r1[i]["acc_agg"] - ref1[i]["acc_agg"]) <= 1e-6 and r1[i]["bytes_down"] == ref1[i]["bytes_down"]
+    assert r1[2]["bytes_down"] == 0
+    for i in (0, 1):
+        assert abs(rows[1]["clients"][i]["acc"] - inprocess.rounds[1]["clients"][i]["acc"]) <= 1e-6
+    # the SuperNode whose key was never registered is refused by the SuperLink and gives up
+    assert intruder_code not in (None, 0), intruder_log[-500:]
+    assert "Failed to activate SuperNode" in intruder_log
+    assert "No SuperNode found with the given public key" in superlink_log
+
+
+def test_warmup_phase_switch_matches_inprocess(tmp_path):
+    """k rounds of FedIT (A, B travel), then C only: the switch flushes pending messages as in-process."""
+    extra = ("aggregation.warmup_rounds=1", "aggregation.warmup_method=fedit", "rounds=3", "clients_per_round=2")
+    cfg = _cfg(*extra)
+    ref = Simulation(cfg, prepared=prepare(cfg), export_adapters=False).run()
+    strategy = CeloraFlowerStrategy(_cfg(*extra), tmp_path / "run", round_timeout=5, node_wait=1)
+    summary = strategy.run(MemoryGrid(3))
+    _assert_same_accuracies(ref.rounds, read_jsonl(tmp_path / "run" / "metrics.jsonl"))
+    assert summary["bytes_down_total"] == ref.summary["bytes_down_total"]
