@@ -542,24 +542,19 @@ class Simulation:
         row["clients"] = [asdict(r) for r in records]
         return row
 
-    def _finish(
-        self, states: dict[int, Tensors], rounds: list[dict[str, Any]], totals: dict[str, int], wall: float
+    def summary_dict(
+        self, rounds: list[dict[str, Any]], totals: dict[str, int], acc_global: float, wall: float
     ) -> dict[str, Any]:
-        p = self.p
-        gidx = p.split.global_test_idx
-        g_accs = []
-        for i in range(self.cfg.num_clients):
-            self._load(states[i])
-            g_accs.append(self._eval(gidx)[0])
+        """summary.json: the final round's accuracies, global accuracy, bytes (totals and per client-round)."""
         final = rounds[-1]
         client_rounds = sum(r["participants"] for r in rounds)
-        summary: dict[str, Any] = {
+        return {
             "method": self.cfg.method,
             "acc_mean": final["acc_mean"],
             "acc_weighted": final["acc_weighted"],
             "acc_worst10": final["acc_worst10"],
             "acc_mean_agg": final["acc_mean_agg"],
-            "acc_global": float(np.mean(g_accs)) if len(gidx) else float("nan"),
+            "acc_global": acc_global,
             "bytes_up_total": totals["up"],
             "bytes_down_total": totals["down"],
             "bytes_per_client_round": {
@@ -567,7 +562,7 @@ class Simulation:
                 "down": totals["down"] / max(1, client_rounds),
             },
             "payload": {
-                "shared_factors": sorted(self.strategy.shared_factors),
+                "shared_factors": sorted(self.main_strategy.shared_factors),
                 "tensors": len(self.up_layout.entries),
                 "params": self.up_layout.numel(),
                 "dtype": self.dtype,
@@ -578,6 +573,17 @@ class Simulation:
             "evaluated": "acc_* = after local training (local step); acc_*_agg = after receiving the server's message",
             "wall_s": round(wall, 2),
         }
+
+    def _finish(
+        self, states: dict[int, Tensors], rounds: list[dict[str, Any]], totals: dict[str, int], wall: float
+    ) -> dict[str, Any]:
+        p = self.p
+        gidx = p.split.global_test_idx
+        g_accs = []
+        for i in range(self.cfg.num_clients):
+            self._load(states[i])
+            g_accs.append(self._eval(gidx)[0])
+        summary = self.summary_dict(rounds, totals, float(np.mean(g_accs)) if len(gidx) else float("nan"), wall)
         if self.out is not None and self.export_adapters:
             from celora.adapters.export import PeftExporter  # peft is heavy: imported only to export
 

@@ -458,36 +458,9 @@ class CeloraFlowerStrategy(FlowerStrategy):
 
     def finish(self) -> dict[str, Any]:
         """The run summary: the in-process engine's keys, plus a ``flower`` section (bytes, lost clients)."""
-        final = self.rows[-1]
-        client_rounds = sum(r["participants"] for r in self.rows)
         gidx = self.sim.p.split.global_test_idx
-        summary: dict[str, Any] = {
-            "method": self.cfg.method,
-            "acc_mean": final["acc_mean"],
-            "acc_weighted": final["acc_weighted"],
-            "acc_worst10": final["acc_worst10"],
-            "acc_mean_agg": final["acc_mean_agg"],
-            "acc_global": float(np.mean(list(self.global_acc.values())))
-            if (len(gidx) and self.global_acc)
-            else float("nan"),
-            "bytes_up_total": self.totals["up"],
-            "bytes_down_total": self.totals["down"],
-            "bytes_per_client_round": {
-                "up": self.totals["up"] / max(1, client_rounds),
-                "down": self.totals["down"] / max(1, client_rounds),
-            },
-            "payload": {
-                "shared_factors": sorted(self.sim.main_strategy.shared_factors),
-                "tensors": len(self.sim.up_layout.entries),
-                "params": self.sim.up_layout.numel(),
-                "dtype": self.sim.dtype,
-            },
-            "rounds": len(self.rows),
-            "num_clients": self.n,
-            "seed": self.cfg.seed,
-            "evaluated": "acc_* = after local training (local step); acc_*_agg = after receiving the server's message",
-            "wall_s": round(time.perf_counter() - self.t_run, 2),
-        }
+        acc_global = float(np.mean(list(self.global_acc.values()))) if (len(gidx) and self.global_acc) else float("nan")
+        summary = self.sim.summary_dict(self.rows, self.totals, acc_global, time.perf_counter() - self.t_run)
         summary["bytes_setup_up"] = int(sum(self.setup_up.values()))
         summary["bytes_up_total"] += summary["bytes_setup_up"]
         f = self.flower
