@@ -151,13 +151,19 @@ def compare(
     out: Annotated[Path | None, typer.Option("--out", help="comparison folder (default runs/compare-<config>)")] = (
         None
     ),
+    variant: Annotated[
+        list[str] | None,
+        typer.Option("--variant", help="extra column LABEL=METHOD;key=value;... (e.g. 'svd16=celora;model.rank=16')"),
+    ] = None,
 ) -> None:
     """Run methods × seeds on identical partitions (resumable) and print the comparison table."""
-    from celora.compare import aggregate_rows, parse_list, parse_seeds, run_comparison
+    from celora.compare import aggregate_rows, parse_list, parse_seeds, parse_variants, run_comparison
     from celora.config import load_config
 
     base = load_config(config, set_ or [])
+    variants = parse_variants(variant or [])
     method_list = parse_list(methods, "--methods")
+    method_list += [label for label in variants if label not in method_list]
     seed_list = parse_seeds(seeds)
     out_dir = out or Path("runs") / f"compare-{config.stem}"
     total = len(method_list) * len(seed_list)
@@ -183,7 +189,9 @@ def compare(
             progress.console.print(f"{method} seed {seed}: finished earlier, skipped")
             progress.advance(cells)
 
-        rows = run_comparison(base, method_list, seed_list, out_dir, observer_for=observer_for, on_skip=on_skip)
+        rows = run_comparison(
+            base, method_list, seed_list, out_dir, observer_for=observer_for, on_skip=on_skip, variants=variants
+        )
     agg = aggregate_rows(rows, method_list)
     t = Table(title=f"comparison: {len(seed_list)} seeds, identical partitions per seed")
     for col in (

@@ -10,13 +10,15 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from celora.config import ExperimentConfig, build_config
+from celora.config import ExperimentConfig, apply_overrides, build_config
 from celora.errors import CeloraError
 from celora.fl.simulation import Observer, Prepared, Simulation, check_names, prepare
 
@@ -51,11 +53,42 @@ def parse_seeds(text: str) -> list[int]:
         raise CeloraError(f"--seeds: expected integers like 0,1,2, got {text!r}") from None
 
 
-def cell_config(base: ExperimentConfig, method: str, seed: int) -> ExperimentConfig:
-    """The base config with this cell's method and seed (validated)."""
+@dataclass(frozen=True)
+class Variant:
+    """A named column of a comparison: a method plus config overrides (e.g. another adapter basis)."""
+
+    label: str
+    method: str
+    overrides: tuple[str, ...] = ()
+
+
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def parse_variant(text: str) -> Variant:
+    """'LABEL=METHOD;key=value;key=value' → Variant (CeloraError naming --variant if malformed)."""
+    head, *overrides = [x.strip() for x in text.split(";") if x.strip()] or [""]
+    label, sep, method = (x.strip() for x in head.partition("="))
+    if not sep or not _LABEL.match(label) or not method:
+        raise CeloraError(f"--variant {text!r}: expected LABEL=METHOD;key=value;... (e.g. svd16=celora;model.rank=16)")
+    return Variant(label, method, tuple(overrides))
+
+
+def parse_variants(texts: Sequence[str]) -> dict[str, Variant]:
+    """Every --variant, keyed by label (CeloraError on a repeated label)."""
+    out: dict[str, Variant] = {}
+    for v in map(parse_variant, texts):
+        if v.label in out:
+            raise CeloraError(f"--variant: label {v.label!r} given twice")
+        out[v.label] = v
+    return out
+
+
+def cell_config(base: ExperimentConfig, method: str, seed: int, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The base config with this cell's method, seed and overrides (validated)."""
     data = base.model_dump()
     data.update(method=method, seed=seed)
-    return check_names(build_config(data))
+    return check_names(build_config(apply_overrides(data, list(overrides))))
 
 
 def _cell_row(summary: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -83,11 +116,17 @@ def run_comparison(
     *,
     observer_for: Callable[[str, int], Observer | None] | None = None,
     on_skip: Callable[[str, int], None] | None = None,
+    variants: Mapping[str, Variant] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every missing (method, seed) cell; return one row per cell (finished ones read back)."""
+    """Run every missing (method, seed) cell; return one row per cell (finished ones read back).
+
+    ``methods`` are column labels: a registered method, or the label of one of ``variants``.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cells = [(m, s, cell_config(base, m, s)) for s in seeds for m in methods]  # validate all first
+    known = dict(variants or {})
+    cols = [known.get(m, Variant(m, m)) for m in methods]
+    cells = [(v.label, s, cell_config(base, v.method, s, v.overrides)) for s in seeds for v in cols]  # validate all
     prepared: dict[str, Prepared] = {}
     rows: list[dict[str, Any]] = []
     for method, seed, cfg in cells:
@@ -104,7 +143,7 @@ def run_comparison(
             prepared[key] = prepare(cfg)
         obs = observer_for(method, seed) if observer_for else None
         result = Simulation(cfg, cell_dir, observer=obs, prepared=prepared[key], export_adapters=False).run()
-        row = _cell_row(result.summary, seed)
+        row = _cell_row(result.summary, seed) | {"method": method}
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(row, indent=2), encoding="utf-8")
         tmp.replace(done)

@@ -27,6 +27,7 @@ class ModelConfig(_Section):
     init: Literal["kaiming", "paper"] = "kaiming"
     basis: Literal["random", "svd"] = "random"
     train_ab: bool = Field(True, description="train A and B locally (false: only C and the head train)")
+    train_c: bool = Field(True, description="train C (false: C stays at its init, I for the random basis: a control)")
     max_length: int = Field(128, ge=8, le=4096)
 
 

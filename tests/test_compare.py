@@ -80,3 +80,34 @@ def test_bad_inputs():
         parse_seeds("0,x")
     with pytest.raises(CeloraError, match="unknown method 'nope'"):
         run_comparison(load_config(None, TINY), ["local", "nope"], [0], "/tmp/never-created-celora")
+
+
+def test_variants_are_columns_with_their_own_overrides(tmp_path):
+    from celora.compare import parse_variants
+
+    variants = parse_variants(["frozenC=celora-global;model.train_c=false", "r4=celora-global;model.rank=4"])
+    out = tmp_path / "cmp"
+    rows = run_comparison(load_config(None, TINY), ["local", "frozenC", "r4"], [0], out, variants=variants)
+    assert [r["method"] for r in rows] == ["local", "frozenC", "r4"]
+    assert (out / "frozenC" / "seed_0" / "cell.json").is_file()
+    assert "train_c = false" in (out / "frozenC" / "seed_0" / "config.toml").read_text()
+    assert "train_c = false" not in (out / "r4" / "seed_0" / "config.toml").read_text()
+    # rank 4 sends 4× the C bytes of rank 2 (tensor bytes; framing is the same)
+    by = {r["method"]: r["bytes_up_per_client_round"] for r in rows}
+    assert by["r4"] > by["frozenC"] > 0 and by["local"] == 0
+    assert "| r4 | 1 |" in (out / "compare.md").read_text()
+
+
+@pytest.mark.parametrize("text", ["celora", "=celora", "x=", "bad label=celora", "a/b=celora"])
+def test_bad_variants(text):
+    from celora.compare import parse_variant
+
+    with pytest.raises(CeloraError, match="--variant"):
+        parse_variant(text)
+
+
+def test_repeated_variant_label():
+    from celora.compare import parse_variants
+
+    with pytest.raises(CeloraError, match="given twice"):
+        parse_variants(["a=local", "a=fedit"])

@@ -186,6 +186,20 @@ def test_train_ab_false_trains_only_c_and_head(prepared):
         Simulation(_cfg("method=fedit", "model.train_ab=false"), prepared=prepared)
 
 
+def test_train_c_false_keeps_c_at_identity(prepared):
+    """The "C frozen at I" control: C never moves, so sharing it carries nothing."""
+    res = Simulation(_cfg("method=celora", "rounds=1", "model.train_c=false"), prepared=prepared).run()
+    for name in prepared.all_names:
+        if name.endswith("lora_C"):
+            assert torch.equal(res.states[1][name], prepared.init_state[name]), name
+        if name.endswith("lora_B"):
+            assert not torch.equal(res.states[1][name], prepared.init_state[name]), name
+    from celora.errors import CeloraError
+
+    with pytest.raises(CeloraError, match="train_c"):
+        Simulation(_cfg("method=fedsb", "model.train_c=false"), prepared=prepared)
+
+
 def test_diagnostics_every_round(prepared):
     res = Simulation(_cfg("method=celora-global"), prepared=prepared).run()
     for row in res.rounds:

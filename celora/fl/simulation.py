@@ -115,6 +115,11 @@ class RunResult:
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
+def frozen_factors(cfg: ExperimentConfig) -> set[str]:
+    """Adapter factors the config freezes for every method (model.train_ab, model.train_c)."""
+    return (set() if cfg.model.train_ab else {"A", "B"}) | (set() if cfg.model.train_c else {"C"})
+
+
 def check_names(cfg: ExperimentConfig) -> ExperimentConfig:
     """Fail fast (CeloraError naming the field) on an unknown method, model or dataset; return the config
     with method-imposed settings applied (e.g. Fed-SB's SVD basis)."""
@@ -130,8 +135,11 @@ def check_names(cfg: ExperimentConfig) -> ExperimentConfig:
     for field_name, strat in phases:
         if cfg.model.basis == "svd" and "C" not in strat.trains:
             raise CeloraError(f"{field_name} '{strat.name}' keeps C frozen, but model.basis = 'svd' starts C at 0")
-        if not cfg.model.train_ab and "C" not in strat.trains:
-            raise CeloraError(f"model.train_ab = false leaves {field_name} '{strat.name}' nothing to train")
+        trains = set(strat.trains) - frozen_factors(cfg)
+        if not trains:
+            raise CeloraError(f"model.train_ab/train_c leave {field_name} '{strat.name}' nothing to train")
+        if cfg.model.basis == "svd" and not cfg.model.train_c:
+            raise CeloraError("model.train_c = false with model.basis = 'svd' keeps C at 0: the adapter is off")
     if cfg.model.name not in ZOO and not (Path(cfg.model.name) / "config.json").is_file():
         known = ", ".join(sorted(ZOO))
         raise CeloraError(f"unknown model.name '{cfg.model.name}' (known: {known}, or a local HF folder)")
@@ -228,7 +236,7 @@ class Simulation:
         model, heads = self.p.loaded.model, self.p.loaded.head_modules
         self.up_layout = Layout.of(self.p.init_state, view_names(model, strategy.shared_factors, heads))
         self.down_layout = self.up_layout  # every method sends back tensors of the shared layout
-        trained = set(strategy.trained_factors) - (set() if self.cfg.model.train_ab else {"A", "B"})
+        trained = set(strategy.trained_factors) - frozen_factors(self.cfg)
         self.params = set_trainable(model, trained, heads)
         self.head_params = [p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] in heads]
         self.max_up = int(expected_size(self.up_layout, self.dtype) * self.cfg.payload.max_bytes_factor) + 1024
