@@ -40,6 +40,8 @@ class DataConfig(_Section):
     path: str | None = None
     text_column: str = "text"
     label_column: str = "label"
+    image_column: str | None = Field(None, description="column of image file paths (relative to data.path)")
+    image_size: int = Field(56, ge=14, le=518, description="images are resized to image_size² (ViT patch 14)")
     test_fraction: float = Field(0.2, gt=0, lt=1)
     global_test_fraction: float = Field(0.1, gt=0, lt=1)
     train_per_client: int | None = Field(None, ge=1)
