@@ -46,6 +46,9 @@ class DataConfig(_Section):
     global_test_fraction: float = Field(0.1, gt=0, lt=1)
     train_per_client: int | None = Field(None, ge=1)
     max_samples: int | None = Field(None, ge=2)
+    task: str | None = Field(None, description="classify | prompt | … (celora.data.tasks); default per model")
+    instruction: str | None = Field(None, description="prompt task: the instruction ({labels} = the label words)")
+    verbalizers: list[str] | None = Field(None, min_length=2, description="prompt task: one answer word per label")
 
 
 class TrainConfig(_Section):

@@ -32,6 +32,8 @@ class Dataset:
     label_names: list[str]
     columns: dict[str, np.ndarray] = field(default_factory=dict)
     skipped_rows: int = 0
+    instruction: str | None = None  # prompt task: what the model is asked ("{labels}" = the label words)
+    verbalizers: list[str] | None = None  # prompt task: one answer word per label (default: label names)
 
     def __post_init__(self) -> None:
         n = len(self.texts)
@@ -56,6 +58,8 @@ class Dataset:
             label_names=list(self.label_names),
             columns={k: v[idx] for k, v in self.columns.items()},
             skipped_rows=self.skipped_rows,
+            instruction=self.instruction,
+            verbalizers=self.verbalizers,
         )
 
 

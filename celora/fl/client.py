@@ -1,6 +1,8 @@
 """Client-side work on the shared frozen model: local training, evaluation, feature pooling.
 
-Inputs are tokenized once for the whole dataset (``Encoded``); a client is a set of row indices.
+Inputs are encoded once for the whole dataset by a task (``celora.data.tasks``: ``TaskData``); a
+client is a set of row indices. The task says how a batch is trained, scored and pooled; the
+default is text classification.
 """
 
 from __future__ import annotations
@@ -11,35 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
+from celora.data.tasks import TASKS, Encoded, Task, TaskData, encode_texts
 
-@dataclass
-class Encoded:
-    """A tokenized dataset: (N, L) ids and mask, (N,) labels."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def batch(self, idx: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rows ``idx``, trimmed to the longest sequence in the batch (right padding)."""
-        index = torch.as_tensor(idx, dtype=torch.long)
-        mask = self.attention_mask[index]
-        length = max(1, int(mask.sum(dim=1).max()))
-        return self.input_ids[index, :length], mask[:, :length], self.labels[index]
-
-
-def encode_texts(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], labels: np.ndarray, max_length: int
-) -> Encoded:
-    """Tokenize every text once, right-padded to ``max_length``."""
-    tokenizer.padding_side = "right"
-    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    return Encoded(enc["input_ids"], enc["attention_mask"], torch.as_tensor(labels, dtype=torch.long))
+__all__ = ["Encoded", "TrainResult", "encode_texts", "evaluate", "evaluate_metrics", "pooled_features", "train_local"]
+CLASSIFY = TASKS["classify"]
 
 
 @dataclass
@@ -50,10 +28,11 @@ class TrainResult:
 
 def train_local(
     model: nn.Module,
-    data: Encoded,
+    data: TaskData,
     idx: np.ndarray,
     params: list[nn.Parameter],
     *,
+    task: Task = CLASSIFY,
     epochs: int,
     batch_size: int,
     lr: float,
@@ -65,7 +44,7 @@ def train_local(
 ) -> TrainResult:
     """AdamW on ``params`` (head at ``head_lr``) for ``epochs`` passes over the client's rows.
 
-    Minimises the mean cross-entropy L = −(1/|b|) Σ log softmax(f(x))_y per batch.
+    Minimises the task's batch loss (classification: L = −(1/|b|) Σ log softmax(f(x))_y).
     """
     head_ids = {id(p) for p in head_params}
     groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": lr}]
@@ -79,9 +58,7 @@ def train_local(
     for _ in range(epochs):
         order = gen.permutation(idx)
         for start in range(0, len(order), batch_size):
-            ids, mask, y = data.batch(order[start : start + batch_size])
-            out = model(input_ids=ids, attention_mask=mask)
-            loss = nn.functional.cross_entropy(out.logits, y)
+            loss = task.loss(model, data.batch(order[start : start + batch_size]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -96,28 +73,47 @@ def train_local(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Encoded, idx: np.ndarray, batch_size: int = 64) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of the model on rows ``idx``."""
+def evaluate_metrics(
+    model: nn.Module,
+    data: TaskData,
+    idx: np.ndarray,
+    batch_size: int = 64,
+    *,
+    task: Task = CLASSIFY,
+    extras: bool = False,
+) -> dict[str, float]:
+    """``acc`` = correct / n, ``loss`` = Σ per-example loss / n on rows ``idx``; with ``extras`` also the
+    task's extra metrics (each Σ / n, e.g. exact_match)."""
     if len(idx) == 0:
-        return float("nan"), float("nan")
+        return {"acc": float("nan"), "loss": float("nan")}
     model.eval()
     correct, loss_sum = 0, 0.0
+    more: dict[str, float] = {}
     for start in range(0, len(idx), batch_size):
-        ids, mask, y = data.batch(idx[start : start + batch_size])
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(-1) == y).sum())
-    return correct / len(idx), loss_sum / len(idx)
+        batch = data.batch(idx[start : start + batch_size])
+        c, s = task.score(model, batch)
+        correct, loss_sum = correct + c, loss_sum + s
+        if extras:
+            for k, v in task.extra_metrics(model, batch).items():
+                more[k] = more.get(k, 0.0) + v
+    return {"acc": correct / len(idx), "loss": loss_sum / len(idx), **{k: v / len(idx) for k, v in more.items()}}
+
+
+def evaluate(
+    model: nn.Module, data: TaskData, idx: np.ndarray, batch_size: int = 64, *, task: Task = CLASSIFY
+) -> tuple[float, float]:
+    """(accuracy, mean per-example loss) of the model on rows ``idx``."""
+    m = evaluate_metrics(model, data, idx, batch_size, task=task)
+    return m["acc"], m["loss"]
 
 
 @torch.no_grad()
-def pooled_features(model: nn.Module, data: Encoded, idx: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """One vector per example: masked mean of the backbone's last hidden states, (n, hidden)."""
+def pooled_features(
+    model: nn.Module, data: TaskData, idx: np.ndarray, batch_size: int = 64, *, task: Task = CLASSIFY
+) -> np.ndarray:
+    """One vector per example from the task (encoder: masked mean of the last hidden states), (n, hidden)."""
     model.eval()
-    out = []
-    for start in range(0, len(idx), batch_size):
-        ids, mask, _ = data.batch(idx[start : start + batch_size])
-        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        out.append(((hidden * m).sum(1) / m.sum(1).clamp_min(1)).float().numpy())
+    out = [
+        task.features(model, data.batch(idx[start : start + batch_size])) for start in range(0, len(idx), batch_size)
+    ]
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,9 +24,10 @@ from celora.adapters.inject import AdapterSpec, get_tensors, inject_adapters, se
 from celora.config import ExperimentConfig, dump_config
 from celora.data.partition import FederatedSplit, make_federated_split, partition_summary
 from celora.data.sources import Dataset, load_dataset
+from celora.data.tasks import Task, TaskData, get_task
 from celora.errors import CeloraError
 from celora.eval import personalized_metrics
-from celora.fl.client import Encoded, TrainResult, encode_texts, evaluate, pooled_features, train_local
+from celora.fl.client import TrainResult, evaluate, pooled_features, train_local
 from celora.fl.payload import (
     Layout,
     PayloadError,
@@ -100,11 +101,12 @@ class Prepared:
 
     dataset: Dataset
     split: FederatedSplit
-    encoded: Encoded
+    encoded: TaskData
     loaded: LoadedModel
     spec: AdapterSpec
     init_state: Tensors
     all_names: list[str]
+    task: Task
 
 
 @dataclass
@@ -124,7 +126,7 @@ def check_names(cfg: ExperimentConfig) -> ExperimentConfig:
     """Fail fast (CeloraError naming the field) on an unknown method, model or dataset; return the config
     with method-imposed settings applied (e.g. Fed-SB's SVD basis)."""
     from celora.data.sources import DATASETS
-    from celora.models.zoo import ZOO
+    from celora.models.zoo import ZOO, default_task, has_lm
 
     strategy = get_strategy(cfg.method)
     if strategy.basis is not None and cfg.model.basis != strategy.basis:
@@ -143,6 +145,16 @@ def check_names(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.model.name not in ZOO and not (Path(cfg.model.name) / "config.json").is_file():
         known = ", ".join(sorted(ZOO))
         raise CeloraError(f"unknown model.name '{cfg.model.name}' (known: {known}, or a local HF folder)")
+    task = get_task(cfg.data.task or default_task(cfg.model.name))
+    kind = ZOO[cfg.model.name].kind if cfg.model.name in ZOO else None
+    if (kind is not None and kind not in task.model_kinds) or (task.head == "lm" and not has_lm(cfg.model.name)):
+        raise CeloraError(
+            f"data.task '{task.name}' needs a {' or '.join(sorted(task.model_kinds))} model"
+            + (" with a causal-LM form" if task.head == "lm" else "")
+            + f"; model.name '{cfg.model.name}' is {kind or 'a local folder'}"
+        )
+    if cfg.data.task != task.name:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"task": task.name})})
     if cfg.data.path is None and cfg.data.name not in DATASETS:
         known = ", ".join(sorted(DATASETS))
         raise CeloraError(f"unknown data.name '{cfg.data.name}' (known: {known}; or set data.path)")
@@ -163,6 +175,8 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         column=d.column,
         max_samples=d.max_samples,
         seed=cfg.seed,
+        image_column=d.image_column,
+        image_size=d.image_size,
     )
     column_values = dataset.columns.get(d.column) if d.column else None
     split = make_federated_split(
@@ -177,7 +191,12 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         global_test_fraction=d.global_test_fraction,
         train_per_client=d.train_per_client,
     )
-    loaded = load_model(cfg.model.name, num_labels=len(dataset.label_names), seed=cfg.seed)
+    task = get_task(cfg.data.task or "classify")
+    if d.instruction is not None or d.verbalizers is not None:
+        dataset = replace(
+            dataset, instruction=d.instruction or dataset.instruction, verbalizers=d.verbalizers or dataset.verbalizers
+        )
+    loaded = load_model(cfg.model.name, num_labels=len(dataset.label_names), seed=cfg.seed, head=task.head)  # type: ignore[arg-type]
     m = cfg.model
     spec = AdapterSpec(
         rank=m.rank,
@@ -192,9 +211,9 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         inject_adapters(loaded.model, spec)
     except ValueError as err:
         raise CeloraError(f"model.rank: {err}") from None
-    encoded = encode_texts(loaded.tokenizer, dataset.texts, dataset.labels, m.max_length)
+    encoded = task.build(dataset, loaded.tokenizer, m.max_length)
     all_names = view_names(loaded.model, {"A", "B", "C", "head"}, loaded.head_modules)
-    return Prepared(dataset, split, encoded, loaded, spec, get_tensors(loaded.model, all_names), all_names)
+    return Prepared(dataset, split, encoded, loaded, spec, get_tensors(loaded.model, all_names), all_names, task)
 
 
 class Simulation:
@@ -246,7 +265,7 @@ class Simulation:
         set_tensors(self.p.loaded.model, state)
 
     def _eval(self, idx: np.ndarray) -> tuple[float, float]:
-        return evaluate(self.p.loaded.model, self.p.encoded, idx, self.cfg.train.eval_batch_size)
+        return evaluate(self.p.loaded.model, self.p.encoded, idx, self.cfg.train.eval_batch_size, task=self.p.task)
 
     def _write(self, name: str, text: str) -> None:
         if self.out is not None:
@@ -350,7 +369,7 @@ class Simulation:
         cfg, p = self.cfg, self.p
         idx = p.split.clients[i].train_idx
         self._load(p.init_state)  # ΔW = 0 at init: the frozen backbone's features
-        feats = pooled_features(p.loaded.model, p.encoded, idx, cfg.train.eval_batch_size)
+        feats = pooled_features(p.loaded.model, p.encoded, idx, cfg.train.eval_batch_size, task=p.task)
         labels = p.dataset.labels[idx]
         pr = cfg.privacy
         if pr.summary_epsilon is None:
@@ -435,6 +454,7 @@ class Simulation:
             self.p.encoded,
             idx,
             self.params,
+            task=self.p.task,
             epochs=t.local_epochs,
             batch_size=t.batch_size,
             lr=t.lr,

