@@ -34,11 +34,14 @@ class Dataset:
     skipped_rows: int = 0
     instruction: str | None = None  # prompt task: what the model is asked ("{labels}" = the label words)
     verbalizers: list[str] | None = None  # prompt task: one answer word per label (default: label names)
+    images: np.ndarray | None = None  # image tasks: uint8 (N, C, S, S), see celora.data.images
 
     def __post_init__(self) -> None:
         n = len(self.texts)
         if len(self.labels) != n or any(len(v) != n for v in self.columns.values()):
             raise ValueError(f"dataset '{self.name}': texts, labels and columns differ in length")
+        if self.images is not None and len(self.images) != n:
+            raise ValueError(f"dataset '{self.name}': {len(self.images)} images for {n} examples")
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -60,6 +63,7 @@ class Dataset:
             skipped_rows=self.skipped_rows,
             instruction=self.instruction,
             verbalizers=self.verbalizers,
+            images=None if self.images is None else self.images[idx],
         )
 
 
@@ -339,16 +343,25 @@ def load_dataset(
     column: str | None = None,
     max_samples: int | None = None,
     seed: int = 0,
+    image_column: str | None = None,
+    image_size: int = 56,
 ) -> Dataset:
     """Load a shipped corpus by ``name`` or a file at ``path`` (which wins), optionally subsampled.
 
-    ``max_samples`` keeps a seeded random subset with the label proportions of the whole.
+    ``max_samples`` keeps a seeded random subset with the label proportions of the whole. With
+    ``image_column`` the file names images (see :mod:`celora.data.images`); every image of an image
+    dataset is resized to ``image_size``².
     """
     if max_samples is not None and max_samples < 1:
         raise CeloraError(f"max_samples must be >= 1, got {max_samples}")
     if path is not None:
         extra = (column,) if column else ()
-        ds = load_file(path, text_column, label_column, extra_columns=extra)
+        if image_column:
+            from celora.data.images import load_image_file
+
+            ds = load_image_file(path, image_column, label_column, extra, size=image_size)
+        else:
+            ds = load_file(path, text_column, label_column, extra_columns=extra)
     else:
         if name is None:
             raise CeloraError("data: give a dataset name (data.name) or a file (data.path)")
@@ -363,4 +376,8 @@ def load_dataset(
         rng = np.random.default_rng(seed)
         idx = stratified_sample(np.arange(len(ds)), ds.labels, max_samples, rng)
         ds = ds.subset(idx)
+    if ds.images is not None:
+        from celora.data.images import with_image_size
+
+        ds = with_image_size(ds, image_size)
     return ds

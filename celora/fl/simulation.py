@@ -47,6 +47,7 @@ from celora.fl.similarity import (
     summary_to_tensors,
 )
 from celora.fl.strategies import RoundContext, Strategy, Tensors, get_strategy
+from celora.fl.strategies.fedavg_modules import aggregate_with_fedavg
 from celora.models.zoo import LoadedModel, load_model
 
 log = logging.getLogger("celora")
@@ -253,7 +254,11 @@ class Simulation:
         """Set what trains (freeze masks) and what travels (layouts) for ``strategy``."""
         self.strategy = strategy
         model, heads = self.p.loaded.model, self.p.loaded.head_modules
-        self.up_layout = Layout.of(self.p.init_state, view_names(model, strategy.shared_factors, heads))
+        shared = view_names(model, strategy.shared_factors, heads)
+        # modules every sharing method federates by FedAvg beside its own factors (a VLM's projector)
+        self.fedavg_names = view_names(model, {"head"}, self.p.loaded.fedavg_modules) if shared else []
+        shared = [n for n in shared if n not in set(self.fedavg_names)] + self.fedavg_names
+        self.up_layout = Layout.of(self.p.init_state, shared)
         self.down_layout = self.up_layout  # every method sends back tensors of the shared layout
         trained = set(strategy.trained_factors) - frozen_factors(self.cfg)
         self.params = set_trainable(model, trained, heads)
@@ -319,7 +324,7 @@ class Simulation:
                 records[i] = rec
                 self.obs.on_client_done(rnd, i, rec)
             ctx = RoundContext(rnd=rnd, num_clients=n, n_train=self.n_train, sent=sent)
-            messages = self.strategy.aggregate(ctx, uploads) if uploads else {}
+            messages = self.server_aggregate(ctx, uploads) if uploads else {}
             for i, msg in messages.items():
                 outbox[i] = msg
                 out_version[i] = rnd
@@ -392,7 +397,8 @@ class Simulation:
         if blobs is None:
             self.main_strategy.setup(self.n_train)
             return {}
-        hidden = int(getattr(self.p.loaded.model.config, "hidden_size", 0)) or None
+        model = self.p.loaded.model
+        hidden = int(getattr(model, "feature_dim", 0) or getattr(model.config, "hidden_size", 0)) or None
         summaries: list[ClientSummary] = []
         for i in range(self.cfg.num_clients):
             try:
@@ -519,6 +525,10 @@ class Simulation:
             log.warning("round %d: rejected the update of client %d: %s", rnd, i, err)
             return str(err)
 
+    def server_aggregate(self, ctx: RoundContext, uploads: dict[int, Tensors]) -> dict[int, Tensors]:
+        """The method combines its factors; FedAvg modules (a VLM's projector) get the sample-weighted mean."""
+        return aggregate_with_fedavg(self.strategy, ctx, uploads, self.fedavg_names)
+
     def server_message(self, msg: Tensors) -> bytes:
         """Serialize a server → client message (its layout is the method's shared layout)."""
         return encode(msg, self.down_layout, self.dtype)
@@ -594,6 +604,7 @@ class Simulation:
                 "tensors": len(self.up_layout.entries),
                 "params": self.up_layout.numel(),
                 "dtype": self.dtype,
+                **self.payload_split(),
             },
             "rounds": len(rounds),
             "num_clients": self.cfg.num_clients,
@@ -601,6 +612,18 @@ class Simulation:
             "evaluated": "acc_* = after local training (local step); acc_*_agg = after receiving the server's message",
             "wall_s": round(wall, 2),
         }
+
+    def payload_split(self) -> dict[str, int]:
+        """Bytes of one message by part: adapter factors (+ head if shared), FedAvg modules, safetensors framing."""
+        fedavg = set(self.fedavg_names)
+        own = Layout(tuple(e for e in self.up_layout.entries if e[0] not in fedavg))
+        side = Layout(tuple(e for e in self.up_layout.entries if e[0] in fedavg))
+        total = expected_size(self.up_layout, self.dtype) if self.up_layout.entries else 0
+        parts = {"bytes_message": total, "bytes_adapters": own.tensor_bytes(self.dtype)}
+        if side.entries:
+            parts["bytes_fedavg_modules"] = side.tensor_bytes(self.dtype)
+        parts["bytes_framing"] = total - sum(v for k, v in parts.items() if k != "bytes_message") if total else 0
+        return parts
 
     def _finish(
         self, states: dict[int, Tensors], rounds: list[dict[str, Any]], totals: dict[str, int], wall: float

@@ -122,6 +122,8 @@ def tiny_dinov2(seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 2
 class ImageClassifier(nn.Module):
     """logits = W·h_CLS + b on the backbone's CLS token h_CLS (after its final layernorm)."""
 
+    base_model_prefix = "backbone"  # read by PEFT/transformers when exporting adapters
+
     def __init__(self, backbone: Dinov2Model, num_labels: int) -> None:
         super().__init__()
         self.backbone = backbone

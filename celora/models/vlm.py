@@ -58,7 +58,11 @@ class _ImageConditionedDecoder(nn.Module):
 class VisionLanguageModel(nn.Module):
     """Frozen ``vision`` (a Dinov2Model) → ``projector`` → ``lm`` (a causal LM)."""
 
-    def __init__(self, vision: nn.Module, lm: nn.Module) -> None:
+    base_model_prefix = "lm"  # read by PEFT/transformers when exporting adapters
+    vision: Any  # a Dinov2Model
+    lm: Any  # a causal LM (PreTrainedModel)
+
+    def __init__(self, vision: Any, lm: Any) -> None:
         super().__init__()
         self.vision = vision
         self.lm = lm

