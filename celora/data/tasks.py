@@ -96,7 +96,7 @@ def _index(idx: np.ndarray | torch.Tensor) -> torch.Tensor:
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
     """Σ_t m_t h_t / Σ_t m_t per row, as float32 numpy (b, hidden)."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
-    return ((hidden * m).sum(1) / m.sum(1).clamp_min(1)).float().numpy()
+    return ((hidden * m).sum(1) / m.sum(1).clamp_min(1)).detach().float().numpy()
 
 
 # --------------------------------------------------------------------------- classify

