@@ -136,8 +136,23 @@ def run(
         f"[bold]final[/bold]: acc mean {s['acc_mean']:.3f} · weighted {s['acc_weighted']:.3f} · "
         f"worst-10% {s['acc_worst10']:.3f} · global {s['acc_global']:.3f} · "
         f"{bpcr['up']:.0f} B up / {bpcr['down']:.0f} B down per client-round · {s['wall_s']:.0f}s"
+        + _task_extras(s)
     )
+    if s.get("model_note"):
+        console.print(f"note: {s['model_note']}")
     console.print(f"run folder: {out_dir}")
+
+
+def _task_extras(s: dict[str, Any]) -> str:
+    """Extra metrics of the final line: the task's own (e.g. exact match) and the zero-shot baseline."""
+    extras = [k for k in s if k.endswith("_mean") and k not in ("acc_mean", "acc_mean_agg")]
+    text = "".join(f" · {k.removesuffix('_mean').replace('_', ' ')} {s[k]:.3f}" for k in extras)
+    zs = s.get("zero_shot")
+    if zs:
+        text += " · zero-shot (no adapter): " + ", ".join(
+            f"{k.removesuffix('_mean').replace('_', ' ')} {v:.3f}" for k, v in zs.items() if k.endswith("_mean")
+        )
+    return text
 
 
 @app.command()

