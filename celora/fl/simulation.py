@@ -295,7 +295,7 @@ class Simulation:
             out[f"{key}_mean"] = float(np.mean([c[key] for c in clients]))
         out["clients"] = clients
         self.obs.on_message(
-            "zero-shot (no adapter): acc mean "
+            "zero-shot (no adapter): "
             + ", ".join(f"{k.removesuffix('_mean')} {v:.3f}" for k, v in out.items() if k.endswith("_mean"))
         )
         return out
