@@ -35,6 +35,7 @@ CELL_KEYS = (
     "bytes_total",
     "wall_s",
 )
+TASK_KEYS = ("acc_zero_shot", "exact_match_mean")  # written when the task reports them (prompt task)
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -105,6 +106,8 @@ def _cell_row(summary: dict[str, Any], seed: int) -> dict[str, Any]:
         "bytes_down_per_client_round": per["down"],
         "bytes_total": summary["bytes_up_total"] + summary["bytes_down_total"],
         "wall_s": summary["wall_s"],
+        **({"acc_zero_shot": summary["zero_shot"]["acc_mean"]} if "zero_shot" in summary else {}),
+        **{k: summary[k] for k in TASK_KEYS if k in summary},
     }
 
 
@@ -227,10 +230,11 @@ def plot_comparison(agg: Sequence[dict[str, Any]], path: str | Path, title: str 
 def write_outputs(rows: Sequence[dict[str, Any]], out: Path, methods: Sequence[str]) -> list[dict[str, Any]]:
     """compare.csv (one row per cell), compare.md (aggregated), compare.png."""
     with (out / "compare.csv").open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(CELL_KEYS))
+        keys = list(CELL_KEYS) + [k for k in TASK_KEYS if any(k in r for r in rows)]
+        writer = csv.DictWriter(fh, fieldnames=keys)
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: r[k] for k in CELL_KEYS})
+            writer.writerow({k: r.get(k, "") for k in keys})
     agg = aggregate_rows(rows, methods)
     (out / "compare.md").write_text(markdown_table(agg), encoding="utf-8")
     plot_comparison(agg, out / "compare.png", title=out.name)

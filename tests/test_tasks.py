@@ -194,6 +194,27 @@ def test_simulation_runs_the_prompt_task_with_zero_shot_baseline(tmp_path) -> No
     assert "model_note" not in s  # only dequantised models carry a note
 
 
+def test_compare_reports_zero_shot_and_exact_match(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import csv
+
+    from celora.compare import run_comparison
+
+    base = build_config(
+        {
+            "rounds": 1,
+            "num_clients": 2,
+            "model": {"name": "tiny-llama", "rank": 2, "max_length": 64},
+            "data": {"path": _write_csv(tmp_path, 24), "task": "prompt", "verbalizers": ["no", "yes"]},
+            "train": {"batch_size": 8, "max_steps": 1},
+        }
+    )
+    rows = run_comparison(base, ["celora", "local"], [0], tmp_path / "cmp")
+    assert {r["method"] for r in rows} == {"celora", "local"}
+    with (tmp_path / "cmp" / "compare.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == 2 and table[0]["acc_zero_shot"] != "" and table[0]["exact_match_mean"] != ""
+
+
 # --------------------------------------------------------------------------- bad inputs
 def test_unknown_task_names_the_field() -> None:
     from celora.fl.simulation import check_names
