@@ -27,7 +27,7 @@ def main(paths: list[str]) -> None:
     print("|---|---|---|---|---|---|")
     for p in paths:
         run = Path(p)
-        if (run / "metrics.jsonl").is_file():
+        if (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size:
             print(row(run))
 
 
