@@ -47,6 +47,10 @@ def test_vlm_prepends_image_tokens():
     with pytest.raises(RuntimeError, match="no image bound"):
         vlm.get_decoder()(input_ids=ids)
     assert all(not p.requires_grad for p in vlm.vision.parameters())
+    emb_std = float(vlm.lm.get_input_embeddings().weight.std())
+    with torch.no_grad():
+        out_std = float(vlm.projector(torch.randn(64, 5, 32) * 7).std())
+    assert 0.5 * emb_std < out_std < 2 * emb_std  # image tokens start at the scale of token embeddings
 
 
 def test_image_prompt_task_learns_digits():
@@ -91,14 +95,14 @@ def test_vlm_run_fedavgs_projector_and_splits_bytes():
     from celora.fl.simulation import Simulation
 
     sim = Simulation(_vlm_config(), export_adapters=False)
-    assert sim.p.task.name == "image-prompt" and sim.fedavg_names == [
-        "projector.fc1.weight",
-        "projector.fc1.bias",
-        "projector.fc2.weight",
-        "projector.fc2.bias",
-    ]
+    assert sim.p.task.name == "image-prompt" and sim.fedavg_names
+    assert all(n.startswith("projector.") for n in sim.fedavg_names)
     assert not any(".attention." in n for n in sim.up_layout.names)  # adapters on the LM only, not the ViT
+    assert sim.p.task_setup_bytes == 2 * 4 * 32 + 8  # (mean, mean square) of 32 ViT features, once
+    stats = sim.p.loaded.model.projector
+    assert float(stats.input_mean.abs().sum()) > 0 and not torch.allclose(stats.input_std, torch.ones(32))
     res = sim.run()
+    assert res.summary["bytes_setup_up"] >= 2 * (2 * 4 * 32 + 8)
     proj = sum(sim.p.init_state[n].numel() for n in sim.fedavg_names)
     n_c = sum(1 for n in sim.up_layout.names if n.endswith(".lora_C"))
     pay = res.summary["payload"]

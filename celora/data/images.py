@@ -27,7 +27,16 @@ from celora.data.sources import (
     load_file,
     register_dataset,
 )
-from celora.data.tasks import Batch, ClassifyTask, PromptTask, TaskData, register_task
+from celora.data.tasks import (
+    DEFAULT_INSTRUCTION,
+    Batch,
+    ClassifyTask,
+    PromptTask,
+    TaskData,
+    _ids,
+    _template,
+    register_task,
+)
 from celora.errors import CeloraError
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -192,6 +201,7 @@ class ImagePromptData:
 
     prompts: TaskData
     images: ImageData
+    image_position: int  # token position of the (empty) user message: where the image tokens go
 
     @property
     def labels(self) -> np.ndarray:
@@ -201,7 +211,11 @@ class ImagePromptData:
         return len(self.prompts)
 
     def batch(self, idx: np.ndarray | torch.Tensor) -> Batch:
-        return {**self.prompts.batch(idx), "pixel_values": self.images.batch(idx)["pixel_values"]}
+        return {
+            **self.prompts.batch(idx),
+            "pixel_values": self.images.batch(idx)["pixel_values"],
+            "image_position": torch.tensor(self.image_position),
+        }
 
 
 class ImagePromptTask(PromptTask):
@@ -209,7 +223,8 @@ class ImagePromptTask(PromptTask):
 
     Same loss and verbalizer scoring as ``prompt`` (causal-LM loss on the answer tokens; predicted
     class = argmax_k Σ_t log p(v_k,t | image, prompt, v_k,<t)), with the batch's images bound to the
-    model; the pooled feature is the ViT's CLS token. ``processor``: an object with ``tokenizer`` and
+    model as the content of the user message; the pooled feature is the ViT's CLS token.
+    ``processor``: an object with ``tokenizer`` and
     ``pixels`` (a PixelProcessor).
     """
 
@@ -220,14 +235,22 @@ class ImagePromptTask(PromptTask):
     def build(self, dataset: Dataset, processor: Any, max_length: int) -> TaskData:
         images = encode_images(dataset, processor.pixels, self.name)
         question_only = dataclasses.replace(dataset, texts=[""] * len(dataset), images=None)
-        return ImagePromptData(super().build(question_only, processor.tokenizer, max_length), images)
+        prompts = super().build(question_only, processor.tokenizer, max_length)
+        words = dataset.verbalizers or [str(v) for v in dataset.label_names]
+        instruction = (dataset.instruction or DEFAULT_INSTRUCTION).format(labels=", ".join(words))
+        before, _ = _template(processor.tokenizer, instruction)  # the prompt up to the (empty) user message
+        return ImagePromptData(prompts, images, len(_ids(processor.tokenizer, before)))
+
+    @staticmethod
+    def _seeing(model: nn.Module, batch: Batch) -> Any:
+        return model.seeing(batch["pixel_values"], at=int(batch["image_position"]))  # type: ignore[operator]
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        with model.seeing(batch["pixel_values"]):  # type: ignore[operator]
+        with self._seeing(model, batch):
             return super().loss(model, batch)
 
     def score(self, model: nn.Module, batch: Batch) -> tuple[int, float]:
-        with model.seeing(batch["pixel_values"]):  # type: ignore[operator]
+        with self._seeing(model, batch):
             return super().score(model, batch)
 
     def features(self, model: nn.Module, batch: Batch) -> np.ndarray:
@@ -237,6 +260,27 @@ class ImagePromptTask(PromptTask):
     def extra_metrics(self, model: nn.Module, batch: Batch) -> dict[str, float]:
         """None: generation with image tokens is not wired (accuracy is the verbalizer score)."""
         return {}
+
+    @torch.no_grad()
+    def setup(self, model: nn.Module, data: TaskData, clients: Sequence[np.ndarray]) -> int:
+        """μ, σ of the projector's input standardisation, federated once: each client sends (n_i, m_i, q_i),
+        the mean and mean square of its frozen-ViT token features; μ = Σ n_i m_i / Σ n_i,
+        σ² = Σ n_i q_i / Σ n_i − μ². Returns the bytes per client (2·d float32 + n)."""
+        assert isinstance(data, ImagePromptData)
+        total, first, second = 0, None, None
+        for idx in clients:
+            for start in range(0, len(idx), 64):
+                pixels = data.images.batch(idx[start : start + 64])["pixel_values"]
+                v = model.vision(pixel_values=pixels).last_hidden_state.flatten(0, 1).double()  # type: ignore[operator]
+                first = v.sum(0) if first is None else first + v.sum(0)
+                second = v.pow(2).sum(0) if second is None else second + v.pow(2).sum(0)
+                total += v.shape[0]
+        if first is None or second is None:
+            return 0
+        mean = first / total
+        std = (second / total - mean**2).clamp_min(0).sqrt()
+        model.projector.set_input_stats(mean.float(), std.float())  # type: ignore[union-attr,operator]
+        return 2 * 4 * int(mean.numel()) + 8
 
 
 register_task(ImageTask())

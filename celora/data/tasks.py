@@ -70,6 +70,11 @@ class Task(ABC):
         """Task-specific metrics summed over the batch (divided by n by the caller); none by default."""
         return {}
 
+    def setup(self, model: nn.Module, data: TaskData, clients: Sequence[np.ndarray]) -> int:
+        """One-time federated set-up of the shared model from the clients' training rows, before round 1;
+        returns the bytes each client uploads for it. Nothing by default."""
+        return 0
+
 
 TASKS: dict[str, Task] = {}
 

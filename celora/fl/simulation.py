@@ -109,6 +109,7 @@ class Prepared:
     init_state: Tensors
     all_names: list[str]
     task: Task
+    task_setup_bytes: int = 0  # per client, once (Task.setup)
 
 
 @dataclass
@@ -215,8 +216,10 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     except ValueError as err:
         raise CeloraError(f"model.rank: {err}") from None
     encoded = task.build(dataset, loaded.tokenizer, m.max_length)
+    setup_bytes = task.setup(loaded.model, encoded, [c.train_idx for c in split.clients])
     all_names = view_names(loaded.model, {"A", "B", "C", "head"}, loaded.head_modules)
-    return Prepared(dataset, split, encoded, loaded, spec, get_tensors(loaded.model, all_names), all_names, task)
+    init_state = get_tensors(loaded.model, all_names)
+    return Prepared(dataset, split, encoded, loaded, spec, init_state, all_names, task, setup_bytes)
 
 
 class Simulation:
@@ -393,7 +396,8 @@ class Simulation:
                     fh.write(json.dumps(row) + "\n")
             self.obs.on_round_end(rnd, row)
         summary = self._finish(states, rounds, totals, time.perf_counter() - t_run)
-        summary["bytes_setup_up"] = int(sum(setup_up.values()))  # one-time data summaries, not per round
+        # one-time data summaries and task set-up, not per round
+        summary["bytes_setup_up"] = int(sum(setup_up.values())) + p.task_setup_bytes * cfg.num_clients
         summary["bytes_up_total"] += summary["bytes_setup_up"]
         if zero_shot is not None:
             summary["zero_shot"] = {k: v for k, v in zero_shot.items() if k != "clients"}

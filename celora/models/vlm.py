@@ -2,14 +2,17 @@
 
 For an image x and text tokens t_1..t_L the LM reads the sequence
 
-    [P(v_0), …, P(v_T), e(t_1), …, e(t_L)],    v = ViT(x) (CLS + patch tokens),  P(v) = W₂·GELU(W₁v + b₁) + b₂
+    [e(t_1), …, e(t_a), P(v_0), …, P(v_T), e(t_a+1), …, e(t_L)],
+    v = ViT(x) (CLS + patch tokens),  P(v) = W₂·GELU(W₁·LN(v) + b₁) + b₂
 
-and every text position is scored as usual. The ViT is frozen; the projector P trains and is federated
+with the image tokens at text position a (the user turn of the chat prompt, as in LLaVA; never at
+position 0, which decoder LMs use as an attention sink), and every text position is scored as usual.
+The ViT is frozen; the projector P trains and is federated
 by FedAvg; the LM carries the method's tri-matrix adapters.
 
 Tasks written for a plain causal LM (``get_decoder()(input_ids, attention_mask)`` and
-``get_output_embeddings()``) run unchanged inside ``with model.seeing(pixel_values):`` — the decoder
-then prepends the image tokens and returns hidden states for the text positions only. A batch of
+``get_output_embeddings()``) run unchanged inside ``with model.seeing(pixel_values, at=a):`` — the
+decoder then inserts the image tokens and returns hidden states for the text positions only. A batch of
 m·B text rows with B images repeats each image m times (row r uses image r // m).
 """
 
@@ -25,15 +28,43 @@ from transformers.modeling_outputs import BaseModelOutput
 
 
 class Projector(nn.Module):
-    """P(v) = W₂·GELU(W₁v + b₁) + b₂: ViT hidden → LM hidden."""
+    """P(v) = W₂·GELU(W₁·LN((v − μ)/σ) + b₁) + b₂: ViT hidden → LM hidden.
 
-    def __init__(self, vision_hidden: int, lm_hidden: int) -> None:
+    μ, σ (per ViT feature) standardise the frozen ViT's tokens: digit images share most of their
+    feature vector (CLS cosine ≈ 0.9), and without removing that common part the LM did not even
+    memorise 16 examples in 24 steps (with it: 100 % after 18). The image-prompt task sets them once
+    from the clients' feature statistics (FedAvg of per-client means and second moments).
+
+    W₂ starts as N(0, σ²) with σ chosen so that P's outputs have about ``out_std`` per coordinate
+    (the LM's token-embedding std): image tokens then enter the LM at the scale of its own tokens
+    instead of swamping them (ViT features have norms ~10× a token embedding).
+    """
+
+    input_mean: torch.Tensor
+    input_std: torch.Tensor
+
+    def __init__(self, vision_hidden: int, lm_hidden: int, out_std: float = 0.02) -> None:
         super().__init__()
+        # per-feature standardisation (v − μ)/σ of the ViT tokens; μ, σ set once by set_input_stats
+        self.register_buffer("input_mean", torch.zeros(vision_hidden))
+        self.register_buffer("input_std", torch.ones(vision_hidden))
+        self.norm = nn.LayerNorm(vision_hidden)
         self.fc1 = nn.Linear(vision_hidden, lm_hidden)
         self.fc2 = nn.Linear(lm_hidden, lm_hidden)
+        with torch.no_grad():  # E[a²] of the hidden activation for unit-variance (layer-normed) inputs
+            a = nn.functional.gelu(self.fc1(torch.randn(256, vision_hidden)))
+            sigma = out_std / (float(a.pow(2).mean().sqrt()) * lm_hidden**0.5)
+            self.fc2.weight.normal_(0.0, sigma)
+            self.fc2.bias.zero_()
+
+    @torch.no_grad()
+    def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Fix μ, σ of the input standardisation (shared by every client: not trained, not sent each round)."""
+        self.input_mean.copy_(mean)
+        self.input_std.copy_(std.clamp_min(1e-5))
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        return self.fc2(nn.functional.gelu(self.fc1(v)))
+        return self.fc2(nn.functional.gelu(self.fc1(self.norm((v - self.input_mean) / self.input_std))))
 
 
 class _ImageConditionedDecoder(nn.Module):
@@ -47,18 +78,21 @@ class _ImageConditionedDecoder(nn.Module):
         vlm = self._owner[0]
         text = vlm.lm.get_input_embeddings()(input_ids)
         image = vlm.image_tokens(input_ids.shape[0]).to(text.dtype)
-        embeds = torch.cat([image, text], dim=1)
+        at, n = vlm.image_position, image.shape[1]
+        embeds = torch.cat([text[:, :at], image, text[:, at:]], dim=1)
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long)
-        mask = torch.cat([torch.ones(image.shape[:2], dtype=attention_mask.dtype), attention_mask], dim=1)
+        ones = torch.ones(image.shape[:2], dtype=attention_mask.dtype)
+        mask = torch.cat([attention_mask[:, :at], ones, attention_mask[:, at:]], dim=1)
         hidden = vlm.lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        return BaseModelOutput(last_hidden_state=hidden[:, image.shape[1] :])
+        return BaseModelOutput(last_hidden_state=torch.cat([hidden[:, :at], hidden[:, at + n :]], dim=1))
 
 
 class VisionLanguageModel(nn.Module):
     """Frozen ``vision`` (a Dinov2Model) → ``projector`` → ``lm`` (a causal LM)."""
 
     base_model_prefix = "lm"  # read by PEFT/transformers when exporting adapters
+    projector: Projector
     vision: Any  # a Dinov2Model
     lm: Any  # a causal LM (PreTrainedModel)
 
@@ -67,9 +101,11 @@ class VisionLanguageModel(nn.Module):
         self.vision = vision
         self.lm = lm
         self.config = lm.config
-        self.projector = Projector(int(vision.config.hidden_size), int(lm.config.hidden_size))
+        embed_std = float(lm.get_input_embeddings().weight.detach().float().std())
+        self.projector = Projector(int(vision.config.hidden_size), int(lm.config.hidden_size), embed_std)
         self._decoder = _ImageConditionedDecoder(self)
         self._pixels: torch.Tensor | None = None
+        self.image_position = 0  # text position the image tokens are inserted before (bound per batch)
         self._vision_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         for p in self.vision.parameters():
             p.requires_grad_(False)
@@ -100,14 +136,14 @@ class VisionLanguageModel(nn.Module):
         return tokens.repeat_interleave(rows // tokens.shape[0], dim=0)
 
     @contextmanager
-    def seeing(self, pixel_values: torch.Tensor) -> Iterator[VisionLanguageModel]:
+    def seeing(self, pixel_values: torch.Tensor, at: int = 0) -> Iterator[VisionLanguageModel]:
         """Bind the images of the current batch for every decoder call inside the block."""
-        previous = self._pixels
-        self._pixels = pixel_values
+        previous = self._pixels, self.image_position
+        self._pixels, self.image_position = pixel_values, at
         try:
             yield self
         finally:
-            self._pixels = previous
+            self._pixels, self.image_position = previous
             self._vision_cache = None
 
     def get_decoder(self) -> nn.Module:
