@@ -351,7 +351,9 @@ def _vlm(vision: nn.Module, lm: LoadedModel, seed: int) -> LoadedModel:
     torch.manual_seed(seed)
     model = VisionLanguageModel(vision, lm.model).eval()
     proc = VlmProcessor(lm.tokenizer, PixelProcessor())
-    return LoadedModel(model, proc, "vlm", ("projector",), VLM_TARGETS, lm.source, fedavg_modules=("projector",))
+    return LoadedModel(
+        model, proc, "vlm", ("projector",), VLM_TARGETS, lm.source, note=lm.note, fedavg_modules=("projector",)
+    )
 
 
 def _no_classifier(name: str) -> Callable[[int, int], LoadedModel]:
