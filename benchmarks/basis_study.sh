@@ -6,7 +6,8 @@
 #   celora+head  — celora with the classifier head shared too (personalized like C)
 #   C-at-I+head     — the control: same as celora+head but C frozen at I (only the head carries anything)
 # Resumable: re-run the same command to finish missing cells. Writes benchmarks/results/small-alpha<ALPHA>/.
-# Runs with one torch thread per process (set THREADS=2 on an otherwise idle 2-core machine).
+# Runs with one torch thread per process (THREADS=2 on an otherwise idle 2-core machine: ~3.5 min a cell).
+# METHODS=a,b,... restricts the columns (the two variants are always added).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 alpha="${1:-1.0}"
