@@ -31,6 +31,7 @@ from celora.data.tasks import (
     DEFAULT_INSTRUCTION,
     Batch,
     ClassifyTask,
+    LabelledRows,
     PromptTask,
     TaskData,
     _ids,
@@ -149,19 +150,12 @@ def load_image_file(
 
 # --------------------------------------------------------------------------- the image task
 @dataclass
-class ImageData:
+class ImageData(LabelledRows):
     """uint8 images (N, C, S, S) and labels; a batch is the processor's ``pixel_values`` and the labels."""
 
     pixels: torch.Tensor
     labels_t: torch.Tensor
     processor: Any
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.labels_t.numpy()
-
-    def __len__(self) -> int:
-        return int(self.labels_t.shape[0])
 
     def batch(self, idx: np.ndarray | torch.Tensor) -> Batch:
         index = torch.as_tensor(np.asarray(idx), dtype=torch.long)

@@ -142,8 +142,7 @@ CLOTHING_PIN = "1.7.0"
 CLOTHING_FILE = "datasets/data/WomensClothingE-CommerceReviews.parquet.brotli"
 CLOTHING_COLUMNS = ("Department Name", "Division Name", "Class Name", "Clothing ID")
 CLOTHING_INSTRUCTION = (
-    "Read the customer review of a clothing item and answer with the star rating the customer gave, "
-    "one of: {labels}."
+    "Read the customer review of a clothing item and answer with the star rating the customer gave, one of: {labels}."
 )
 
 

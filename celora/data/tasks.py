@@ -105,12 +105,9 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- classify
-@dataclass
-class Encoded:
-    """A tokenized classification dataset: (N, L) ids and mask, (N,) labels."""
+class LabelledRows:
+    """Mixin of the task datasets: ``labels`` (np view of ``labels_t``) and ``len`` = number of rows."""
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
     labels_t: torch.Tensor
 
     @property
@@ -119,6 +116,15 @@ class Encoded:
 
     def __len__(self) -> int:
         return int(self.labels_t.shape[0])
+
+
+@dataclass
+class Encoded(LabelledRows):
+    """A tokenized classification dataset: (N, L) ids and mask, (N,) labels."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels_t: torch.Tensor
 
     def batch(self, idx: np.ndarray | torch.Tensor) -> Batch:
         """Rows ``idx``, trimmed to the longest sequence in the batch (right padding)."""
@@ -169,7 +175,7 @@ DEFAULT_INSTRUCTION = "Classify the text. Answer with one of: {labels}."
 
 
 @dataclass
-class PromptData:
+class PromptData(LabelledRows):
     """Prompt + answer token rows, right-padded: ``target`` holds the answer tokens, IGNORE elsewhere.
 
     Row layout: prompt (``prompt_len`` tokens) | label word | end token | padding.
@@ -184,13 +190,6 @@ class PromptData:
     verbalizer_ids: list[list[int]]  # tokens of each label word (without the end token)
     end_id: int
     pad_id: int
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.labels_t.numpy()
-
-    def __len__(self) -> int:
-        return int(self.labels_t.shape[0])
 
     def batch(self, idx: np.ndarray | torch.Tensor) -> Batch:
         index = _index(idx)
