@@ -5,29 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from celora.data.images import digits, with_image_size
 from celora.data.tasks import get_task
 from celora.models.dinov2 import PixelProcessor, tiny_dinov2
 from celora.models.vlm import VisionLanguageModel, VlmProcessor
-from celora.models.zoo import char_tokenizer
+from celora.models.zoo import _tiny_llama_config, char_tokenizer
 
 
 def _tiny_vlm(seed: int = 0) -> tuple[VisionLanguageModel, VlmProcessor]:
     tok = char_tokenizer()
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.sep_token_id,
-    )
+    cfg = _tiny_llama_config(len(tok), tok.pad_token_id)
+    cfg.eos_token_id = tok.sep_token_id
     return VisionLanguageModel(tiny_dinov2(seed), LlamaForCausalLM(cfg).eval()), VlmProcessor(tok, PixelProcessor())
 
 
