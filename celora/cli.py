@@ -171,7 +171,15 @@ def compare(
     ] = None,
 ) -> None:
     """Run methods × seeds on identical partitions (resumable) and print the comparison table."""
-    from celora.compare import aggregate_rows, parse_list, parse_seeds, parse_variants, run_comparison
+    from celora.compare import (
+        TABLE_COLUMNS,
+        aggregate_rows,
+        parse_list,
+        parse_seeds,
+        parse_variants,
+        run_comparison,
+        table_cells,
+    )
     from celora.config import load_config
 
     base = load_config(config, set_ or [])
@@ -208,30 +216,10 @@ def compare(
         )
     agg = aggregate_rows(rows, method_list)
     t = Table(title=f"comparison: {len(seed_list)} seeds, identical partitions per seed")
-    for col in (
-        "method",
-        "acc mean",
-        "worst-10%",
-        "acc after agg.",
-        "global acc",
-        "up B/cl-rd",
-        "down B/cl-rd",
-        "total MB",
-        "wall s",
-    ):
+    for col in TABLE_COLUMNS:
         t.add_column(col, justify="right")
     for a in agg:
-        t.add_row(
-            a["method"],
-            f"{a['acc_mean']:.3f} ± {a['acc_mean_std']:.3f}",
-            f"{a['acc_worst10']:.3f} ± {a['acc_worst10_std']:.3f}",
-            f"{a['acc_mean_agg']:.3f}",
-            f"{a['acc_global']:.3f} ± {a['acc_global_std']:.3f}",
-            f"{a['bytes_up_per_client_round']:,.0f}",
-            f"{a['bytes_down_per_client_round']:,.0f}",
-            f"{a['bytes_total'] / 1e6:.3f}",
-            f"{a['wall_s']:.0f}",
-        )
+        t.add_row(*table_cells(a))
     console.print(t)
     console.print(f"wrote {out_dir}/compare.csv, compare.md, compare.png")
 

@@ -162,8 +162,18 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
+REFERENCE = "local"  # the floor every method is compared with, seed by seed
+
+
+def _paired_delta(rows: Sequence[dict[str, Any]], method: str, key: str) -> tuple[float, float]:
+    """Mean ± sample std over seeds of d_s = x_s(method) − x_s(local) (NaN when local or the method is missing)."""
+    ref = {r["seed"]: r[key] for r in rows if r["method"] == REFERENCE}
+    return _mean_std([r[key] - ref[r["seed"]] for r in rows if r["method"] == method and r["seed"] in ref])
+
+
 def aggregate_rows(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
-    """Per method: mean and sample std over seeds of every metric."""
+    """Per method: mean and sample std over seeds of every metric, and the paired difference to ``local``
+    (``delta_local`` after local training, ``delta_local_agg`` after aggregation) when it ran too."""
     out = []
     for m in methods:
         cell = [r for r in rows if r["method"] == m]
@@ -172,24 +182,59 @@ def aggregate_rows(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> li
         agg: dict[str, Any] = {"method": m, "seeds": len(cell)}
         for k in CELL_KEYS[2:]:
             agg[k], agg[k + "_std"] = _mean_std([r[k] for r in cell])
+        nan = (float("nan"), float("nan"))
+        agg["delta_local"], agg["delta_local_std"] = _paired_delta(rows, m, "acc_mean") if m != REFERENCE else nan
+        agg["delta_local_agg"], agg["delta_local_agg_std"] = (
+            _paired_delta(rows, m, "acc_mean_agg") if m != REFERENCE else nan
+        )
         out.append(agg)
     return out
 
 
-def markdown_table(agg: Sequence[dict[str, Any]]) -> str:
-    """The comparison as a Markdown table (accuracy mean ± std over seeds, bytes per client-round)."""
-    lines = [
-        "| method | seeds | acc mean | worst-10 % | acc after agg. | global acc | up B/client-round "
-        "| down B/client-round | total MB | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+TABLE_COLUMNS = (
+    "method",
+    "seeds",
+    "acc mean",
+    "worst-10 %",
+    "acc after agg.",
+    "Δ vs local (local step / after agg.)",
+    "global acc",
+    "up B/client-round",
+    "down B/client-round",
+    "total MB",
+    "wall s",
+)
+
+
+def _pm(mean: float, std: float, sign: str = "") -> str:
+    return "–" if math.isnan(mean) else f"{mean:{sign}.3f} ± {std:.3f}"
+
+
+def table_cells(a: dict[str, Any]) -> list[str]:
+    """One aggregated method as the text cells of ``TABLE_COLUMNS`` (shared by compare.md and the CLI)."""
+    delta = "–"
+    if not math.isnan(a["delta_local"]):
+        step = _pm(a["delta_local"], a["delta_local_std"], "+")
+        delta = f"{step} / {_pm(a['delta_local_agg'], a['delta_local_agg_std'], '+')}"
+    return [
+        a["method"],
+        str(a["seeds"]),
+        _pm(a["acc_mean"], a["acc_mean_std"]),
+        _pm(a["acc_worst10"], a["acc_worst10_std"]),
+        _pm(a["acc_mean_agg"], a["acc_mean_agg_std"]),
+        delta,
+        _pm(a["acc_global"], a["acc_global_std"]),
+        f"{a['bytes_up_per_client_round']:,.0f}",
+        f"{a['bytes_down_per_client_round']:,.0f}",
+        f"{a['bytes_total'] / 1e6:.3f}",
+        f"{a['wall_s']:.0f}",
     ]
-    for a in agg:
-        lines.append(
-            f"| {a['method']} | {a['seeds']} | {a['acc_mean']:.3f} ± {a['acc_mean_std']:.3f} "
-            f"| {a['acc_worst10']:.3f} ± {a['acc_worst10_std']:.3f} | {a['acc_mean_agg']:.3f} "
-            f"| {a['acc_global']:.3f} ± {a['acc_global_std']:.3f} | {a['bytes_up_per_client_round']:,.0f} "
-            f"| {a['bytes_down_per_client_round']:,.0f} | {a['bytes_total'] / 1e6:.3f} | {a['wall_s']:.0f} |"
-        )
+
+
+def markdown_table(agg: Sequence[dict[str, Any]]) -> str:
+    """The comparison as a Markdown table (accuracy mean ± std over seeds, paired Δ to local, bytes)."""
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(table_cells(a)) + " |" for a in agg]
     return "\n".join(lines) + "\n"
 
 

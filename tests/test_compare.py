@@ -75,6 +75,36 @@ def test_aggregate_mean_std():
     assert "0.600 ± 0.141" in markdown_table(agg)
 
 
+def _row(method, seed, acc, agg=None):
+    return {
+        "method": method,
+        "seed": seed,
+        "acc_mean": acc,
+        "acc_weighted": acc,
+        "acc_worst10": acc,
+        "acc_mean_agg": acc if agg is None else agg,
+        "acc_global": acc,
+        "bytes_up_per_client_round": 10,
+        "bytes_down_per_client_round": 10,
+        "bytes_total": 100,
+        "wall_s": 1,
+    }
+
+
+def test_paired_difference_to_local_is_per_seed():
+    rows = [_row("local", 0, 0.5), _row("local", 1, 0.9), _row("m", 0, 0.6, 0.7), _row("m", 1, 1.0, 0.9)]
+    rows.append(_row("m", 2, 0.1))  # a seed local has not run: not paired
+    local, m = aggregate_rows(rows, ["local", "m"])
+    assert m["delta_local"] == pytest.approx(0.1) and m["delta_local_std"] == pytest.approx(0.0, abs=1e-12)
+    assert m["delta_local_agg"] == pytest.approx(0.1) and m["delta_local_agg_std"] == pytest.approx(0.1414, abs=1e-3)
+    assert m["acc_mean_std"] > 0.4  # the seeds differ a lot, the paired difference does not
+    md = markdown_table([local, m])
+    assert "+0.100 ± 0.000 / +0.100 ± 0.141" in md and "| local | 2 |" in md
+    assert "Δ vs local" in md.splitlines()[0]
+    (alone,) = aggregate_rows([_row("m", 0, 0.5)], ["m"])
+    assert "| – |" in markdown_table([alone])
+
+
 def test_bad_inputs():
     with pytest.raises(CeloraError, match="--seeds"):
         parse_seeds("0,x")
@@ -111,3 +141,35 @@ def test_repeated_variant_label():
 
     with pytest.raises(CeloraError, match="given twice"):
         parse_variants(["a=local", "a=fedit"])
+
+
+@pytest.mark.parametrize(
+    ("model", "methods", "extra"),
+    [
+        ("tiny-dinov2", ["celora", "local"], ["data.max_samples=60", "data.image_size=28"]),
+        ("tiny-vlm", ["celora", "fedit"], ["data.max_samples=30", "data.image_size=28", "model.max_length=160"]),
+    ],
+)
+def test_compare_runs_the_image_tasks(tmp_path, model, methods, extra):
+    base = load_config(
+        None,
+        [
+            f"model.name={model}",
+            "model.rank=2",
+            "num_clients=2",
+            "rounds=1",
+            "data.name=digits",
+            "train.max_steps=1",
+            "train.batch_size=8",
+            "train.threads=1",
+            *extra,
+        ],
+    )
+    rows = run_comparison(base, methods, [0], tmp_path / "cmp")
+    assert [r["method"] for r in rows] == methods
+    assert all(0.0 <= r["acc_mean"] <= 1.0 and 0.0 <= r["acc_global"] <= 1.0 for r in rows)
+    shared = next(r for r in rows if r["method"] != "local")
+    assert shared["bytes_up_per_client_round"] > 0
+    if model == "tiny-vlm":  # the image-prompt task reports greedy exact match too
+        assert all(0.0 <= r["exact_match_mean"] <= 1.0 for r in rows)
+        assert "exact_match_mean" in (tmp_path / "cmp" / "compare.csv").read_text()

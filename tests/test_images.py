@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from celora.data.images import ImageTask, digits, load_image_file, mnist5k, resize_images, with_image_size
+from celora.data.images import ImageTask, digits, load_image_file, mnist5k, resize_images, textile, with_image_size
 from celora.data.tasks import get_task
 from celora.errors import CeloraError
 from celora.models.zoo import load_model
@@ -24,6 +24,24 @@ def test_digits_and_mnist5k():
     assert m.images.shape == (5000, 1, 28, 28) and sorted(set(m.labels.tolist())) == list(range(10))
     sub = with_image_size(m, 56).subset(np.array([0, 7]))
     assert sub.images.shape == (2, 1, 56, 56) and sub.labels.tolist() == m.labels[[0, 7]].tolist()
+
+
+def test_textile_decodes_at_the_run_resolution(monkeypatch):
+    import importlib.util
+
+    from celora.data.sources import load_dataset
+
+    t = textile(14)
+    assert t.images.shape == (2000, 3, 14, 14) and t.label_names == ["nominal", "local", "global"]
+    assert np.bincount(t.labels).tolist() == [1000, 500, 500] and t.verbalizers == ["none", "local", "global"]
+    assert t.images.std() > 5  # real pictures, not a constant fill
+    sub = load_dataset("textile", max_samples=30, image_size=28)
+    assert sub.images.shape == (30, 3, 28, 28) and np.bincount(sub.labels).tolist() == [15, 8, 7]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "conformal_clip_data" else real(n, *a))
+    hint = r"dataset 'textile' needs the package conformal-clip-data: pip install --no-deps conformal-clip-data==0.1.4"
+    with pytest.raises(CeloraError, match=hint):
+        textile(14)
 
 
 def test_resize_keeps_range_and_identity():

@@ -107,6 +107,14 @@ def test_batched_greedy_generation_equals_one_by_one_decoding() -> None:
         assert got[r] == _greedy(model, prompt, 4, data.end_id)
 
 
+def test_greedy_by_full_forwards_equals_cached_generation() -> None:
+    model, data = _prompt_data(["yes", "no"])
+    batch = data.batch(np.arange(len(data)))
+    with torch.no_grad():
+        assert PROMPT.greedy_answers_by_forward(model, batch, 4) == PROMPT.greedy_answers(model, batch, 4)
+        assert PROMPT.greedy_answers_by_forward(model, batch, 0) == [[] for _ in range(len(data))]
+
+
 def test_exact_match_counts_generations_equal_to_the_gold_word(monkeypatch: pytest.MonkeyPatch) -> None:
     model, data = _prompt_data(["yes", "no"])
     yes, no = data.verbalizer_ids

@@ -116,3 +116,21 @@ def test_vlm_fedit_shares_projector_once_and_local_shares_nothing():
     assert len(names) == len(set(names)) and set(sim.fedavg_names) <= set(names)
     local = Simulation(_vlm_config("local"), export_adapters=False)
     assert local.up_layout.names == [] and local.fedavg_names == []
+
+
+def test_vlm_exact_match_decodes_with_the_image_bound():
+    vlm, proc = _tiny_vlm()
+    task = get_task("image-prompt")
+    data = task.build(with_image_size(digits().subset(np.arange(6)), 28), proc, 160)
+    batch = data.batch(np.arange(6))
+    with torch.no_grad():
+        answers = task._greedy(vlm, batch, 3)
+        with vlm.seeing(batch["pixel_values"], at=int(batch["image_position"])):
+            hidden = task._hidden(vlm, batch["input_ids"], batch["attention_mask"])
+        first = vlm.get_output_embeddings()(hidden[torch.arange(6), batch["prompt_len"] - 1]).argmax(-1)
+        with pytest.raises(RuntimeError, match="no image bound"):  # decoding needs the images
+            task.greedy_answers_by_forward(vlm, batch, 1)
+    assert all(len(a) <= 3 for a in answers)
+    assert [a[0] if a else int(batch["end_id"]) for a in answers] == first.tolist()  # step 1 = argmax after prompt
+    hits = task.extra_metrics(vlm, batch)["exact_match"]
+    assert 0.0 <= hits <= 6.0

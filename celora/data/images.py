@@ -101,6 +101,40 @@ def mnist5k() -> Dataset:
     return _digit_dataset("mnist5k", images, table[:, -1].astype(np.int64))
 
 
+TEXTILE_PIN = "0.1.4"
+TEXTILE_CLASSES = ("nominal", "local", "global")  # folder names: no defect, a local defect, a global defect
+TEXTILE_INSTRUCTION = (
+    "Inspect this textile image. Answer none if it has no defect, local if one small area is defective, "
+    "global if the whole fabric is. Answer with one of: {labels}."
+)
+
+
+@register_dataset("textile", sized=True)
+def textile(image_size: int = 56) -> Dataset:
+    """Simulated textile images from ``conformal-clip-data`` (2,000 RGB 250×250 JPEGs, decoded at
+    ``image_size``²): 1,000 nominal, 500 with a local defect, 500 with a global defect."""
+    package = _package_dir("conformal_clip_data", "textile", TEXTILE_PIN, "conformal-clip-data")
+    root = package / "data" / "textile_images" / "simulated"
+    files = [(k, f) for k, c in enumerate(TEXTILE_CLASSES) for f in sorted((root / c).glob("*.jpg"))]
+    if not files or any(not (root / c).is_dir() for c in TEXTILE_CLASSES):
+        raise CeloraError(f"dataset 'textile': no images under {root}; reinstall conformal-clip-data=={TEXTILE_PIN}")
+    images = np.empty((len(files), 3, image_size, image_size), dtype=np.uint8)
+    for i, (_, f) in enumerate(files):
+        try:
+            images[i] = read_image(f, image_size)
+        except Exception as err:  # a damaged install: name the file
+            raise CeloraError(f"dataset 'textile': cannot read {f}: {_one_line(err)}") from None
+    return Dataset(
+        name="textile",
+        texts=[f"textile/{f.parent.name}/{f.name}" for _, f in files],
+        labels=np.array([k for k, _ in files], dtype=np.int64),
+        label_names=list(TEXTILE_CLASSES),
+        images=images,
+        instruction=TEXTILE_INSTRUCTION,
+        verbalizers=["none", "local", "global"],
+    )
+
+
 # --------------------------------------------------------------------------- your own images
 def _pillow() -> Any:
     try:
@@ -166,7 +200,8 @@ def encode_images(dataset: Dataset, processor: Any, task: str) -> ImageData:
     """The dataset's images as an :class:`ImageData` (CeloraError naming data.task when it has none)."""
     if dataset.images is None:
         raise CeloraError(
-            f"data.task '{task}' needs images: data.name 'digits' or 'mnist5k', or data.path with data.image_column"
+            f"data.task '{task}' needs images: data.name 'digits', 'mnist5k' or 'textile', "
+            "or data.path with data.image_column"
         )
     return ImageData(torch.from_numpy(dataset.images), torch.as_tensor(dataset.labels, dtype=torch.long), processor)
 
@@ -251,9 +286,10 @@ class ImagePromptTask(PromptTask):
         """The ViT's CLS token (the image, not the fixed question, is what differs between examples)."""
         return model.features(batch["pixel_values"]).detach().float().numpy()  # type: ignore[operator]
 
-    def extra_metrics(self, model: nn.Module, batch: Batch) -> dict[str, float]:
-        """None: generation with image tokens is not wired (accuracy is the verbalizer score)."""
-        return {}
+    def _greedy(self, model: nn.Module, batch: Batch, max_new_tokens: int) -> list[list[int]]:
+        """Greedy answers with the batch's images bound (decoding by full forwards: answers are 1–2 tokens)."""
+        with self._seeing(model, batch):
+            return self.greedy_answers_by_forward(model, batch, max_new_tokens)
 
     @torch.no_grad()
     def setup(self, model: nn.Module, data: TaskData, clients: Sequence[np.ndarray]) -> int:

