@@ -230,6 +230,9 @@ def comm(
     rank: Annotated[int, typer.Option("--rank", help="adapter rank r")] = 8,
     targets: Annotated[str | None, typer.Option("--targets", help="comma-separated module names")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="wire precision fp32 | fp16 | int8")] = "fp32",
+    num_labels: Annotated[
+        int | None, typer.Option("--num-labels", help="K: add a K-class head where a method shares it")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """Bytes per client-round of every method, from the model's shapes (meta device, no weights)."""
@@ -241,26 +244,25 @@ def comm(
     if dtype not in ("fp32", "fp16", "int8"):
         raise CeloraError(f"--dtype must be fp32, fp16 or int8, got {dtype!r}")
     tg = parse_list(targets, "--targets") if targets else None
-    rows = comm_table(model, rank, tg, dtype)  # type: ignore[arg-type]
+    rows = comm_table(model, rank, tg, dtype, num_labels)  # type: ignore[arg-type]
     ctx = comm_context(model, rank, tg)
     if as_json:
         console.print_json(json.dumps({"context": ctx, "methods": rows}))
         return
     t = Table(title=f"{model}: d={ctx['hidden']}, L={ctx['layers']}, r={rank}, {dtype}; per client-round, each way")
-    for col in ("method", "travels", "numbers", "tensor bytes", "framing", "total", "fedit / this"):
+    cols = ["method", "travels", "numbers", "tensor bytes", "framing", "total", "fedit / this"]
+    for col in cols + ([f"total with a {num_labels}-class head"] if num_labels else []):
         t.add_column(col, justify="right")
     for r in rows:
         ratio = f"{r['vs_fedit']:.0f}x" if r["vs_fedit"] else "-"
-        t.add_row(
-            r["method"],
-            r["travels"],
-            f"{r['params']:,}",
-            f"{r['tensor_bytes']:,}",
-            f"{r['framing_bytes']:,}",
-            f"{r['bytes_up']:,}",
-            ratio,
-        )
+        cells = [r["method"], r["travels"], f"{r['params']:,}", f"{r['tensor_bytes']:,}", f"{r['framing_bytes']:,}"]
+        cells += [f"{r['bytes_up']:,}", ratio]
+        if num_labels:
+            cells.append(f"{r['bytes_with_head']:,}" + (" (head shared)" if r["head_shared"] else ""))
+        t.add_row(*cells)
     console.print(t)
+    if not num_labels:
+        console.print("adapters only; --num-labels K adds the classifier head where a method shares it by default")
 
 
 @app.command()

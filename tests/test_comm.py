@@ -49,3 +49,24 @@ def test_cli_json(monkeypatch, capsys):
     data = json.loads(capsys.readouterr().out)
     rows = {x["method"]: x for x in data["methods"]}
     assert rows["fedit"]["bytes_up"] / rows["celora"]["bytes_up"] > 1000
+
+
+def test_num_labels_adds_the_head_where_it_is_shared():
+    rows = {x["method"]: x for x in comm_table("llama-7b", 8, ["q_proj", "v_proj"], num_labels=5)}
+    head = 4 * (4096 * 5 + 5)
+    for m in ("celora", "celora-global", "fedit", "ffa"):  # these share the head by default
+        extra = rows[m]["bytes_with_head"] - rows[m]["bytes_up"]
+        assert rows[m]["head_shared"] and head <= extra < head + 200, m
+    assert rows["celora"]["tensor_bytes"] == 4 * 2 * 32 * 64  # the adapter column is still 2·L·r²
+    for m in ("fedsa", "fedsb"):
+        assert not rows[m]["head_shared"] and rows[m]["bytes_with_head"] == rows[m]["bytes_up"]
+    assert rows["local"]["bytes_with_head"] == 0 and not rows["local"]["head_shared"]
+    with pytest.raises(CeloraError, match="--num-labels"):
+        comm_table("llama-7b", 8, num_labels=1)
+
+
+def test_cli_with_head(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["celora", "comm", "--model", "llama-7b", "--num-labels", "5", "--json"])
+    cli.main()
+    rows = {x["method"]: x for x in json.loads(capsys.readouterr().out)["methods"]}
+    assert rows["celora"]["bytes_with_head"] > rows["celora"]["bytes_up"] and rows["celora"]["head_shared"]

@@ -141,7 +141,7 @@ def test_image_run_exports_peft_adapter(tmp_path):
     sim = Simulation(_image_config(), tmp_path / "run")
     assert sim.p.task.name == "image" and sim.fedavg_names == []
     res = sim.run()
-    assert res.summary["payload"]["shared_factors"] == ["C"] and res.summary["bytes_setup_up"] > 0
+    assert res.summary["payload"]["shared_factors"] == ["C", "head"] and res.summary["bytes_setup_up"] > 0
     x = sim.p.encoded.batch(np.arange(4))["pixel_values"]
     set_tensors(sim.p.loaded.model, res.states[1])
     with torch.no_grad():

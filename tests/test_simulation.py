@@ -33,7 +33,7 @@ def prepared():
 
 def test_run_folder_and_metrics(tmp_path):
     out = tmp_path / "run"
-    res = run_experiment(_cfg("method=celora-global"), out)
+    res = run_experiment(_cfg("method=celora-global", "aggregation.head=local"), out)
     for f in ("config.toml", "partition.json", "metrics.jsonl", "summary.json"):
         assert (out / f).is_file(), f
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -67,7 +67,7 @@ def test_run_folder_and_metrics(tmp_path):
 
 
 def test_private_state_kept_and_only_c_shared(prepared):
-    sim = Simulation(_cfg("method=celora-global"), prepared=prepared)
+    sim = Simulation(_cfg("method=celora-global", "aggregation.head=local"), prepared=prepared)
     res = sim.run()
     a_names = [n for n in prepared.all_names if n.endswith("lora_A")]
     c_names = [n for n in prepared.all_names if n.endswith("lora_C")]
@@ -77,8 +77,21 @@ def test_private_state_kept_and_only_c_shared(prepared):
     assert sim.up_layout.names == c_names
 
 
+def test_celora_default_personalizes_c_and_head(prepared):
+    """The shipped default (issue 5): C and the classifier head travel; each client gets its own mix."""
+    sim = Simulation(_cfg("method=celora", "rounds=1"), prepared=prepared)
+    res = sim.run()
+    heads = [n for n in prepared.all_names if n.startswith("classifier.")]
+    c_names = [n for n in prepared.all_names if n.endswith("lora_C")]
+    assert heads and sim.up_layout.names == c_names + heads
+    assert res.summary["payload"]["shared_factors"] == ["C", "head"]
+    numbers = sum(prepared.init_state[n].numel() for n in c_names + heads)
+    assert 4 * numbers < res.summary["bytes_per_client_round"]["up"] < 4 * numbers + 300
+    assert not torch.allclose(res.states[0][heads[0]], res.states[1][heads[0]])  # personalized, not one mean
+
+
 def test_fedit_sends_a_b_and_costs_far_more(prepared):
-    g = Simulation(_cfg("method=celora-global", "rounds=1"), prepared=prepared).run().summary
+    g = Simulation(_cfg("method=celora-global", "rounds=1", "aggregation.head=local"), prepared=prepared).run().summary
     f = Simulation(_cfg("method=fedit", "rounds=1"), prepared=prepared).run().summary
     assert f["payload"]["shared_factors"] == ["A", "B", "head"]
     assert f["bytes_per_client_round"]["up"] > 5 * g["bytes_per_client_round"]["up"]
@@ -165,7 +178,8 @@ def test_other_baselines_run_and_share_what_they_should(method):
 
 
 def test_warmup_rounds_run_fedit_then_c_only(prepared):
-    res = Simulation(_cfg("method=celora", "rounds=3", "aggregation.warmup_rounds=1"), prepared=prepared).run()
+    cfg = _cfg("method=celora", "rounds=3", "aggregation.warmup_rounds=1", "aggregation.head=local")
+    res = Simulation(cfg, prepared=prepared).run()
     per_round_up = [r["bytes_up"] for r in res.rounds]
     assert per_round_up[0] > 5 * per_round_up[1] and per_round_up[1] == per_round_up[2]
     a = [n for n in prepared.all_names if n.endswith("lora_A")][0]

@@ -23,7 +23,9 @@ def test_registry_has_baselines_and_rejects_unknown():
 
 def test_factor_sets_and_head_policy():
     g = get_strategy("celora-global")
-    assert g.shared_factors == {"C"} and g.trained_factors == {"A", "B", "C", "head"}
+    assert g.shared_factors == {"C", "head"} and g.trained_factors == {"A", "B", "C", "head"}
+    assert get_strategy("celora").shared_factors == {"C", "head"}  # the measured default (issue 5)
+    assert get_strategy("celora", AggregationConfig(head="local")).shared_factors == {"C"}
     f = get_strategy("fedit")
     assert f.shared_factors == {"A", "B", "head"} and "C" not in f.trained_factors
     f_local_head = get_strategy("fedit", AggregationConfig(head="local"))

@@ -60,12 +60,32 @@ def model_config(name: str) -> PretrainedConfig:
     raise CeloraError(f"--model: unknown model '{name}' (known: {known}, or a folder with config.json)")
 
 
+def _blob_bytes(shapes: list[tuple[str, tuple[int, ...]]], dtype: WireDtype) -> tuple[int, int]:
+    """(total, tensor) bytes of one serialized message with these tensors (0, 0 when empty)."""
+    if not shapes:
+        return 0, 0
+    layout = Layout(tuple(shapes))
+    blob = encode({n: torch.zeros(s) for n, s in layout.entries}, layout, dtype)
+    return len(blob), layout.tensor_bytes(dtype)
+
+
 def comm_table(
-    name: str, rank: int, targets: list[str] | None = None, dtype: WireDtype = "fp32"
+    name: str,
+    rank: int,
+    targets: list[str] | None = None,
+    dtype: WireDtype = "fp32",
+    num_labels: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per registered method: what travels, its numbers, tensor bytes, framing, totals."""
+    """One row per registered method: what travels, its numbers, tensor bytes, framing, totals.
+
+    The adapter columns count adapters only (C-only methods: 2·L·r² numbers). With ``num_labels`` K a
+    classifier head W_h: K×d, b_h: K (d·K + K numbers) is added, as ``bytes_with_head``, to every method
+    whose default head policy is ``shared`` (and that sends anything at all).
+    """
     if rank < 1:
         raise CeloraError("--rank must be >= 1")
+    if num_labels is not None and num_labels < 2:
+        raise CeloraError(f"--num-labels must be >= 2, got {num_labels}")
     cfg = model_config(name)
     with torch.device("meta"):
         backbone = AutoModel.from_config(cfg)
@@ -78,26 +98,26 @@ def comm_table(
     for method in ["fedit", *sorted(m for m in STRATEGIES if m != "fedit")]:
         strat = get_strategy(method)
         travel = [n for n in view_names(backbone, strat.shares, ()) if n in shapes]
-        layout = Layout(tuple((n, shapes[n]) for n in travel))
-        if travel:
-            blob = encode({n: torch.zeros(s) for n, s in layout.entries}, layout, dtype)
-            total, tensor = len(blob), layout.tensor_bytes(dtype)
-        else:
-            total = tensor = 0
+        entries = [(n, shapes[n]) for n in travel]
+        total, tensor = _blob_bytes(entries, dtype)
         if method == "fedit":
             fedit_total = total
-        rows.append(
-            {
-                "method": method,
-                "travels": ",".join(sorted(strat.shares)) or "-",
-                "params": layout.numel(),
-                "tensor_bytes": tensor,
-                "framing_bytes": total - tensor,
-                "bytes_up": total,
-                "bytes_down": total,
-                "vs_fedit": (fedit_total / total) if total and fedit_total else None,
-            }
-        )
+        row: dict[str, Any] = {
+            "method": method,
+            "travels": ",".join(sorted(strat.shares)) or "-",
+            "params": Layout(tuple(entries)).numel(),
+            "tensor_bytes": tensor,
+            "framing_bytes": total - tensor,
+            "bytes_up": total,
+            "bytes_down": total,
+            "vs_fedit": (fedit_total / total) if total and fedit_total else None,
+        }
+        if num_labels is not None:
+            head = [("head.weight", (num_labels, int(cfg.hidden_size))), ("head.bias", (num_labels,))]
+            shares_head = strat.default_head == "shared" and bool(entries)
+            row["head_shared"] = shares_head
+            row["bytes_with_head"] = _blob_bytes(entries + head, dtype)[0] if shares_head else total
+        rows.append(row)
     return rows
 
 

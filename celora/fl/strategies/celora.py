@@ -28,7 +28,7 @@ class Celora(Strategy):
     name = "celora"
     trains = frozenset({"A", "B", "C"})
     shares = frozenset({"C"})
-    default_head = "local"
+    default_head = "shared"  # measured (issue 5): the personalized head carries the gain; C alone does not
     uses_data_summaries = True
     description = "A, B, C train; only C travels; personalized C̄_i from learned data+parameter similarity"
 

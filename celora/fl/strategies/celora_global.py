@@ -14,5 +14,5 @@ class CeloraGlobal(FedAvgStrategy):
     name = "celora-global"
     trains = frozenset({"A", "B", "C"})
     shares = frozenset({"C"})
-    default_head = "local"
+    default_head = "shared"  # measured (issue 5): the personalized head carries the gain; C alone does not
     description = "A, B, C train; only C travels; sample-weighted mean of C (ablation)"
