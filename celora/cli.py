@@ -135,6 +135,7 @@ def run(
     console.print(
         f"[bold]final[/bold]: acc mean {s['acc_mean']:.3f} · weighted {s['acc_weighted']:.3f} · "
         f"worst-10% {s['acc_worst10']:.3f} · global {s['acc_global']:.3f} · "
+        f"majority-label baseline {s['acc_majority']:.3f} · "
         f"{bpcr['up']:.0f} B up / {bpcr['down']:.0f} B down per client-round · {s['wall_s']:.0f}s" + _task_extras(s)
     )
     if s.get("model_note"):

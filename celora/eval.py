@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -31,3 +32,16 @@ def personalized_metrics(acc: np.ndarray, n_train: np.ndarray) -> dict[str, floa
         "acc_weighted": float((acc[ok] * w).sum() / w.sum()) if w.sum() > 0 else float(acc[ok].mean()),
         "acc_worst10": worst_fraction_mean(acc),
     }
+
+
+def majority_baseline(labels: np.ndarray, train: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> float:
+    """(1/N) Σ_i mean_{x∈test_i} [y_x = argmax_c |{train_i: y = c}|]: every client answering its own most
+    frequent training label. A model below this learned less than the local label prior (clients with an
+    empty train or test split are left out; NaN when none is left)."""
+    accs = []
+    for tr, te in zip(train, test, strict=True):
+        if len(tr) == 0 or len(te) == 0:
+            continue
+        guess = np.bincount(labels[tr]).argmax()
+        accs.append(float((labels[te] == guess).mean()))
+    return float(np.mean(accs)) if accs else float("nan")

@@ -49,6 +49,7 @@ def test_run_folder_and_metrics(tmp_path):
         "acc_weighted",
         "acc_worst10",
         "acc_global",
+        "acc_majority",
         "bytes_up_total",
         "bytes_down_total",
         "bytes_per_client_round",
@@ -221,3 +222,13 @@ def test_diagnostics_every_round(prepared):
         assert d["aggregation_delta"] == pytest.approx(row["acc_mean_agg"] - row["acc_mean"])
         assert -1.0 <= d["update_cosine_mean"] <= 1.0
         assert 1.0 <= d["effective_collaborators_mean"] <= 4.0
+
+
+def test_majority_baseline():
+    from celora.eval import majority_baseline
+
+    y = np.array([0, 0, 1, 1, 1, 2, 0, 1])
+    # client 0 trains on 0,0,1 → answers 0; its test rows 1, 0 → 0.5. client 1 trains on 1,1 → 1; test 2, 1 → 0.5
+    assert majority_baseline(y, [np.array([0, 1, 2]), np.array([3, 4])], [np.array([7, 6]), np.array([5, 3])]) == 0.5
+    assert majority_baseline(y, [np.array([0]), np.array([], dtype=int)], [np.array([1]), np.array([2])]) == 1.0
+    assert np.isnan(majority_baseline(y, [np.array([], dtype=int)], [np.array([1])]))

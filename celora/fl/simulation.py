@@ -26,7 +26,7 @@ from celora.data.partition import FederatedSplit, make_federated_split, partitio
 from celora.data.sources import Dataset, load_dataset
 from celora.data.tasks import Task, TaskData, get_task
 from celora.errors import CeloraError
-from celora.eval import personalized_metrics
+from celora.eval import majority_baseline, personalized_metrics
 from celora.fl.client import TrainResult, evaluate, evaluate_metrics, pooled_features, train_local
 from celora.fl.payload import (
     Layout,
@@ -633,6 +633,11 @@ class Simulation:
             "acc_worst10": final["acc_worst10"],
             "acc_mean_agg": final["acc_mean_agg"],
             "acc_global": acc_global,
+            "acc_majority": majority_baseline(
+                self.p.dataset.labels,
+                [c.train_idx for c in self.p.split.clients],
+                [c.test_idx for c in self.p.split.clients],
+            ),
             "bytes_up_total": totals["up"],
             "bytes_down_total": totals["down"],
             "bytes_per_client_round": {
