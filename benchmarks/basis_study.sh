@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
-# Issue 5 study: does a shared C carry knowledge? Small-client regime (configs/bench_small.toml:
-# 10 clients × 30 training documents, MiniLM, BBC News), Dirichlet α = ALPHA (default 1.0), 3 seeds,
-# identical partitions per seed. Columns: the floor and ceiling (local, centralized), FedIT, Fed-SB,
-# celora as shipped, celora-global, and variants:
-#   celora+head  — celora with the classifier head shared too (personalized like C)
-#   C-at-I+head     — the control: same as celora+head but C frozen at I (only the head carries anything)
-# Resumable: re-run the same command to finish missing cells. Writes benchmarks/results/small-alpha<ALPHA>/.
-# Runs with one torch thread per process (THREADS=2 on an otherwise idle 2-core machine: ~3.5 min a cell).
-# METHODS=a,b,... restricts the columns (the two variants are always added).
+# Issue 5 study: does a shared C carry knowledge, and which configuration should `celora` ship?
+# Small-client regime (configs/bench_small.toml), Dirichlet α = ALPHA (default 1.0), 3 seeds, identical partitions.
+# Besides the issue-4 columns (benchmarks/small_clients.sh), variants of celora with the head shared (the default):
+#   C-at-I+head       the control: C frozen at I (model.train_c = false), so only the head carries anything
+#   r16+head          C of rank 16 (r² = 256 numbers per layer)
+#   C-at-I-r16+head   the control at rank 16
+#   svd+head          LoRA-XS basis: A, B from the SVD of W0 (identical on every client), trained locally, C from 0
+#   warmup1+head      one round of FedIT (A, B, head averaged) to align the basis, then celora
+#   int8+head         celora with int8 on the wire (per-tensor scale)
+# Rank sweep, seed 0 only: SEEDS=0 METHODS=r32+head,r64+head bash benchmarks/basis_study.sh 1.0
+# Resumable. Writes benchmarks/results/small-alpha<ALPHA>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 alpha="${1:-1.0}"
 shift || true
 .venv/bin/celora compare configs/bench_small.toml \
-  --methods "${METHODS:-local,celora+head,C-at-I+head,fedit,centralized,celora,fedsb,celora-global}" \
-  --variant "celora+head=celora;aggregation.head=shared" \
+  --methods "${METHODS:-local,centralized,fedit,fedsb,celora,celora-C-only,C-at-I+head,r16+head,C-at-I-r16+head,svd+head,warmup1+head,int8+head}" \
+  --variant "celora-C-only=celora;aggregation.head=local" \
   --variant "C-at-I+head=celora;aggregation.head=shared;model.train_c=false" \
-  --seeds 0,1,2 --set data.alpha="$alpha" --set train.threads="${THREADS:-1}" \
+  --variant "r16+head=celora;model.rank=16;aggregation.head=shared" \
+  --variant "C-at-I-r16+head=celora;model.rank=16;aggregation.head=shared;model.train_c=false" \
+  --variant "r32+head=celora;model.rank=32;aggregation.head=shared" \
+  --variant "r64+head=celora;model.rank=64;aggregation.head=shared" \
+  --variant "svd+head=celora;model.basis=svd;aggregation.head=shared" \
+  --variant "warmup1+head=celora;aggregation.warmup_rounds=1;aggregation.head=shared" \
+  --variant "int8+head=celora;payload.dtype=int8;aggregation.head=shared" \
+  --seeds "${SEEDS:-0,1,2}" --set data.alpha="$alpha" --set train.threads="${THREADS:-1}" \
   --out "benchmarks/results/small-alpha${alpha}" "$@"

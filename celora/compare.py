@@ -207,7 +207,10 @@ TABLE_COLUMNS = (
 
 
 def _pm(mean: float, std: float, sign: str = "") -> str:
-    return "–" if math.isnan(mean) else f"{mean:{sign}.3f} ± {std:.3f}"
+    """'m ± s' to 3 decimals ('–' for NaN); a mean that rounds to zero prints without a minus sign."""
+    if math.isnan(mean):
+        return "–"
+    return f"{0.0 if abs(mean) < 5e-4 else mean:{sign}.3f} ± {std:.3f}"
 
 
 def table_cells(a: dict[str, Any]) -> list[str]:
