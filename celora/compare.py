@@ -241,22 +241,15 @@ def markdown_table(agg: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_comparison(agg: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """compare.png: personalized accuracy (± std) vs total MB on the wire (log x), one marker per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+def _plot_on(ax: Any, agg: Sequence[dict[str, Any]], title: str) -> None:
+    """Personalized accuracy (± std) vs total MB on the wire (log x) on ``ax``, one marker per method."""
     positive = [a["bytes_total"] / 1e6 for a in agg if a["bytes_total"] > 0]
     floor = min(positive) / 10 if positive else 1e-3
     markers = "os^Dv<>pPX*h"
     for k, a in enumerate(agg):
         mb = a["bytes_total"] / 1e6
-        x = mb if mb > 0 else floor
         ax.errorbar(
-            x,
+            mb if mb > 0 else floor,
             a["acc_mean"],
             yerr=a["acc_mean_std"],
             fmt=markers[k % len(markers)],
@@ -265,14 +258,37 @@ def plot_comparison(agg: Sequence[dict[str, Any]], path: str | Path, title: str 
         )
     ax.set_xscale("log")
     ax.set_xlabel("total MB on the wire (up + down, all clients, all rounds)")
-    ax.set_ylabel("personalized accuracy (mean over clients)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="best")
+    if agg:
+        ax.legend(fontsize=7, loc="best")
     ax.set_title(title)
+
+
+def plot_comparison(agg: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """compare.png: personalized accuracy (± std) vs total MB on the wire (log x), one marker per method."""
+    return plot_panels({title: agg}, path)
+
+
+def plot_panels(panels: Mapping[str, Sequence[dict[str, Any]]], path: str | Path) -> Path:
+    """One accuracy-vs-bytes panel per comparison (e.g. one per Dirichlet α), side by side, shared y axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), sharey=True, squeeze=False)
+    for ax, (title, agg) in zip(axes[0], panels.items(), strict=True):
+        _plot_on(ax, agg, title)
+    axes[0][0].set_ylabel("personalized accuracy (mean over clients)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def read_cells(out: str | Path) -> list[dict[str, Any]]:
+    """Every finished cell (``<label>/seed_<s>/cell.json``) of a comparison folder."""
+    return [json.loads(f.read_text(encoding="utf-8")) for f in sorted(Path(out).glob("*/seed_*/cell.json"))]
 
 
 def write_outputs(rows: Sequence[dict[str, Any]], out: Path, methods: Sequence[str]) -> list[dict[str, Any]]:
