@@ -145,8 +145,29 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+ADAPTER_KEYS = ("rank", "alpha", "targets", "dropout", "init", "basis", "train_ab", "train_c")
+
+
+def _merge_adapter_section(data: dict[str, Any]) -> dict[str, Any]:
+    """``[adapter]`` is another name for the adapter keys of ``[model]`` (rank, basis, train_ab, …)."""
+    if "adapter" not in data:
+        return data
+    section = data["adapter"]
+    if not isinstance(section, dict):
+        raise CeloraError("invalid config: adapter: expected a section ([adapter] with rank, basis, …)")
+    model = dict(data.get("model") or {})
+    for key, value in section.items():
+        if key not in ADAPTER_KEYS:
+            raise CeloraError(f"invalid config: adapter.{key}: unknown key (adapter keys: {', '.join(ADAPTER_KEYS)})")
+        if key in model:
+            raise CeloraError(f"invalid config: adapter.{key} and model.{key} are the same setting; give one")
+        model[key] = value
+    return {**{k: v for k, v in data.items() if k != "adapter"}, "model": model}
+
+
 def build_config(data: dict[str, Any]) -> ExperimentConfig:
     """Validate a raw dict into an ExperimentConfig (CeloraError naming the field on failure)."""
+    data = _merge_adapter_section(data)
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:

@@ -63,3 +63,18 @@ def test_dump_round_trip(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text(dump_config(cfg))
     assert load_config(p) == cfg
+
+
+def test_adapter_section_is_another_name_for_the_adapter_keys(tmp_path):
+    cfg = load_config(None, ["adapter.basis=svd", "adapter.rank=16", "adapter.train_ab=false"])
+    assert (cfg.model.basis, cfg.model.rank, cfg.model.train_ab) == ("svd", 16, False)
+    (tmp_path / "c.toml").write_text('[adapter]\nbasis = "svd"\n[model]\nname = "tiny-bert"\n')
+    assert load_config(tmp_path / "c.toml").model.basis == "svd"
+    with pytest.raises(CeloraError, match=r"adapter.rank and model.rank are the same setting"):
+        load_config(None, ["adapter.rank=16", "model.rank=8"])
+    with pytest.raises(CeloraError, match=r"adapter.name: unknown key \(adapter keys: rank"):
+        load_config(None, ["adapter.name=minilm"])
+    with pytest.raises(CeloraError, match=r"adapter.basis: .*'random' or 'svd'|model.basis"):
+        load_config(None, ["adapter.basis=qr"])
+    with pytest.raises(CeloraError, match=r"adapter: expected a section"):
+        load_config(None, ["adapter=3"])
