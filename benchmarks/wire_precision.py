@@ -22,7 +22,11 @@ from celora.fl.simulation import Simulation, prepare
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/bench_small.toml")
-    ap.add_argument("--set", dest="overrides", action="append", default=["method=celora", "rounds=3"])
+    # C only (head local), as committed in results/wire_precision.json; int8 with the head shared (the default
+    # since issue 5) is the int8+head column of benchmarks/basis_study.sh
+    ap.add_argument(
+        "--set", dest="overrides", action="append", default=["method=celora", "rounds=3", "aggregation.head=local"]
+    )
     args = ap.parse_args()
     base = load_config(args.config, args.overrides)
     prepared = prepare(base)
