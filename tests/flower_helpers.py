@@ -88,12 +88,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def check_message_log(lines: list[dict[str, Any]], num_clients: int, rounds: int) -> None:
-    """Every client got its own C̄_i each round, confirmed it, and no message ever carried A or B."""
+    """Every client got its own C̄_i (and head, celora's default) each round, confirmed it, and no message
+    ever carried A or B."""
     for line in lines:
         for entries in line["tensors"].values():
             for e in entries:
-                assert not e.startswith(("A:", "B:", "head:")), f"private factor on the wire: {line}"
-                assert e.startswith(("C:", "summary.")), e
+                assert not e.startswith(("A:", "B:")), f"private factor on the wire: {line}"
+                assert e.startswith(("C:", "head:", "summary.")), e
     downs = [x for x in lines if x["dir"] == "down" and x.get("deliver") == "eval"]
     ups = {(x["round"], x["client"]): x for x in lines if x["dir"] == "up"}
     for rnd in range(1, rounds + 1):
@@ -101,5 +102,5 @@ def check_message_log(lines: list[dict[str, Any]], num_clients: int, rounds: int
         assert sorted(x["client"] for x in got) == list(range(num_clients)), f"round {rnd}: {got}"
         assert len({x["digest"] for x in got}) == num_clients, "clients received identical C̄_i"
         for x in got:
-            assert x["tensors"]["down"] and all(e.startswith("C:") for e in x["tensors"]["down"])
+            assert x["tensors"]["down"] and all(e.startswith(("C:", "head:")) for e in x["tensors"]["down"])
             assert ups[(x["round"], x["client"])]["received"] == x["digest"], "client got another message"
