@@ -53,12 +53,14 @@ def test_bytes_ratio_celora_global_vs_fedit_on_minilm():
     cfg = load_config(None, SMALL + ["num_clients=2", "data.partition=iid", "train.max_steps=1"])
     p = prepare(cfg)
     per = {}
-    for method in ("celora-global", "fedit"):
-        c = cfg.model_copy(update={"method": method})
-        per[method] = Simulation(c, prepared=p).run().summary["bytes_per_client_round"]["up"]
-    # MiniLM q,v, r=8: C = 12 × 64 floats vs A,B = 12 × 8·(384+384) floats (+ the shared head for fedit)
-    assert 12 * 64 * 4 <= per["celora-global"] < 12 * 64 * 4 + 200
-    assert per["fedit"] / per["celora-global"] >= 90
+    for method, head in (("celora-global", "local"), ("celora-global", "shared"), ("fedit", "shared")):
+        c = cfg.model_copy(update={"method": method, "aggregation": cfg.aggregation.model_copy(update={"head": head})})
+        per[method, head] = Simulation(c, prepared=p).run().summary["bytes_per_client_round"]["up"]
+    # MiniLM q,v, r=8: C = 12 × 64 floats vs A,B = 12 × 8·(384+384) floats; the 5-class head = 384·5 + 5 floats
+    c_only, with_head, fedit = per["celora-global", "local"], per["celora-global", "shared"], per["fedit", "shared"]
+    assert 12 * 64 * 4 <= c_only < 12 * 64 * 4 + 200
+    assert 12 * 64 * 4 + 1925 * 4 <= with_head < 12 * 64 * 4 + 1925 * 4 + 300
+    assert fedit / c_only >= 90 and fedit / with_head >= 25
 
 
 def test_pathological_pairs_weigh_their_partner_most():
