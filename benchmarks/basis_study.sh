@@ -5,6 +5,7 @@
 #   C-at-I+head       the control: C frozen at I (model.train_c = false), so only the head carries anything
 #   r16+head          C of rank 16 (r² = 256 numbers per layer)
 #   C-at-I-r16+head   the control at rank 16
+#   local-r16         the floor at rank 16 (local training, A, B of rank 16)
 #   svd+head          LoRA-XS basis: A, B from the SVD of W0 (identical on every client), trained locally, C from 0
 #   svd+head-lr1e-2   the same at lr 1e-2 (LoRA-XS trains its r×r matrix at larger learning rates)
 #   fedsb-lr1e-2      Fed-SB (A, B frozen in the SVD basis, only C and the head train) at lr 1e-2
@@ -17,10 +18,11 @@ cd "$(dirname "$0")/.."
 alpha="${1:-1.0}"
 shift || true
 .venv/bin/celora compare configs/bench_small.toml \
-  --methods "${METHODS:-local,centralized,fedit,fedsb,celora,celora-C-only,C-at-I+head,r16+head,C-at-I-r16+head,svd+head,warmup1+head,int8+head,fedsb-lr1e-2,svd+head-lr1e-2}" \
+  --methods "${METHODS:-local,centralized,fedit,fedsb,celora,celora-C-only,C-at-I+head,r16+head,C-at-I-r16+head,svd+head,warmup1+head,int8+head,local-r16,fedsb-lr1e-2,svd+head-lr1e-2}" \
   --variant "celora-C-only=celora;aggregation.head=local" \
   --variant "C-at-I+head=celora;aggregation.head=shared;model.train_c=false" \
   --variant "r16+head=celora;model.rank=16;aggregation.head=shared" \
+  --variant "local-r16=local;model.rank=16" \
   --variant "C-at-I-r16+head=celora;model.rank=16;aggregation.head=shared;model.train_c=false" \
   --variant "r32+head=celora;model.rank=32;aggregation.head=shared" \
   --variant "r64+head=celora;model.rank=64;aggregation.head=shared" \
