@@ -9,6 +9,7 @@
 #   svd+head          LoRA-XS basis: A, B from the SVD of W0 (identical on every client), trained locally, C from 0
 #   svd+head-lr1e-2   the same at lr 1e-2 (LoRA-XS trains its r×r matrix at larger learning rates)
 #   fedsb-lr1e-2      Fed-SB (A, B frozen in the SVD basis, only C and the head train) at lr 1e-2
+#   ffa-lr1e-2        FFA-LoRA (A frozen, B trained and averaged) at lr 1e-2
 #   warmup1+head      one round of FedIT (A, B, head averaged) to align the basis, then celora
 #   int8+head         celora with int8 on the wire (per-tensor scale)
 # Rank sweep, seed 0 only: SEEDS=0 METHODS=r32+head,r64+head bash benchmarks/basis_study.sh 1.0
@@ -18,7 +19,7 @@ cd "$(dirname "$0")/.."
 alpha="${1:-1.0}"
 shift || true
 .venv/bin/celora compare configs/bench_small.toml \
-  --methods "${METHODS:-local,centralized,fedit,fedsb,celora,celora-C-only,C-at-I+head,r16+head,C-at-I-r16+head,svd+head,warmup1+head,int8+head,local-r16,fedsb-lr1e-2,svd+head-lr1e-2}" \
+  --methods "${METHODS:-local,centralized,fedit,fedsb,celora,celora-C-only,C-at-I+head,r16+head,C-at-I-r16+head,svd+head,warmup1+head,int8+head,local-r16,fedsb-lr1e-2,ffa-lr1e-2,svd+head-lr1e-2}" \
   --variant "celora-C-only=celora;aggregation.head=local" \
   --variant "C-at-I+head=celora;aggregation.head=shared;model.train_c=false" \
   --variant "r16+head=celora;model.rank=16;aggregation.head=shared" \
@@ -30,6 +31,7 @@ shift || true
   --variant "warmup1+head=celora;aggregation.warmup_rounds=1;aggregation.head=shared" \
   --variant "int8+head=celora;payload.dtype=int8;aggregation.head=shared" \
   --variant "fedsb-lr1e-2=fedsb;train.lr=1e-2" \
+  --variant "ffa-lr1e-2=ffa;train.lr=1e-2" \
   --variant "svd+head-lr1e-2=celora;model.basis=svd;aggregation.head=shared;train.lr=1e-2" \
   --seeds "${SEEDS:-0,1,2}" --set data.alpha="$alpha" --set train.threads="${THREADS:-1}" \
   --out "benchmarks/results/small-alpha${alpha}" "$@"
