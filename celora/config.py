@@ -29,6 +29,9 @@ class ModelConfig(_Section):
     train_ab: bool = Field(True, description="train A and B locally (false: only C and the head train)")
     train_c: bool = Field(True, description="train C (false: C stays at its init, I for the random basis: a control)")
     max_length: int = Field(128, ge=8, le=4096)
+    projector_hidden: int | None = Field(
+        None, ge=1, le=65536, description="VLM only: width of the projector's hidden layer (default: the LM's hidden)"
+    )
 
 
 class DataConfig(_Section):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from celora.config import build_config
 from celora.data.images import digits, with_image_size
 from celora.data.tasks import get_task
 from celora.models.dinov2 import PixelProcessor, tiny_dinov2
@@ -134,3 +135,26 @@ def test_vlm_exact_match_decodes_with_the_image_bound():
     assert [a[0] if a else int(batch["end_id"]) for a in answers] == first.tolist()  # step 1 = argmax after prompt
     hits = task.extra_metrics(vlm, batch)["exact_match"]
     assert 0.0 <= hits <= 6.0
+
+
+def test_projector_width_cuts_the_federated_bytes():
+    from celora.errors import CeloraError
+    from celora.fl.simulation import Simulation
+
+    wide = Simulation(_vlm_config(), export_adapters=False)
+    cfg = _vlm_config()
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"projector_hidden": 4})})
+    narrow = Simulation(cfg, export_adapters=False)
+    proj = narrow.p.loaded.model.projector
+    v, h = proj.norm.normalized_shape[0], proj.fc2.out_features
+    assert proj.fc1.out_features == 4 and proj.fc2.in_features == 4
+    n = sum(narrow.p.init_state[name].numel() for name in narrow.fedavg_names)
+    assert n == 2 * v + (v * 4 + 4) + (4 * h + h)  # LN, W₁, b₁, W₂, b₂: all FedAvg'd
+    assert narrow.payload_split()["bytes_fedavg_modules"] == 4 * n < wide.payload_split()["bytes_fedavg_modules"]
+    res = narrow.run()
+    assert 0.0 <= res.summary["acc_mean"] <= 1.0 and res.summary["payload"]["bytes_fedavg_modules"] == 4 * n
+    with pytest.raises(CeloraError, match="model.projector_hidden: only for a vision-language model"):
+        Simulation(
+            build_config({"model": {"name": "tiny-bert", "projector_hidden": 4}, "data": {"max_samples": 40}}),
+            export_adapters=False,
+        )

@@ -48,6 +48,7 @@ from celora.fl.similarity import (
 )
 from celora.fl.strategies import RoundContext, Strategy, Tensors, get_strategy
 from celora.fl.strategies.fedavg_modules import aggregate_with_fedavg
+from celora.models.vlm import VisionLanguageModel
 from celora.models.zoo import LoadedModel, load_model
 
 log = logging.getLogger("celora")
@@ -202,6 +203,10 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         )
     loaded = load_model(cfg.model.name, num_labels=len(dataset.label_names), seed=cfg.seed, head=task.head)  # type: ignore[arg-type]
     m = cfg.model
+    if m.projector_hidden is not None:
+        if not isinstance(loaded.model, VisionLanguageModel):
+            raise CeloraError(f"model.projector_hidden: only for a vision-language model, not '{m.name}'")
+        loaded.model.set_projector_width(m.projector_hidden, cfg.seed)
     spec = AdapterSpec(
         rank=m.rank,
         alpha=m.alpha if m.alpha is not None else float(m.rank),

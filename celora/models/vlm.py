@@ -28,7 +28,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 
 class Projector(nn.Module):
-    """P(v) = W₂·GELU(W₁·LN((v − μ)/σ) + b₁) + b₂: ViT hidden → LM hidden.
+    """P(v) = W₂·GELU(W₁·LN((v − μ)/σ) + b₁) + b₂: ViT hidden → (``hidden``, default LM hidden) → LM hidden.
 
     μ, σ (per ViT feature) standardise the frozen ViT's tokens: digit images share most of their
     feature vector (CLS cosine ≈ 0.9), and without removing that common part the LM did not even
@@ -43,17 +43,18 @@ class Projector(nn.Module):
     input_mean: torch.Tensor
     input_std: torch.Tensor
 
-    def __init__(self, vision_hidden: int, lm_hidden: int, out_std: float = 0.02) -> None:
+    def __init__(self, vision_hidden: int, lm_hidden: int, out_std: float = 0.02, hidden: int | None = None) -> None:
         super().__init__()
+        width = hidden or lm_hidden  # W₁: vision → width, W₂: width → LM hidden (a bottleneck when width is small)
         # per-feature standardisation (v − μ)/σ of the ViT tokens; μ, σ set once by set_input_stats
         self.register_buffer("input_mean", torch.zeros(vision_hidden))
         self.register_buffer("input_std", torch.ones(vision_hidden))
         self.norm = nn.LayerNorm(vision_hidden)
-        self.fc1 = nn.Linear(vision_hidden, lm_hidden)
-        self.fc2 = nn.Linear(lm_hidden, lm_hidden)
+        self.fc1 = nn.Linear(vision_hidden, width)
+        self.fc2 = nn.Linear(width, lm_hidden)
         with torch.no_grad():  # E[a²] of the hidden activation for unit-variance (layer-normed) inputs
             a = nn.functional.gelu(self.fc1(torch.randn(256, vision_hidden)))
-            sigma = out_std / (float(a.pow(2).mean().sqrt()) * lm_hidden**0.5)
+            sigma = out_std / (float(a.pow(2).mean().sqrt()) * width**0.5)
             self.fc2.weight.normal_(0.0, sigma)
             self.fc2.bias.zero_()
 
@@ -109,6 +110,15 @@ class VisionLanguageModel(nn.Module):
         self._vision_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         for p in self.vision.parameters():
             p.requires_grad_(False)
+
+    def set_projector_width(self, hidden: int, seed: int = 0) -> None:
+        """Replace the projector by a fresh one whose hidden layer has ``hidden`` units (fewer bytes to federate:
+        d_v·h + h + h·d_lm + d_lm + 2·d_v numbers instead of d_v·d_lm + d_lm² + …), seeded like the original."""
+        torch.manual_seed(seed)
+        emb_std = float(self.lm.get_input_embeddings().weight.detach().float().std())
+        self.projector = Projector(
+            int(self.vision.config.hidden_size), int(self.lm.config.hidden_size), emb_std, hidden
+        )
 
     @property
     def feature_dim(self) -> int:
