@@ -101,6 +101,7 @@ def test_vlm_run_fedavgs_projector_and_splits_bytes():
     assert pay["bytes_fedavg_modules"] == 4 * proj and pay["bytes_adapters"] == 4 * n_c * 2 * 2
     assert pay["bytes_message"] == pay["bytes_adapters"] + pay["bytes_fedavg_modules"] + pay["bytes_framing"]
     assert res.summary["bytes_per_client_round"]["up"] == pay["bytes_message"]
+    assert pay["shared_factors"] == ["C"]  # the projector is reported as a FedAvg module, not as a head
     s0, s1 = res.states[0], res.states[1]
     for n in sim.fedavg_names:  # one global projector (FedAvg) ...
         torch.testing.assert_close(s0[n], s1[n])

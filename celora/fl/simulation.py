@@ -650,7 +650,7 @@ class Simulation:
                 "down": totals["down"] / max(1, client_rounds),
             },
             "payload": {
-                "shared_factors": sorted(self.main_strategy.shared_factors),
+                "shared_factors": self.shared_factor_names(),
                 "tensors": len(self.up_layout.entries),
                 "params": self.up_layout.numel(),
                 "dtype": self.dtype,
@@ -665,6 +665,15 @@ class Simulation:
             **({"model_note": self.p.loaded.note} if self.p.loaded.note else {}),
             "wall_s": round(wall, 2),
         }
+
+    def shared_factor_names(self) -> list[str]:
+        """What the method sends, by factor; "head" only when the model has a head of its own (a VLM's
+        projector is a FedAvg module, reported as bytes_fedavg_modules)."""
+        loaded = self.p.loaded
+        factors = set(self.main_strategy.shared_factors)
+        if set(loaded.head_modules) <= set(loaded.fedavg_modules):
+            factors.discard("head")
+        return sorted(factors)
 
     @staticmethod
     def extra_keys(row: dict[str, Any]) -> set[str]:
