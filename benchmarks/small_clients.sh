@@ -3,14 +3,16 @@
 # 10 clients × 30 training documents, 5 rounds), Dirichlet α = ALPHA, 3 seeds, identical partitions per seed.
 # Columns: local and centralized (floor and ceiling), fedit, ffa, fedsa, fedsb, celora-global, celora (the shipped
 # default: C and the head shared, personalized) and celora-C-only (celora with the head local: only C travels).
-# Usage: benchmarks/small_clients.sh ALPHA [more celora compare options]. Resumable: re-run to finish missing cells.
+# Usage: benchmarks/small_clients.sh ALPHA [more celora compare options]; METHODS=a,b,... picks columns.
+# Resumable: re-run to finish missing cells.
 # One torch thread per process (THREADS=2 on an otherwise idle 2-core machine). Writes benchmarks/results/small-alpha<ALPHA>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 alpha="${1:-0.1}"
 shift || true
-.venv/bin/celora compare configs/bench_small.toml \
-  --methods "${METHODS:-local,centralized,fedit,ffa,fedsa,fedsb,celora-global,celora,celora-C-only}" \
-  --variant "celora-C-only=celora;aggregation.head=local" \
+methods="${METHODS:-local,centralized,fedit,ffa,fedsa,fedsb,celora-global,celora,celora-C-only}"
+variant_args=()
+if [[ ",$methods," == *",celora-C-only,"* ]]; then variant_args+=(--variant "celora-C-only=celora;aggregation.head=local"); fi
+.venv/bin/celora compare configs/bench_small.toml --methods "$methods" "${variant_args[@]}" \
   --seeds "${SEEDS:-0,1,2}" --set data.alpha="$alpha" --set train.threads="${THREADS:-1}" \
   --out "benchmarks/results/small-alpha${alpha}" "$@"
