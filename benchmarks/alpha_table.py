@@ -17,7 +17,7 @@ from pathlib import Path
 from celora.compare import aggregate_rows, markdown_table, plot_panels, read_cells
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = "local,centralized,fedit,ffa,fedsa,fedsb,celora-global,celora,celora-C-only"
+METHODS = "local,centralized,fedit,ffa,ffa-lr1e-2,fedsa,fedsb,celora-global,celora,celora-C-only"
 
 
 def cell(a: dict | None) -> str:

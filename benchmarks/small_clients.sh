@@ -2,7 +2,8 @@
 # Issue 4 table: every method on the small-client regime (configs/bench_small.toml: MiniLM, BBC News,
 # 10 clients × 30 training documents, 5 rounds), Dirichlet α = ALPHA, 3 seeds, identical partitions per seed.
 # Columns: local and centralized (floor and ceiling), fedit, ffa, fedsa, fedsb, celora-global, celora (the shipped
-# default: C and the head shared, personalized) and celora-C-only (celora with the head local: only C travels).
+# default: C and the head shared, personalized), celora-C-only (celora with the head local: only C travels) and
+# ffa-lr1e-2 (FFA-LoRA at lr 1e-2: every other column uses the config's lr 2e-3, at which FFA's B barely moves).
 # Usage: benchmarks/small_clients.sh ALPHA [more celora compare options]; METHODS=a,b,... picks columns.
 # Resumable: re-run to finish missing cells.
 # One torch thread per process (THREADS=2 on an otherwise idle 2-core machine). Writes benchmarks/results/small-alpha<ALPHA>/.
@@ -10,9 +11,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 alpha="${1:-0.1}"
 shift || true
-methods="${METHODS:-local,centralized,fedit,ffa,fedsa,fedsb,celora-global,celora,celora-C-only}"
+declare -A variant=(
+  [celora-C-only]="celora;aggregation.head=local"
+  [ffa-lr1e-2]="ffa;train.lr=1e-2"
+)
+methods="${METHODS:-local,centralized,fedit,ffa,ffa-lr1e-2,fedsa,fedsb,celora-global,celora,celora-C-only}"
 variant_args=()
-if [[ ",$methods," == *",celora-C-only,"* ]]; then variant_args+=(--variant "celora-C-only=celora;aggregation.head=local"); fi
+for label in ${methods//,/ }; do
+  if [[ -n "${variant[$label]:-}" ]]; then variant_args+=(--variant "$label=${variant[$label]}"); fi
+done
 .venv/bin/celora compare configs/bench_small.toml --methods "$methods" "${variant_args[@]}" \
   --seeds "${SEEDS:-0,1,2}" --set data.alpha="$alpha" --set train.threads="${THREADS:-1}" \
   --out "benchmarks/results/small-alpha${alpha}" "$@"
