@@ -9,36 +9,13 @@
 #   svd+head          LoRA-XS basis: A, B from the SVD of W0 (identical on every client), trained locally, C from 0
 #   svd+head-lr1e-2   the same at lr 1e-2 (LoRA-XS trains its r×r matrix at larger learning rates)
 #   fedsb-lr1e-2      Fed-SB (A, B frozen in the SVD basis, only C and the head train) at lr 1e-2
-#   ffa-lr1e-2        FFA-LoRA (A frozen, B trained and averaged) at lr 1e-2
 #   warmup1+head      one round of FedIT (A, B, head averaged) to align the basis, then celora
 #   int8+head         celora with int8 on the wire (per-tensor scale)
-# METHODS (comma-separated) picks the columns, plain methods and the labels above alike, e.g.
-#   METHODS=r32+head,r64+head bash benchmarks/basis_study.sh 1.0
+# The variants are defined in benchmarks/small_clients.sh, which this runs with a longer column list.
+# METHODS (comma-separated) picks the columns, e.g. METHODS=r32+head,r64+head bash benchmarks/basis_study.sh 1.0
 # Resumable. Writes benchmarks/results/small-alpha<ALPHA>/.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 alpha="${1:-1.0}"
 shift || true
-declare -A variant=(
-  [celora-C-only]="celora;aggregation.head=local"
-  [C-at-I+head]="celora;aggregation.head=shared;model.train_c=false"
-  [r16+head]="celora;model.rank=16;aggregation.head=shared"
-  [local-r16]="local;model.rank=16"
-  [C-at-I-r16+head]="celora;model.rank=16;aggregation.head=shared;model.train_c=false"
-  [r32+head]="celora;model.rank=32;aggregation.head=shared"
-  [r64+head]="celora;model.rank=64;aggregation.head=shared"
-  [svd+head]="celora;model.basis=svd;aggregation.head=shared"
-  [warmup1+head]="celora;aggregation.warmup_rounds=1;aggregation.head=shared"
-  [int8+head]="celora;payload.dtype=int8;aggregation.head=shared"
-  [fedsb-lr1e-2]="fedsb;train.lr=1e-2"
-  [ffa-lr1e-2]="ffa;train.lr=1e-2"
-  [svd+head-lr1e-2]="celora;model.basis=svd;aggregation.head=shared;train.lr=1e-2"
-)
-methods="${METHODS:-local,centralized,fedit,ffa,fedsa,fedsb,celora-global,celora,celora-C-only,C-at-I+head,r16+head,C-at-I-r16+head,local-r16,r32+head,r64+head,svd+head,warmup1+head,int8+head,fedsb-lr1e-2,ffa-lr1e-2,svd+head-lr1e-2}"
-variant_args=()
-for label in ${methods//,/ }; do
-  if [[ -n "${variant[$label]:-}" ]]; then variant_args+=(--variant "$label=${variant[$label]}"); fi
-done
-.venv/bin/celora compare configs/bench_small.toml --methods "$methods" "${variant_args[@]}" \
-  --seeds "${SEEDS:-0,1,2}" --set data.alpha="$alpha" --set train.threads="${THREADS:-1}" \
-  --out "benchmarks/results/small-alpha${alpha}" "$@"
+export METHODS="${METHODS:-local,centralized,fedit,ffa,fedsa,fedsb,celora-global,celora,celora-C-only,C-at-I+head,r16+head,C-at-I-r16+head,local-r16,r32+head,r64+head,svd+head,warmup1+head,int8+head,fedsb-lr1e-2,ffa-lr1e-2,svd+head-lr1e-2}"
+exec bash "$(dirname "$0")/small_clients.sh" "$alpha" "$@"
