@@ -3,7 +3,7 @@
 # 10 clients × 30 training documents, 5 rounds), Dirichlet α = ALPHA, 3 seeds, identical partitions per seed.
 # Columns: local and centralized (floor and ceiling), fedit, ffa, fedsa, fedsb, celora-global, celora (the shipped
 # default: C and the head shared, personalized), celora-C-only (celora with the head local: only C travels) and
-# ffa-lr1e-2 (FFA-LoRA at lr 1e-2: every other column uses the config's lr 2e-3, at which FFA's B barely moves).
+# ffa-lr1e-2 (FFA-LoRA at lr 1e-2: every other column uses the config's lr 2e-3, at which FFA learns little).
 # Usage: benchmarks/small_clients.sh ALPHA [more celora compare options]; METHODS=a,b,... picks columns, plain
 # methods or the variant labels below (benchmarks/basis_study.sh explains the issue-5 ones).
 # Resumable: re-run to finish missing cells.

@@ -102,8 +102,7 @@ class VisionLanguageModel(nn.Module):
         self.vision = vision
         self.lm = lm
         self.config = lm.config
-        embed_std = float(lm.get_input_embeddings().weight.detach().float().std())
-        self.projector = Projector(int(vision.config.hidden_size), int(lm.config.hidden_size), embed_std)
+        self.projector = self._new_projector()
         self._decoder = _ImageConditionedDecoder(self)
         self._pixels: torch.Tensor | None = None
         self.image_position = 0  # text position the image tokens are inserted before (bound per batch)
@@ -115,10 +114,12 @@ class VisionLanguageModel(nn.Module):
         """Replace the projector by a fresh one whose hidden layer has ``hidden`` units (fewer bytes to federate:
         d_v·h + h + h·d_lm + d_lm + 2·d_v numbers instead of d_v·d_lm + d_lm² + …), seeded like the original."""
         torch.manual_seed(seed)
-        emb_std = float(self.lm.get_input_embeddings().weight.detach().float().std())
-        self.projector = Projector(
-            int(self.vision.config.hidden_size), int(self.lm.config.hidden_size), emb_std, hidden
-        )
+        self.projector = self._new_projector(hidden)
+
+    def _new_projector(self, hidden: int | None = None) -> Projector:
+        """A projector ViT hidden → LM hidden whose outputs start at the std of the LM's token embeddings."""
+        embed_std = float(self.lm.get_input_embeddings().weight.detach().float().std())
+        return Projector(int(self.vision.config.hidden_size), int(self.lm.config.hidden_size), embed_std, hidden)
 
     @property
     def feature_dim(self) -> int:

@@ -1,4 +1,4 @@
-"""`celora` (default): A, B, C train on the client, only C travels; each client gets its own C̄_i.
+"""`celora` (default): A, B, C train on the client; C and (by default) the head travel; each gets its own C̄_i.
 
 s_ij = β S^data_ij + (1 − β) S^param_ij,  w_i = Proj_simplex(p + λ s_i),  C̄_i = Σ_{j∈S_t} w_ij C_j.
 S^data comes once from the clients' per-class GMM summaries (hierarchical OT), S^param every round
@@ -30,7 +30,7 @@ class Celora(Strategy):
     shares = frozenset({"C"})
     default_head = "shared"  # measured (issue 5): the personalized head carries the gain; C alone does not
     uses_data_summaries = True
-    description = "A, B, C train; only C travels; personalized C̄_i from learned data+parameter similarity"
+    description = "A, B, C train; C and the head travel (head local: C only); personalized by data+param similarity"
 
     s_data: np.ndarray | None = None
 

@@ -1,4 +1,4 @@
-"""`celora-global`: tri-matrix adapters, only C travels; the server sends everyone the weighted mean.
+"""`celora-global`: tri-matrix adapters; C and (by default) the head travel; everyone gets the weighted mean.
 
 C̄ = Σ_j p_j C_j with p_j = n_j / Σ_{k∈S_t} n_k.
 """
@@ -15,4 +15,4 @@ class CeloraGlobal(FedAvgStrategy):
     trains = frozenset({"A", "B", "C"})
     shares = frozenset({"C"})
     default_head = "shared"  # measured (issue 5): the personalized head carries the gain; C alone does not
-    description = "A, B, C train; only C travels; sample-weighted mean of C (ablation)"
+    description = "A, B, C train; C and the head travel (head local: C only); sample-weighted mean (ablation)"
