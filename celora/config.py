@@ -25,13 +25,30 @@ class ModelConfig(_Section):
     targets: list[str] | None = Field(None, min_length=1, description="module names to adapt; default per model")
     dropout: float = Field(0.0, ge=0, lt=1)
     init: Literal["kaiming", "paper"] = "kaiming"
-    basis: Literal["random", "svd"] = "random"
+    basis: Literal["random", "svd", "orthogonal", "gradient"] = Field(
+        "random",
+        description="how A, B, C start (celora.adapters.bases): random (A, B train), svd (LoRA-XS), orthogonal "
+        "(A, B orthonormal from the shared seed, frozen, C = 0), gradient (LoRA-SB: SVD of one estimated "
+        "full-fine-tuning step on a public proxy set, A, B frozen, C0 = diag(S_r))",
+    )
+    heads: int = Field(
+        1, ge=1, le=256, description="orthogonal basis: split the rank into h heads, each with a trainable scale"
+    )
+    gradient_samples: int = Field(
+        64, ge=1, le=100_000, description="gradient basis: examples in the server's public proxy set (no client data)"
+    )
     train_ab: bool = Field(True, description="train A and B locally (false: only C and the head train)")
     train_c: bool = Field(True, description="train C (false: C stays at its init, I for the random basis: a control)")
     max_length: int = Field(128, ge=8, le=4096)
     projector_hidden: int | None = Field(
         None, ge=1, le=65536, description="VLM only: width of the projector's hidden layer (default: the LM's hidden)"
     )
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        if self.rank % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide rank ({self.rank})")
+        return self
 
 
 class DataConfig(_Section):
@@ -62,6 +79,11 @@ class TrainConfig(_Section):
     head_lr: float | None = Field(None, gt=0, description="learning rate of the task head; default = lr")
     weight_decay: float = Field(0.0, ge=0)
     max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps per client and round")
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="learning-rate schedule within each local training: constant, or cosine to 0"
+    )
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps at the start of each local training")
+    grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm to this value")
     eval_batch_size: int = Field(64, ge=1)
     threads: int | None = Field(None, ge=1, description="torch threads; default = all cores")
 
@@ -148,7 +170,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
-ADAPTER_KEYS = ("rank", "alpha", "targets", "dropout", "init", "basis", "train_ab", "train_c")
+ADAPTER_KEYS = (
+    "rank",
+    "alpha",
+    "targets",
+    "dropout",
+    "init",
+    "basis",
+    "heads",
+    "gradient_samples",
+    "train_ab",
+    "train_c",
+)
 
 
 def _merge_adapter_section(data: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ default is text classification.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,9 +15,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from celora.adapters.inject import fold_head_scales
 from celora.data.tasks import TASKS, Encoded, Task, TaskData, encode_texts
 
-__all__ = ["Encoded", "TrainResult", "encode_texts", "evaluate", "evaluate_metrics", "pooled_features", "train_local"]
+__all__ = [
+    "Encoded",
+    "TrainResult",
+    "encode_texts",
+    "evaluate",
+    "evaluate_metrics",
+    "lr_factor",
+    "pooled_features",
+    "train_local",
+]
 CLASSIFY = TASKS["classify"]
 
 
@@ -40,17 +51,26 @@ def train_local(
     head_lr: float | None = None,
     weight_decay: float = 0.0,
     max_steps: int | None = None,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    grad_clip: float | None = None,
     seed: int = 0,
 ) -> TrainResult:
     """AdamW on ``params`` (head at ``head_lr``) for ``epochs`` passes over the client's rows.
 
-    Minimises the task's batch loss (classification: L = −(1/|b|) Σ log softmax(f(x))_y).
+    Minimises the task's batch loss (classification: L = −(1/|b|) Σ log softmax(f(x))_y); the learning rate
+    follows :func:`lr_factor` over this call's steps; with ``grad_clip`` the global gradient norm is clipped
+    to it. Per-head scales of the adapters are folded into C at the end (nothing else changes ΔW).
     """
     head_ids = {id(p) for p in head_params}
     groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": lr}]
     if head_params:
         groups.append({"params": list(head_params), "lr": head_lr or lr})
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    total = epochs * -(-len(idx) // batch_size)
+    total = min(total, max_steps) if max_steps is not None else total
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, total, schedule, warmup_steps))
+    trained = list({id(p): p for p in [*params, *head_params]}.values())
     gen = np.random.default_rng(seed)
     model.train()
     losses: list[float] = []
@@ -61,7 +81,10 @@ def train_local(
             loss = task.loss(model, data.batch(order[start : start + batch_size]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(trained, grad_clip)
             opt.step()
+            sched.step()
             losses.append(float(loss.detach()))
             steps += 1
             if max_steps is not None and steps >= max_steps:
@@ -69,7 +92,18 @@ def train_local(
         if max_steps is not None and steps >= max_steps:
             break
     model.eval()
+    fold_head_scales(model)
     return TrainResult(float(np.mean(losses)) if losses else float("nan"), steps)
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup_steps: int) -> float:
+    """Multiplier of the learning rate at ``step`` (0-based) of ``total``: linear warm-up (step+1)/w over the
+    first w steps, then 1 (constant) or ½(1 + cos(π·(step − w)/(total − w))) (cosine, to 0 at the end)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or total <= warmup_steps:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / (total - warmup_steps)))
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from celora.data.sources import Dataset, load_dataset
 from celora.data.tasks import Task, TaskData, get_task
 from celora.errors import CeloraError
 from celora.eval import majority_baseline, personalized_metrics
+from celora.fl.basis_setup import basis_frozen_factors, check_basis, setup_gradient_basis
 from celora.fl.client import TrainResult, evaluate, evaluate_metrics, pooled_features, train_local
 from celora.fl.payload import (
     Layout,
@@ -111,6 +112,7 @@ class Prepared:
     all_names: list[str]
     task: Task
     task_setup_bytes: int = 0  # per client, once (Task.setup)
+    basis_setup: dict[str, Any] = field(default_factory=dict)  # the gradient basis's proxy estimate
 
 
 @dataclass
@@ -122,8 +124,9 @@ class RunResult:
 
 
 def frozen_factors(cfg: ExperimentConfig) -> set[str]:
-    """Adapter factors the config freezes for every method (model.train_ab, model.train_c)."""
-    return (set() if cfg.model.train_ab else {"A", "B"}) | (set() if cfg.model.train_c else {"C"})
+    """Adapter factors the config freezes for every method (model.train_ab, model.train_c, a frozen basis)."""
+    frozen = (set() if cfg.model.train_ab else {"A", "B"}) | (set() if cfg.model.train_c else {"C"})
+    return frozen | basis_frozen_factors(cfg)
 
 
 def check_names(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -139,13 +142,12 @@ def check_names(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.aggregation.warmup_rounds:
         phases.append(("aggregation.warmup_method", get_strategy(cfg.aggregation.warmup_method)))
     for field_name, strat in phases:
-        if cfg.model.basis == "svd" and "C" not in strat.trains:
-            raise CeloraError(f"{field_name} '{strat.name}' keeps C frozen, but model.basis = 'svd' starts C at 0")
+        check_basis(cfg, field_name, strat.name, strat.trains)
         trains = set(strat.trains) - frozen_factors(cfg)
         if not trains:
-            raise CeloraError(f"model.train_ab/train_c leave {field_name} '{strat.name}' nothing to train")
-        if cfg.model.basis == "svd" and not cfg.model.train_c:
-            raise CeloraError("model.train_c = false with model.basis = 'svd' keeps C at 0: the adapter is off")
+            raise CeloraError(
+                f"model.train_ab/train_c/basis ('{cfg.model.basis}') leave {field_name} '{strat.name}' nothing to train"
+            )
     if cfg.model.name not in ZOO and not (Path(cfg.model.name) / "config.json").is_file():
         known = ", ".join(sorted(ZOO))
         raise CeloraError(f"unknown model.name '{cfg.model.name}' (known: {known}, or a local HF folder)")
@@ -215,16 +217,20 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         init=m.init,
         basis=m.basis,
         seed=cfg.seed,
+        heads=m.heads,
     )
     try:
         inject_adapters(loaded.model, spec)
     except ValueError as err:
         raise CeloraError(f"model.rank: {err}") from None
     encoded = task.build(dataset, loaded.tokenizer, m.max_length)
+    basis_note: dict[str, Any] = {}
+    if m.basis == "gradient":
+        split, basis_note = setup_gradient_basis(loaded.model, task, encoded, split, len(dataset), cfg)
     setup_bytes = task.setup(loaded.model, encoded, [c.train_idx for c in split.clients])
     all_names = view_names(loaded.model, {"A", "B", "C", "head"}, loaded.head_modules)
     init_state = get_tensors(loaded.model, all_names)
-    return Prepared(dataset, split, encoded, loaded, spec, init_state, all_names, task, setup_bytes)
+    return Prepared(dataset, split, encoded, loaded, spec, init_state, all_names, task, setup_bytes, basis_note)
 
 
 class Simulation:
@@ -404,6 +410,8 @@ class Simulation:
         # one-time data summaries and task set-up, not per round
         summary["bytes_setup_up"] = int(sum(setup_up.values())) + p.task_setup_bytes * cfg.num_clients
         summary["bytes_up_total"] += summary["bytes_setup_up"]
+        if p.basis_setup:
+            summary["basis_setup"] = p.basis_setup
         if zero_shot is not None:
             summary["zero_shot"] = {k: v for k, v in zero_shot.items() if k != "clients"}
         if self.out is not None:
@@ -510,6 +518,9 @@ class Simulation:
             head_lr=t.head_lr,
             weight_decay=t.weight_decay,
             max_steps=t.max_steps,
+            schedule=t.schedule,
+            warmup_steps=t.warmup_steps,
+            grad_clip=t.grad_clip,
             seed=cfg.seed * 7919 + rnd * 31 + salt,
         )
 
