@@ -62,6 +62,49 @@ class DataConfig(_Section):
     task: str | None = Field(None, description="classify | prompt | … (celora.data.tasks); default per model")
     instruction: str | None = Field(None, description="prompt task: the instruction ({labels} = the label words)")
     verbalizers: list[str] | None = Field(None, min_length=2, description="prompt task: one answer word per label")
+    sites: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="site-local data: one file per client (.csv/.jsonl/.json/.parquet, the columns of data.path), "
+        "each read only by its own client; replaces data.name/data.path and the partition; num_clients = their number",
+    )
+    labels: list[str] | None = Field(
+        None,
+        min_length=2,
+        description="with data.sites: the declared label space (class ids in this order); default: the union "
+        "of the sites' label names, agreed in the setup message",
+    )
+    global_test_path: str | None = Field(
+        None,
+        description="with data.sites: an optional shared global test file (same columns) for acc_global; "
+        "without it there is no global test set",
+    )
+
+    @model_validator(mode="after")
+    def _check_sites(self) -> DataConfig:
+        if self.labels is not None:
+            seen: set[str] = set()
+            for name in self.labels:
+                if not name.strip():
+                    raise ValueError("data.labels: empty label name")
+                if name in seen:
+                    raise ValueError(f"data.labels: label '{name}' is listed twice")
+                seen.add(name)
+        if self.sites is None:
+            for key in ("labels", "global_test_path"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"data.{key} needs data.sites (one file per client)")
+            return self
+        if self.path is not None:
+            raise ValueError("data.sites and data.path both given: data.sites replaces data.path; give one")
+        seen = set()
+        for k, site in enumerate(self.sites):
+            if not site.strip():
+                raise ValueError(f"data.sites[{k}]: empty path")
+            if site in seen:
+                raise ValueError(f"data.sites[{k}]: '{site}' is listed twice (one file per client)")
+            seen.add(site)
+        return self
 
 
 class TrainConfig(_Section):
@@ -118,6 +161,21 @@ class ExperimentConfig(_Section):
     )
     payload: PayloadConfig = Field(default_factory=PayloadConfig, description="what travels on the wire")
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="privacy of the data summaries")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _clients_from_sites(cls, data: Any) -> Any:
+        """With data.sites, num_clients is the number of files (a conflicting explicit value is an error)."""
+        if not isinstance(data, dict):
+            return data
+        section = data.get("data")
+        sites = section.get("sites") if isinstance(section, dict) else getattr(section, "sites", None)
+        if not isinstance(sites, list) or not sites:
+            return data
+        given = data.get("num_clients")
+        if given is not None and given != len(sites):
+            raise ValueError(f"num_clients = {given} but data.sites lists {len(sites)} files (one client per file)")
+        return {**data, "num_clients": len(sites)}
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
@@ -197,7 +255,7 @@ def _one_line(err: ValidationError) -> str:
         msg = e["msg"].replace("Value error, ", "")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        parts.append(f"{loc}: {msg}")
+        parts.append(msg if loc == "config" or msg.startswith(f"{loc}.") else f"{loc}: {msg}")
     return "invalid config: " + "; ".join(parts)
 
 
@@ -268,7 +326,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise CeloraError(f"{p}: not valid TOML ({err})") from None
-    return build_config(apply_overrides(data, overrides or []))
+    overrides = overrides or []
+    keys = {item.partition("=")[0].strip() for item in overrides}
+    if "data.sites" in keys and "num_clients" not in keys:  # the sites replace the file's data source
+        data = {k: v for k, v in data.items() if k != "num_clients"}
+    return build_config(apply_overrides(data, overrides))
 
 
 def dump_config(cfg: ExperimentConfig) -> str:
