@@ -29,10 +29,7 @@ class ModelConfig(_Section):
     )
     basis: Literal["random", "svd", "orthogonal", "gradient"] = Field(
         "random",
-        description="how A, B, C start (celora.adapters.bases): random (A random, B = 0, C = I; A, B train), svd "
-        "(LoRA-XS: truncated SVD of W0, C = 0), orthogonal (A, B orthonormal from the shared seed, frozen, C = 0), "
-        "gradient (LoRA-SB: SVD of one estimated full-fine-tuning step on a public proxy set, A, B frozen, "
-        "C0 = diag(S_r))",
+        description="how A, B, C start: random, svd (of W0), orthogonal or gradient (these two freeze A, B)",
     )
     heads: int = Field(
         1, ge=1, le=256, description="orthogonal basis: split the rank into h heads, each with a trainable scale"
