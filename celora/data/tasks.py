@@ -70,10 +70,27 @@ class Task(ABC):
         """Task-specific metrics summed over the batch (divided by n by the caller); none by default."""
         return {}
 
+    def site_statistics(self, model: nn.Module, data: TaskData, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """Client side, once before round 1: what one site uploads for the task's shared set-up, computed
+        from its own rows ``idx`` only (named tensors; nothing else of its data travels). None by default."""
+        return {}
+
+    def combine_statistics(self, stats: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Server side: the shared set-up from the sites' statistics (sent back to every site). None by default."""
+        return {}
+
+    def apply_setup(self, model: nn.Module, setup: dict[str, torch.Tensor]) -> None:
+        """Every site: install the shared set-up (from :meth:`combine_statistics`) in its model. Nothing by default."""
+        return None
+
     def setup(self, model: nn.Module, data: TaskData, clients: Sequence[np.ndarray]) -> int:
-        """One-time federated set-up of the shared model from the clients' training rows, before round 1;
-        returns the bytes each client uploads for it. Nothing by default."""
-        return 0
+        """One-time federated set-up in one process: every client's statistics → combined → applied;
+        returns the tensor bytes each client uploads for it (fp32, the largest client's; 0 when none)."""
+        stats = [self.site_statistics(model, data, idx) for idx in clients]
+        if not any(stats):
+            return 0
+        self.apply_setup(model, self.combine_statistics(stats))
+        return max(4 * sum(int(t.numel()) for t in s.values()) for s in stats)
 
 
 TASKS: dict[str, Task] = {}
