@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from celora.fl.flower.deploy import descendants, flower_env, free_port  # noqa: E402
+from celora.fl.flower.deploy import flower_env, free_port, stop_local_superlink  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -25,23 +24,6 @@ def test_flower_env_puts_this_environment_first() -> None:
     assert (BIN / "flower-superlink").is_file() and (BIN / "flwr").is_file()
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
     assert "FLWR_HOME" not in env or env["FLWR_HOME"] == os.environ.get("FLWR_HOME")
-
-
-def _stop_local_superlink(control_port: int) -> None:
-    """End the managed SuperLink that `flwr run` started on our ports (it outlives the run), by process id."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "flower-superlink" in cmd and f"127.0.0.1:{control_port}" in cmd:
-            for pid in [*descendants(int(entry.name)), int(entry.name)]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
 
 @pytest.mark.slow
@@ -64,7 +46,7 @@ def test_documented_flower_sim_line_runs_without_the_venv_on_path(tmp_path: Path
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     finally:
-        _stop_local_superlink(control)
+        stop_local_superlink(control)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Unable to launch" not in proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())

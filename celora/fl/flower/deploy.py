@@ -93,6 +93,27 @@ def flwr_run(args: Sequence[str]) -> int:
     return subprocess.call([_bin("flwr"), "run", *args], env=flower_env())
 
 
+def stop_local_superlink(control_port: int) -> list[int]:
+    """End the managed local SuperLink that ``flwr run`` started with ``FLWR_LOCAL_CONTROL_API_PORT=control_port``
+    (it outlives the run), and every process below it, by process id (Linux /proc); the ids ended."""
+    ended: list[int] = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "flower-superlink" in cmd and f"127.0.0.1:{control_port} " in cmd + " ":
+            for pid in [*descendants(int(entry.name)), int(entry.name)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    ended.append(pid)
+                except ProcessLookupError:
+                    pass
+    return ended
+
+
 def _children() -> dict[int, list[int]]:
     kids: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
