@@ -25,6 +25,7 @@ from celora.config import ExperimentConfig
 from celora.data.partition import FederatedSplit
 from celora.data.tasks import Task, TaskData
 from celora.errors import CeloraError
+from celora.fl.client import batch_on
 
 
 def basis_frozen_factors(cfg: ExperimentConfig) -> set[str]:
@@ -73,9 +74,8 @@ def setup_gradient_basis(
     layers = adapter_layers(model)
     was_training = model.training
     model.eval()
-    grads = sum_weight_gradients(
-        layers, lambda idx: task.loss(model, encoded.batch(idx)), [rows[i : i + bs] for i in range(0, len(rows), bs)]
-    )
+    batches = [rows[i : i + bs] for i in range(0, len(rows), bs)]
+    grads = sum_weight_gradients(layers, lambda idx: task.loss(model, batch_on(model, encoded, idx)), batches)
     model.train(was_training)
     apply_gradient_basis(layers, grads, cfg.train.lr)
     dropped = len(split.global_test_idx) - len(new_split.global_test_idx)

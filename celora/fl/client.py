@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from celora.adapters.inject import fold_head_scales
-from celora.data.tasks import TASKS, Encoded, Task, TaskData, encode_texts
+from celora.data.tasks import TASKS, Batch, Encoded, Task, TaskData, encode_texts
+from celora.models.device import CPU, Placement, model_device, to_device
 
 __all__ = [
     "Encoded",
@@ -29,6 +30,11 @@ __all__ = [
     "train_local",
 ]
 CLASSIFY = TASKS["classify"]
+
+
+def batch_on(model: nn.Module, data: TaskData, idx: np.ndarray) -> Batch:
+    """Rows ``idx`` of the task data, moved to the model's device once."""
+    return to_device(data.batch(idx), model_device(model))
 
 
 @dataclass
@@ -55,12 +61,14 @@ def train_local(
     warmup_steps: int = 0,
     grad_clip: float | None = None,
     seed: int = 0,
+    placement: Placement = CPU,
 ) -> TrainResult:
     """AdamW on ``params`` (head at ``head_lr``) for ``epochs`` passes over the client's rows.
 
-    Minimises the task's batch loss (classification: L = −(1/|b|) Σ log softmax(f(x))_y); the learning rate
-    follows :func:`lr_factor` over this call's steps; with ``grad_clip`` the global gradient norm is clipped
-    to it. Per-head scales of the adapters are folded into C at the end (nothing else changes ΔW).
+    Minimises the task's batch loss (classification: L = −(1/|b|) Σ log softmax(f(x))_y), forward passes
+    under the placement's autocast; with fp16 the loss is scaled by a GradScaler. The learning rate follows
+    :func:`lr_factor` over this call's steps; with ``grad_clip`` the global gradient norm (unscaled) is
+    clipped to it. Per-head scales of the adapters are folded into C at the end (ΔW unchanged).
     """
     head_ids = {id(p) for p in head_params}
     groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": lr}]
@@ -71,6 +79,7 @@ def train_local(
     total = min(total, max_steps) if max_steps is not None else total
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, total, schedule, warmup_steps))
     trained = list({id(p): p for p in [*params, *head_params]}.values())
+    scaler = placement.grad_scaler()
     gen = np.random.default_rng(seed)
     model.train()
     losses: list[float] = []
@@ -78,12 +87,21 @@ def train_local(
     for _ in range(epochs):
         order = gen.permutation(idx)
         for start in range(0, len(order), batch_size):
-            loss = task.loss(model, data.batch(order[start : start + batch_size]))
+            with placement.autocast():
+                loss = task.loss(model, batch_on(model, data, order[start : start + batch_size]))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(trained, grad_clip)
-            opt.step()
+            if scaler is None:
+                loss.backward()
+                if grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(trained, grad_clip)
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                if grad_clip is not None:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(trained, grad_clip)
+                scaler.step(opt)
+                scaler.update()
             sched.step()
             losses.append(float(loss.detach()))
             steps += 1
@@ -117,14 +135,14 @@ def evaluate_metrics(
     extras: bool = False,
 ) -> dict[str, float]:
     """``acc`` = correct / n, ``loss`` = Σ per-example loss / n on rows ``idx``; with ``extras`` also the
-    task's extra metrics (each Σ / n, e.g. exact_match)."""
+    task's extra metrics (each Σ / n, e.g. exact_match). Run it under ``Placement.autocast()`` for bf16/fp16."""
     if len(idx) == 0:
         return {"acc": float("nan"), "loss": float("nan")}
     model.eval()
     correct, loss_sum = 0, 0.0
     more: dict[str, float] = {}
     for start in range(0, len(idx), batch_size):
-        batch = data.batch(idx[start : start + batch_size])
+        batch = batch_on(model, data, idx[start : start + batch_size])
         c, s = task.score(model, batch)
         correct, loss_sum = correct + c, loss_sum + s
         if extras:
@@ -148,6 +166,7 @@ def pooled_features(
     """One vector per example from the task (encoder: masked mean of the last hidden states), (n, hidden)."""
     model.eval()
     out = [
-        task.features(model, data.batch(idx[start : start + batch_size])) for start in range(0, len(idx), batch_size)
+        task.features(model, batch_on(model, data, idx[start : start + batch_size]))
+        for start in range(0, len(idx), batch_size)
     ]
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
