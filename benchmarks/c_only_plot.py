@@ -77,7 +77,7 @@ def main(folder: str) -> None:
         lines.append(
             f"| {label} | {a['seeds']} | {steps} | {a['acc_mean']:.3f} ± {a['acc_mean_std']:.3f} "
             f"| {a['acc_mean_agg']:.3f} ± {a['acc_mean_agg_std']:.3f} | {delta} | {up:,.0f} | {frac} "
-            f"| {curve[-1]:.3f} |"
+            f"| {curve[-1]:.2e} |"
         )
     table = "\n".join(lines) + "\n"
     (out / "c_only.md").write_text(table, encoding="utf-8")
