@@ -1,4 +1,4 @@
-"""`celora` command line: run | compare | comm | report | config | models | datasets."""
+"""`celora` command line: run | compare | comm | report | config | models | datasets | flower-sim."""
 
 from __future__ import annotations
 
@@ -334,6 +334,19 @@ def datasets() -> None:
 
     for name in sorted(DATASETS):
         console.print(name)
+
+
+@app.command(
+    "flower-sim",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def flower_sim(ctx: typer.Context) -> None:
+    """`flwr run [APP] [ARGS…]` in Flower's simulation engine (APP default "."), with this environment's Flower
+    binaries on PATH and runtime dependency installation off, e.g.
+    `celora flower-sim . --federation-config "num-supernodes=4" --stream` (docs/flower.md)."""
+    from celora.fl.flower.deploy import flwr_run
+
+    raise typer.Exit(flwr_run(ctx.args))
 
 
 def main() -> None:

@@ -5,13 +5,23 @@ Every error is one line that names the field (``data.alpha: ...``) or the file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from celora.errors import CeloraError
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device_name(name: str) -> str:
+    """Validate the spelling of ``train.device`` (whether the device exists is checked when a run starts)."""
+    if not DEVICE_PATTERN.match(name):
+        raise ValueError(f"'{name}' is not a device: expected auto, cpu, cuda, cuda:N or mps")
+    return name
 
 
 class _Section(BaseModel):
@@ -116,6 +126,21 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps per client and round")
     eval_batch_size: int = Field(64, ge=1, description="batch size for evaluation")
     threads: int | None = Field(None, ge=1, description="torch threads; default = all cores")
+    device: str = Field(
+        "auto",
+        description="where the frozen base runs: auto (CUDA if available, else CPU) | cpu | cuda | cuda:N | mps",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="fp32 | bf16 | fp16 (autocast; fp16 with a GradScaler; adapters, head and optimizer state stay "
+        "fp32) | auto (CPU: fp32, bf16 weights for SmolLM2 only where the CPU has native bf16; CUDA: bf16 where "
+        "supported, else fp32; MPS: fp32)",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return check_device_name(value)
 
 
 class AggregationConfig(_Section):

@@ -28,9 +28,12 @@ from celora.data.tasks import (
     TaskData,
     chat_prompt_parts,
     register_task,
+    row_index,
+    to_numpy,
     token_ids,
 )
 from celora.errors import CeloraError
+from celora.models.device import model_device
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGIT_INSTRUCTION = "Which digit is shown? Answer with one of: {labels}."
@@ -117,7 +120,7 @@ class ImageData(LabelledRows):
     processor: Any
 
     def batch(self, idx: np.ndarray | torch.Tensor) -> Batch:
-        index = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        index = row_index(idx, self.pixels)
         return {"pixel_values": self.processor(self.pixels[index]), "labels": self.labels_t[index]}
 
 
@@ -145,7 +148,7 @@ class ImageTask(ClassifyTask):
 
     def features(self, model: nn.Module, batch: Batch) -> np.ndarray:
         """The CLS token h_CLS of the backbone."""
-        return model.features(batch["pixel_values"]).detach().float().numpy()  # type: ignore[operator]
+        return to_numpy(model.features(batch["pixel_values"]))  # type: ignore[operator]
 
 
 # --------------------------------------------------------------------------- the image-prompt task (VLM)
@@ -168,7 +171,7 @@ class ImagePromptData:
         return {
             **self.prompts.batch(idx),
             "pixel_values": self.images.batch(idx)["pixel_values"],
-            "image_position": torch.tensor(self.image_position),
+            "image_position": torch.tensor(self.image_position, device=self.images.pixels.device),
         }
 
 
@@ -209,7 +212,7 @@ class ImagePromptTask(PromptTask):
 
     def features(self, model: nn.Module, batch: Batch) -> np.ndarray:
         """The ViT's CLS token (the image, not the fixed question, is what differs between examples)."""
-        return model.features(batch["pixel_values"]).detach().float().numpy()  # type: ignore[operator]
+        return to_numpy(model.features(batch["pixel_values"]))  # type: ignore[operator]
 
     def _greedy(self, model: nn.Module, batch: Batch, max_new_tokens: int) -> list[list[int]]:
         """Greedy answers with the batch's images bound (decoding by full forwards: answers are 1–2 tokens)."""
@@ -222,15 +225,17 @@ class ImagePromptTask(PromptTask):
         of frozen-ViT token features, their mean m_i and mean square q_i (per feature)."""
         assert isinstance(data, ImagePromptData)
         total, first, second = 0, None, None
+        device = model_device(model)
         for start in range(0, len(idx), 64):
-            pixels = data.images.batch(idx[start : start + 64])["pixel_values"]
+            pixels = data.images.batch(idx[start : start + 64])["pixel_values"].to(device)
             v = model.vision(pixel_values=pixels).last_hidden_state.flatten(0, 1).double()  # type: ignore[operator]
             first = v.sum(0) if first is None else first + v.sum(0)
             second = v.pow(2).sum(0) if second is None else second + v.pow(2).sum(0)
             total += v.shape[0]
         if first is None or second is None:
             return {}
-        return {"n": torch.tensor(float(total)), "mean": first / total, "mean_square": second / total}
+        n = torch.tensor(float(total), device="cpu")  # statistics travel: on the CPU
+        return {"n": n, "mean": (first / total).cpu(), "mean_square": (second / total).cpu()}
 
     def combine_statistics(self, stats: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """FedAvg of the sites' moments: μ = Σ n_i m_i / Σ n_i, σ² = Σ n_i q_i / Σ n_i − μ² (σ ≥ 0)."""

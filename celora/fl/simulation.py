@@ -48,8 +48,9 @@ from celora.fl.similarity import (
 )
 from celora.fl.strategies import RoundContext, Strategy, Tensors, get_strategy
 from celora.fl.strategies.fedavg_modules import aggregate_with_fedavg
+from celora.models.device import CPU, Placement, place_model, resolve_device, resolve_placement
 from celora.models.vlm import VisionLanguageModel
-from celora.models.zoo import LoadedModel, load_model
+from celora.models.zoo import LoadedModel, bf16_on_cpu, load_model
 
 log = logging.getLogger("celora")
 
@@ -111,6 +112,7 @@ class Prepared:
     all_names: list[str]
     task: Task
     task_setup_bytes: int = 0  # per client, once (Task.setup)
+    placement: Placement = CPU  # train.device / train.precision, resolved
 
 
 @dataclass
@@ -164,12 +166,14 @@ def check_names(cfg: ExperimentConfig) -> ExperimentConfig:
         raise CeloraError(f"unknown data.name '{cfg.data.name}' (known: {known}; or set data.path)")
     if cfg.data.path is not None and not Path(cfg.data.path).is_file():
         raise CeloraError(f"data.path: file not found: {cfg.data.path}")
+    resolve_device(cfg.train.device)  # one line naming train.device when it is not on this machine
     return cfg
 
 
 def prepare(cfg: ExperimentConfig) -> Prepared:
     """Load data, partition it, tokenize once, build the frozen model and inject adapters."""
     cfg = check_names(cfg)
+    placement = resolve_placement(cfg.train.device, cfg.train.precision, bf16_on_cpu=bf16_on_cpu(cfg.model.name))
     d = cfg.data
     dataset = load_dataset(
         None if d.path else d.name,
@@ -201,7 +205,13 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         dataset = replace(
             dataset, instruction=d.instruction or dataset.instruction, verbalizers=d.verbalizers or dataset.verbalizers
         )
-    loaded = load_model(cfg.model.name, num_labels=len(dataset.label_names), seed=cfg.seed, head=task.head)  # type: ignore[arg-type]
+    loaded = load_model(
+        cfg.model.name,
+        num_labels=len(dataset.label_names),
+        seed=cfg.seed,
+        head=task.head,  # type: ignore[arg-type]
+        dtype=placement.weights,
+    )
     m = cfg.model
     if m.projector_hidden is not None:
         if not isinstance(loaded.model, VisionLanguageModel):
@@ -220,11 +230,13 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         inject_adapters(loaded.model, spec)
     except ValueError as err:
         raise CeloraError(f"model.rank: {err}") from None
+    place_model(loaded.model, placement, (*loaded.head_modules, *loaded.fedavg_modules))  # once: the base stays there
     encoded = task.build(dataset, loaded.tokenizer, m.max_length)
-    setup_bytes = task.setup(loaded.model, encoded, [c.train_idx for c in split.clients])
+    with placement.autocast():
+        setup_bytes = task.setup(loaded.model, encoded, [c.train_idx for c in split.clients])
     all_names = view_names(loaded.model, {"A", "B", "C", "head"}, loaded.head_modules)
     init_state = get_tensors(loaded.model, all_names)
-    return Prepared(dataset, split, encoded, loaded, spec, init_state, all_names, task, setup_bytes)
+    return Prepared(dataset, split, encoded, loaded, spec, init_state, all_names, task, setup_bytes, placement)
 
 
 class Simulation:
@@ -280,14 +292,15 @@ class Simulation:
         set_tensors(self.p.loaded.model, state)
 
     def _eval(self, idx: np.ndarray) -> tuple[float, float]:
-        return evaluate(self.p.loaded.model, self.p.encoded, idx, self.cfg.train.eval_batch_size, task=self.p.task)
+        p = self.p
+        with p.placement.autocast():
+            return evaluate(p.loaded.model, p.encoded, idx, self.cfg.train.eval_batch_size, task=p.task)
 
     def _eval_metrics(self, idx: np.ndarray, extras: bool) -> dict[str, float]:
         """acc, loss and (with ``extras``) the task's extra metrics, e.g. exact_match, on rows ``idx``."""
-        p = self.p
-        return evaluate_metrics(
-            p.loaded.model, p.encoded, idx, self.cfg.train.eval_batch_size, task=p.task, extras=extras
-        )
+        p, bs = self.p, self.cfg.train.eval_batch_size
+        with p.placement.autocast():
+            return evaluate_metrics(p.loaded.model, p.encoded, idx, bs, task=p.task, extras=extras)
 
     def zero_shot(self) -> dict[str, Any]:
         """The un-adapted model (ΔW = 0) on every client's test split, before round 1 (zero_shot.json)."""
@@ -416,7 +429,8 @@ class Simulation:
         cfg, p = self.cfg, self.p
         idx = p.split.clients[i].train_idx
         self._load(p.init_state)  # ΔW = 0 at init: the frozen backbone's features
-        feats = pooled_features(p.loaded.model, p.encoded, idx, cfg.train.eval_batch_size, task=p.task)
+        with p.placement.autocast():
+            feats = pooled_features(p.loaded.model, p.encoded, idx, cfg.train.eval_batch_size, task=p.task)
         labels = p.dataset.labels[idx]
         pr = cfg.privacy
         if pr.summary_epsilon is None:
@@ -511,6 +525,7 @@ class Simulation:
             weight_decay=t.weight_decay,
             max_steps=t.max_steps,
             seed=cfg.seed * 7919 + rnd * 31 + salt,
+            placement=self.p.placement,
         )
 
     def _pooled_round(self, rnd: int, sampled: list[int], states: dict[int, Tensors]) -> dict[int, ClientRound]:

@@ -36,18 +36,25 @@ app = ClientApp()
 _STATE = "celora.state"  # ArrayRecord: the client's full adapter view (A, B, C, head)
 _META = "celora.meta"  # ConfigRecord: the experiment config (TOML) received at setup
 _SIMS: dict[str, Any] = {}  # config digest → Simulation (a ClientApp process may serve many messages)
+NODE_TRAIN_KEYS = ("device", "precision")  # node config keys: this SuperNode's own train.device / train.precision
 
 
-def _simulation(toml_text: str) -> Any:
+def node_overrides(node_config: Any) -> list[str]:
+    """``--set``-style overrides from a SuperNode's node config (each node picks its device and precision)."""
+    return [f"train.{k}={node_config[k]}" for k in NODE_TRAIN_KEYS if k in node_config]
+
+
+def _simulation(toml_text: str, node_config: Any) -> Any:
     """Build (once per process and config) the engine whose client side this app runs."""
-    key = hashlib.sha256(toml_text.encode()).hexdigest()
+    overrides = node_overrides(node_config)
+    key = hashlib.sha256((toml_text + "\n".join(overrides)).encode()).hexdigest()
     if key not in _SIMS:
         import tomllib
 
-        from celora.config import build_config
+        from celora.config import apply_overrides, build_config
         from celora.fl.simulation import Simulation, prepare
 
-        cfg = build_config(tomllib.loads(toml_text))
+        cfg = build_config(apply_overrides(tomllib.loads(toml_text), overrides))
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         _SIMS.clear()
@@ -85,7 +92,7 @@ def _setup_ctx(context: Context) -> tuple[Any, int]:
     meta = context.state.get(_META)
     if not isinstance(meta, ConfigRecord) or "toml" not in meta:
         raise CeloraError("this node has not received the experiment config (setup message missing)")
-    sim = _simulation(str(meta["toml"]))
+    sim = _simulation(str(meta["toml"]), context.node_config)
     return sim, _partition(context, sim.cfg.num_clients)
 
 
@@ -115,7 +122,7 @@ def setup(msg: Message, context: Context) -> Message:
     conf = config_of(msg.content)
     toml_text = str(conf["config"])
     context.state[_META] = ConfigRecord({"toml": toml_text})
-    sim = _simulation(toml_text)
+    sim = _simulation(toml_text, context.node_config)
     i = _partition(context, sim.cfg.num_clients)
     content = RecordDict({"celora": ConfigRecord({"partition-id": i})})
     if bool(conf["summary"]):
@@ -159,7 +166,8 @@ def final(msg: Message, context: Context) -> Message:
     p = sim.p
     set_tensors(p.loaded.model, state)
     gidx = p.split.global_test_idx
-    metrics["acc_global"] = evaluate(p.loaded.model, p.encoded, gidx, sim.cfg.train.eval_batch_size, task=p.task)[0]
+    with p.placement.autocast():
+        metrics["acc_global"] = evaluate(p.loaded.model, p.encoded, gidx, sim.cfg.train.eval_batch_size, task=p.task)[0]
     target = str(context.node_config.get("adapters-dir", "") or conf.get("adapters-dir", ""))
     if target:
         exporter = PeftExporter(p.loaded.model, p.spec, p.loaded.head_modules, p.loaded.source)
