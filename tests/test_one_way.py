@@ -157,3 +157,17 @@ def test_process_tree_stopped_with_psutil(tmp_path):
     proc.stop(grace=5)
     assert not proc.alive()
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in below)
+
+
+def test_model_loading_leaves_transformers_logging_as_it_was():
+    from transformers.utils import logging as hf_logging
+
+    from celora.models.zoo import load_model
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_info()
+    try:
+        load_model("tiny-bert", num_labels=2, seed=0)
+        assert hf_logging.get_verbosity() == hf_logging.INFO and hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.set_verbosity(before)

