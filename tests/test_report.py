@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from celora import cli
-from celora.config import load_config
 from celora.errors import CeloraError
 from celora.fl.simulation import run_experiment
 from celora.report import plot_weights, top_collaborators, write_html_report
@@ -23,21 +22,9 @@ def visible_text(page: str) -> str:
     return re.sub(r"<[^>]+>", " ", re.sub(r'src="data:image/png;base64,[^"]*"', "", page))
 
 
-def test_html_report_for_a_run(tmp_path):
+def test_html_report_for_a_run(tmp_path, tiny_config):
     out = tmp_path / "run"
-    cfg = load_config(
-        None,
-        [
-            "model.name=tiny-bert",
-            "model.rank=2",
-            "model.max_length=32",
-            "num_clients=3",
-            "rounds=1",
-            "data.max_samples=90",
-            "train.max_steps=1",
-            "method=celora",
-        ],
-    )
+    cfg = tiny_config("model.rank=2", "model.max_length=32", "rounds=1", "data.max_samples=90", "train.max_steps=1")
     res = run_experiment(cfg, out, export_adapters=False)
     plot_weights(res.diagnostics["weights"], out / "weights.png")
     page = write_html_report(out).read_text()

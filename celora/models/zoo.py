@@ -128,8 +128,8 @@ def _from_hf_dir(
 ) -> LoadedModel:
     torch.manual_seed(seed)  # the new classifier head is initialised from the run's seed
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=num_labels, local_files_only=True, dtype=dtype
+    model = AutoModelForSequenceClassification.from_pretrained(  # a folder's own head of another size is replaced
+        str(path), num_labels=num_labels, local_files_only=True, dtype=dtype, ignore_mismatched_sizes=True
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
