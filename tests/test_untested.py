@@ -99,7 +99,9 @@ def test_dp_summaries_inside_a_run(tmp_path, tiny_config):
 
     def similarity(*extra: str) -> np.ndarray:
         out = tmp_path / "-".join(extra or ("plain",))
-        run_experiment(tiny_config("method=celora", "rounds=1", "train.max_steps=1", *extra), out, export_adapters=False)
+        run_experiment(
+            tiny_config("method=celora", "rounds=1", "train.max_steps=1", *extra), out, export_adapters=False
+        )
         return np.load(out / "similarity_data.npy")
 
     plain = similarity()
