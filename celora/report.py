@@ -57,9 +57,18 @@ def clients_table(row: dict[str, Any]) -> Table:
             f"{c['loss']:.3f}",
             fmt_bytes(c["bytes_up"]),
             fmt_bytes(c["bytes_down"]),
-            ("rejected: " + c["rejected"]) if c.get("rejected") else ("" if c["participated"] else "not sampled"),
+            _client_note(c),
         )
     return t
+
+
+def _client_note(c: dict[str, Any]) -> str:
+    """Why a client's line is special: a rejected upload, a dropout, or not sampled."""
+    if c.get("rejected"):
+        return "rejected: " + c["rejected"]
+    if c.get("dropped"):
+        return f"dropped ({c['dropped']} training)"
+    return "" if c["participated"] else "not sampled"
 
 
 def plot_accuracy(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:

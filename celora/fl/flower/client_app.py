@@ -13,7 +13,11 @@ Messages (all built by ``celora.fl.flower.server``):
 - ``train``: optionally the C̄_i (or other shared tensors) the server addressed to this client, then
   local training; the reply carries only what the method shares.
 - ``evaluate``: the last round's message, evaluation on the global test set, adapter export (local).
-A, B and the head never leave the node: they live in ``context.state`` (kept by the SuperNode).
+A, B and the head never leave the node: they live in ``context.state`` (kept by the SuperNode) and, when
+the node config has ``state-dir``, on the node's disk after every round
+(``<state-dir>/<config digest>-client_<i>/state-<t>.safetensors``, the last 3). A setup message with
+``resume-round = t`` (a resumed server, or a node rejoining mid-run) makes the node restore the newest
+state saved after a round ≤ t, so a restarted SuperNode continues with its own A, B and head.
 """
 
 from __future__ import annotations
@@ -106,8 +110,41 @@ def _runtime(context: Context, toml_text: str | None = None) -> Any:
     return ClientRuntime(env.cfg, env.bench, env.provider.client(i), env.phases, state)
 
 
-def _save_state(context: Context, rt: Any) -> None:
+def _disk(context: Context, toml_text: str, i: int) -> Path | None:
+    """This client's folder on the node's disk (node config ``state-dir``), or None."""
+    root = str(context.node_config.get("state-dir", "") or "")
+    if not root:
+        return None
+    return Path(root).expanduser() / f"{hashlib.sha256(toml_text.encode()).hexdigest()[:12]}-client_{i}"
+
+
+def _toml(context: Context) -> str:
+    meta = context.state.get(_META)
+    return str(meta["toml"]) if isinstance(meta, ConfigRecord) and "toml" in meta else ""
+
+
+def _save_state(context: Context, rt: Any, rnd: int | None = None) -> None:
+    """Keep the state in ``context.state`` and (after round ``rnd``) on the node's disk."""
     context.state[_STATE] = ArrayRecord.from_torch_state_dict(rt.state)
+    folder = _disk(context, _toml(context), rt.id)
+    if folder is not None and rnd is not None:
+        from celora.fl.run_folder import save_client_state
+
+        save_client_state(folder, rnd, rt.state)
+
+
+def _restore(context: Context, toml_text: str, i: int, upto: int) -> int:
+    """Restore the newest on-disk state saved after a round ≤ ``upto``; the round it is from (−1: none)."""
+    from celora.fl.run_folder import load_client_state
+
+    folder = _disk(context, toml_text, i)
+    found = load_client_state(folder, upto) if folder is not None else None
+    if found is None:
+        if _STATE in context.state:
+            del context.state[_STATE]
+        return -1
+    context.state[_STATE] = ArrayRecord.from_torch_state_dict(found[1])
+    return found[0]
 
 
 def _deliver(rt: Any, msg: Message, how: str, reply: ConfigRecord, metrics: MetricRecord) -> None:
@@ -130,9 +167,15 @@ def setup(msg: Message, context: Context) -> Message:
     conf = config_of(msg.content)
     toml_text = str(conf["config"])
     context.state[_META] = ConfigRecord({"toml": toml_text})
+    i = _partition(context, _env(toml_text).cfg.num_clients)
+    resume_round = int(number(conf, "resume-round")) if "resume-round" in conf else 0
+    state_round = _restore(context, toml_text, i, resume_round) if resume_round > 0 else -1
+    if resume_round == 0 and _STATE in context.state:  # a fresh run starts from the shared init
+        del context.state[_STATE]
     rt = _runtime(context, toml_text)
     info = {**rt.info(), "meta": rt.data.meta}
-    content = RecordDict({"celora": ConfigRecord({"partition-id": rt.id, "info": json.dumps(info)})})
+    reply = ConfigRecord({"partition-id": rt.id, "info": json.dumps(info), "state-round": state_round})
+    content = RecordDict({"celora": reply})
     if bool(conf["summary"]):
         content["summary"] = blob_record(rt.summary_blob())
     return Message(content, reply_to=msg)
@@ -152,7 +195,7 @@ def train(msg: Message, context: Context) -> Message:
         metrics.update({"acc": rec.acc, "loss": rec.loss, "train_loss": rec.train_loss, "n_train": rec.n_train})
         if up is not None:
             content["up"] = blob_record(up)
-    _save_state(context, rt)
+    _save_state(context, rt, int(number(conf, "round")))
     content["metrics"] = metrics
     return Message(content, reply_to=msg)
 
@@ -167,7 +210,7 @@ def final(msg: Message, context: Context) -> Message:
     reply = ConfigRecord({"partition-id": rt.id})
     metrics = MetricRecord()
     _deliver(rt, msg, str(conf["deliver"]), reply, metrics)
-    _save_state(context, rt)
+    _save_state(context, rt, int(number(conf, "layout")) + 1)
     metrics["acc_global"] = rt.evaluate_global()
     target = str(context.node_config.get("adapters-dir", "") or conf.get("adapters-dir", ""))
     if target:
