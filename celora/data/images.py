@@ -37,8 +37,11 @@ from celora.data.tasks import (
     _ids,
     _template,
     register_task,
+    row_index,
+    to_numpy,
 )
 from celora.errors import CeloraError
+from celora.models.device import model_device
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGIT_INSTRUCTION = "Which digit is shown? Answer with one of: {labels}."
@@ -159,7 +162,13 @@ def read_image(file: Path, size: int) -> np.ndarray:
 
 
 def load_image_file(
-    path: str | Path, image_column: str, label_column: str, extra_columns: Sequence[str] = (), size: int = 56
+    path: str | Path,
+    image_column: str,
+    label_column: str,
+    extra_columns: Sequence[str] = (),
+    size: int = 56,
+    *,
+    min_classes: int = 2,
 ) -> Dataset:
     """A CSV/JSONL/Parquet file whose ``image_column`` holds image paths (relative to the file's folder).
 
@@ -167,7 +176,8 @@ def load_image_file(
     stops the run with one line naming its row.
     """
     path = Path(path)
-    ds = load_file(path, image_column, label_column, extra_columns)  # the path column is read like a text column
+    # the path column is read like a text column
+    ds = load_file(path, image_column, label_column, extra_columns, min_classes=min_classes)
     _pillow()
     images = np.empty((len(ds), 3, size, size), dtype=np.uint8)
     for k, rel in enumerate(ds.texts):
@@ -192,7 +202,7 @@ class ImageData(LabelledRows):
     processor: Any
 
     def batch(self, idx: np.ndarray | torch.Tensor) -> Batch:
-        index = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        index = row_index(idx, self.pixels)
         return {"pixel_values": self.processor(self.pixels[index]), "labels": self.labels_t[index]}
 
 
@@ -220,7 +230,7 @@ class ImageTask(ClassifyTask):
 
     def features(self, model: nn.Module, batch: Batch) -> np.ndarray:
         """The CLS token h_CLS of the backbone."""
-        return model.features(batch["pixel_values"]).detach().float().numpy()  # type: ignore[operator]
+        return to_numpy(model.features(batch["pixel_values"]))  # type: ignore[operator]
 
 
 # --------------------------------------------------------------------------- the image-prompt task (VLM)
@@ -243,7 +253,7 @@ class ImagePromptData:
         return {
             **self.prompts.batch(idx),
             "pixel_values": self.images.batch(idx)["pixel_values"],
-            "image_position": torch.tensor(self.image_position),
+            "image_position": torch.tensor(self.image_position, device=self.images.pixels.device),
         }
 
 
@@ -284,7 +294,7 @@ class ImagePromptTask(PromptTask):
 
     def features(self, model: nn.Module, batch: Batch) -> np.ndarray:
         """The ViT's CLS token (the image, not the fixed question, is what differs between examples)."""
-        return model.features(batch["pixel_values"]).detach().float().numpy()  # type: ignore[operator]
+        return to_numpy(model.features(batch["pixel_values"]))  # type: ignore[operator]
 
     def _greedy(self, model: nn.Module, batch: Batch, max_new_tokens: int) -> list[list[int]]:
         """Greedy answers with the batch's images bound (decoding by full forwards: answers are 1–2 tokens)."""
@@ -292,25 +302,38 @@ class ImagePromptTask(PromptTask):
             return self.greedy_answers_by_forward(model, batch, max_new_tokens)
 
     @torch.no_grad()
-    def setup(self, model: nn.Module, data: TaskData, clients: Sequence[np.ndarray]) -> int:
-        """μ, σ of the projector's input standardisation, federated once: each client sends (n_i, m_i, q_i),
-        the mean and mean square of its frozen-ViT token features; μ = Σ n_i m_i / Σ n_i,
-        σ² = Σ n_i q_i / Σ n_i − μ². Returns the bytes per client (2·d float32 + n)."""
+    def site_statistics(self, model: nn.Module, data: TaskData, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """One site's statistics for the projector's input standardisation, from its own rows: the number n_i
+        of frozen-ViT token features, their mean m_i and mean square q_i (per feature)."""
         assert isinstance(data, ImagePromptData)
         total, first, second = 0, None, None
-        for idx in clients:
-            for start in range(0, len(idx), 64):
-                pixels = data.images.batch(idx[start : start + 64])["pixel_values"]
-                v = model.vision(pixel_values=pixels).last_hidden_state.flatten(0, 1).double()  # type: ignore[operator]
-                first = v.sum(0) if first is None else first + v.sum(0)
-                second = v.pow(2).sum(0) if second is None else second + v.pow(2).sum(0)
-                total += v.shape[0]
+        device = model_device(model)
+        for start in range(0, len(idx), 64):
+            pixels = data.images.batch(idx[start : start + 64])["pixel_values"].to(device)
+            v = model.vision(pixel_values=pixels).last_hidden_state.flatten(0, 1).double()  # type: ignore[operator]
+            first = v.sum(0) if first is None else first + v.sum(0)
+            second = v.pow(2).sum(0) if second is None else second + v.pow(2).sum(0)
+            total += v.shape[0]
         if first is None or second is None:
-            return 0
-        mean = first / total
-        std = (second / total - mean**2).clamp_min(0).sqrt()
-        model.projector.set_input_stats(mean.float(), std.float())  # type: ignore[union-attr,operator]
-        return 2 * 4 * int(mean.numel()) + 8
+            return {}
+        n = torch.tensor(float(total), device="cpu")  # statistics travel: on the CPU
+        return {"n": n, "mean": (first / total).cpu(), "mean_square": (second / total).cpu()}
+
+    def combine_statistics(self, stats: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """FedAvg of the sites' moments: μ = Σ n_i m_i / Σ n_i, σ² = Σ n_i q_i / Σ n_i − μ² (σ ≥ 0)."""
+        parts = [s for s in stats if s]
+        if not parts:
+            return {}
+        n = torch.stack([s["n"].double() for s in parts])
+        mean = sum(w * s["mean"].double() for w, s in zip(n, parts, strict=True)) / n.sum()
+        square = sum(w * s["mean_square"].double() for w, s in zip(n, parts, strict=True)) / n.sum()
+        assert isinstance(mean, torch.Tensor) and isinstance(square, torch.Tensor)
+        return {"mean": mean.float(), "std": (square - mean**2).clamp_min(0).sqrt().float()}
+
+    def apply_setup(self, model: nn.Module, setup: dict[str, torch.Tensor]) -> None:
+        """Fix the projector's μ, σ (the same on every site)."""
+        if setup:
+            model.projector.set_input_stats(setup["mean"], setup["std"])  # type: ignore[union-attr,operator]
 
 
 register_task(ImageTask())

@@ -316,11 +316,14 @@ def load_file(
     text_column: str,
     label_column: str,
     extra_columns: Sequence[str] = (),
+    *,
+    min_classes: int = 2,
 ) -> Dataset:
     """Load a ``.csv``, ``.jsonl``/``.json`` or ``.parquet`` file of labelled texts.
 
     Labels (strings or ints) map to ``0..K-1`` in sorted order. Rows with an empty or missing
-    text, label or extra column are skipped and counted in ``skipped_rows``.
+    text, label or extra column are skipped and counted in ``skipped_rows``. The file must hold at
+    least ``min_classes`` classes (a site of a federation may hold one).
     """
     path = Path(path)
     if not path.is_file():
@@ -368,7 +371,7 @@ def load_file(
     else:
         keys = [str(v) for v in raw_labels]
         ordered = sorted(set(keys))
-    if len(ordered) < 2:
+    if len(ordered) < min_classes:
         raise CeloraError(
             f"label_column '{label_column}' of data file '{path}' has a single class '{ordered[0]}'; need at least 2"
         )
@@ -395,6 +398,7 @@ def load_dataset(
     seed: int = 0,
     image_column: str | None = None,
     image_size: int = 56,
+    min_classes: int = 2,
 ) -> Dataset:
     """Load a shipped corpus by ``name`` or a file at ``path`` (which wins), optionally subsampled.
 
@@ -409,9 +413,9 @@ def load_dataset(
         if image_column:
             from celora.data.images import load_image_file
 
-            ds = load_image_file(path, image_column, label_column, extra, size=image_size)
+            ds = load_image_file(path, image_column, label_column, extra, size=image_size, min_classes=min_classes)
         else:
-            ds = load_file(path, text_column, label_column, extra_columns=extra)
+            ds = load_file(path, text_column, label_column, extra_columns=extra, min_classes=min_classes)
     else:
         if name is None:
             raise CeloraError("data: give a dataset name (data.name) or a file (data.path)")

@@ -22,6 +22,7 @@ from celora.config import ExperimentConfig
 from celora.data.tasks import Task
 from celora.fl.payload import Layout, WireDtype, expected_size
 from celora.fl.strategies import Strategy, Tensors, get_strategy
+from celora.models.device import CPU, Placement
 from celora.models.zoo import LoadedModel
 
 
@@ -39,6 +40,7 @@ class Backbone:
     init_state: Tensors
     all_names: list[str]
     task: Task
+    placement: Placement = CPU  # train.device / train.precision: where the model lives, autocast
 
     @property
     def model(self) -> nn.Module:

@@ -45,6 +45,12 @@ app = ClientApp()
 _STATE = "celora.state"  # ArrayRecord: the client's full adapter view (A, B, C, head)
 _META = "celora.meta"  # ConfigRecord: the experiment config (TOML) received at setup
 _ENVS: dict[str, _Env] = {}  # config digest → what this process loaded for it (a ClientApp serves many messages)
+NODE_TRAIN_KEYS = ("device", "precision")  # node config keys: this SuperNode's own train.device / train.precision
+
+
+def node_overrides(node_config: Any) -> list[str]:
+    """``--set``-style overrides from a SuperNode's node config (each node picks its device and precision)."""
+    return [f"train.{k}={node_config[k]}" for k in NODE_TRAIN_KEYS if k in node_config]
 
 
 @dataclass
@@ -57,17 +63,18 @@ class _Env:
     phases: Any  # celora.fl.backbone.Phases
 
 
-def _env(toml_text: str) -> _Env:
+def _env(toml_text: str, node_config: Any) -> _Env:
     """Load (once per process and config) the model and this node's data provider."""
-    key = hashlib.sha256(toml_text.encode()).hexdigest()
+    overrides = node_overrides(node_config)
+    key = hashlib.sha256((toml_text + "\n".join(overrides)).encode()).hexdigest()
     if key not in _ENVS:
         import tomllib
 
-        from celora.config import build_config
+        from celora.config import apply_overrides, build_config
         from celora.fl.backbone import Phases
         from celora.fl.prepare import prepare
 
-        cfg = build_config(tomllib.loads(toml_text))
+        cfg = build_config(apply_overrides(tomllib.loads(toml_text), overrides))
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         _ENVS.clear()
@@ -100,7 +107,7 @@ def _runtime(context: Context, toml_text: str | None = None) -> Any:
         if not isinstance(meta, ConfigRecord) or "toml" not in meta:
             raise CeloraError("this node has not received the experiment config (setup message missing)")
         toml_text = str(meta["toml"])
-    env = _env(toml_text)
+    env = _env(toml_text, context.node_config)
     i = _partition(context, env.cfg.num_clients)
     state = None
     if _STATE in context.state:
@@ -167,7 +174,7 @@ def setup(msg: Message, context: Context) -> Message:
     conf = config_of(msg.content)
     toml_text = str(conf["config"])
     context.state[_META] = ConfigRecord({"toml": toml_text})
-    i = _partition(context, _env(toml_text).cfg.num_clients)
+    i = _partition(context, _env(toml_text, context.node_config).cfg.num_clients)
     resume_round = int(number(conf, "resume-round")) if "resume-round" in conf else 0
     state_round = _restore(context, toml_text, i, resume_round) if resume_round > 0 else -1
     if resume_round == 0 and _STATE in context.state:  # a fresh run starts from the shared init

@@ -70,6 +70,51 @@ def _bin(name: str) -> str:
     return found
 
 
+def flower_env(home: Path | None = None) -> dict[str, str]:
+    """This process's environment for Flower's binaries: this environment's bin folder first on PATH (``flwr``
+    launches ``flower-superlink`` and ``flwr-simulation`` by name), runtime dependency installation and update
+    checks off, the hub offline; ``FLWR_HOME`` = ``home`` when given."""
+    env = dict(os.environ)
+    if home is not None:
+        env["FLWR_HOME"] = str(home)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def flwr_run(args: Sequence[str]) -> int:
+    """``flwr run [APP] ARGS…`` (APP defaults to ".") with :func:`flower_env`, in the foreground; its exit code."""
+    args = list(args)
+    if not args or args[0].startswith("-"):
+        args = [".", *args]
+    return subprocess.call([_bin("flwr"), "run", *args], env=flower_env())
+
+
+def stop_local_superlink(control_port: int) -> list[int]:
+    """End the managed local SuperLink that ``flwr run`` started with ``FLWR_LOCAL_CONTROL_API_PORT=control_port``
+    (it outlives the run), and every process below it, by process id (Linux /proc); the ids ended."""
+    ended: list[int] = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "flower-superlink" in cmd and f"127.0.0.1:{control_port} " in cmd + " ":
+            for pid in [*descendants(int(entry.name)), int(entry.name)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    ended.append(pid)
+                except ProcessLookupError:
+                    pass
+    return ended
+
+
 def _children() -> dict[int, list[int]]:
     kids: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -199,15 +244,7 @@ class LocalDeployment:
         return f"127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["FLWR_HOME"] = str(self.home)
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-        env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-        env.setdefault("HF_HUB_OFFLINE", "1")
-        env.setdefault("TRANSFORMERS_OFFLINE", "1")
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        return env
+        return flower_env(self.home)
 
     def write_connection(self) -> None:
         """FLWR_HOME/config.toml with a ``celora`` connection to this SuperLink (the default)."""
