@@ -195,15 +195,15 @@ def compare(
 ) -> None:
     """Run methods × seeds on identical partitions (resumable) and print the comparison table."""
     from celora.compare import (
-        TABLE_COLUMNS,
         aggregate_rows,
+        comparison_frame,
         parse_list,
         parse_seeds,
         parse_variants,
         run_comparison,
-        table_cells,
     )
     from celora.config import load_config
+    from celora.tables import frame_rich
 
     base = load_config(config, set_ or [])
     variants = parse_variants(variant or [])
@@ -238,12 +238,8 @@ def compare(
             base, method_list, seed_list, out_dir, observer_for=observer_for, on_skip=on_skip, variants=variants
         )
     agg = aggregate_rows(rows, method_list)
-    t = Table(title=f"comparison: {len(seed_list)} seeds, identical partitions per seed")
-    for col in TABLE_COLUMNS:
-        t.add_column(col, justify="right")
-    for a in agg:
-        t.add_row(*table_cells(a))
-    console.print(t)
+    title = f"comparison: {len(seed_list)} seeds, identical partitions per seed"
+    console.print(frame_rich(comparison_frame(agg), title=title))
     console.print(f"wrote {out_dir}/compare.csv, compare.md, compare.png")
 
 
@@ -299,8 +295,13 @@ def report(
     if html:
         console.print(f"wrote {write_html_report(folder)}")
         return
-    if (folder / "compare.md").is_file():
-        console.print((folder / "compare.md").read_text(encoding="utf-8"))
+    if any(folder.glob("*/seed_*/cell.json")):
+        from celora.compare import aggregate_rows, comparison_frame, read_cells
+        from celora.tables import frame_rich
+
+        cells = read_cells(folder)
+        agg = aggregate_rows(cells, list(dict.fromkeys(c["method"] for c in cells)))
+        console.print(frame_rich(comparison_frame(agg), title=f"comparison {folder.name}"))
         return
     if not (folder / "metrics.jsonl").is_file():
         raise CeloraError(f"{folder}: not a run folder (no metrics.jsonl)")
@@ -321,7 +322,8 @@ def config_cmd(
     import json
 
     from celora.config import ExperimentConfig
-    from celora.report import config_frame, config_markdown, frame_rich
+    from celora.report import config_frame, config_markdown
+    from celora.tables import frame_rich
 
     if as_json:
         print(json.dumps(ExperimentConfig.model_json_schema(), indent=2, ensure_ascii=False))

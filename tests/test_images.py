@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from celora.data.images import ImageTask, digits, load_image_file, mnist5k, resize_images, textile, with_image_size
+from celora.data.images import ImageTask, digits, mnist5k, textile
+from celora.data.sources import load_image_file, resize_images, with_image_size
 from celora.data.tasks import get_task
 from celora.errors import CeloraError
 from celora.models.zoo import load_model

