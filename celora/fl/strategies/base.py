@@ -65,6 +65,14 @@ class Strategy(ABC):
     def aggregate(self, ctx: RoundContext, updates: Mapping[int, Tensors]) -> dict[int, Tensors]:
         """Combine the participants' uploads; return the new message for each client it addresses."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the strategy carries from round to round (checkpointed): its diagnostics by default."""
+        return {"diagnostics": dict(self.diagnostics)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict``'s content (resume)."""
+        self.diagnostics = dict(state.get("diagnostics", {}))
+
 
 def weighted_mean(updates: Mapping[int, Tensors], weights: Mapping[int, float]) -> Tensors:
     """x̄ = Σ_j w_j x_j / Σ_j w_j per tensor name."""
