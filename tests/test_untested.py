@@ -90,3 +90,21 @@ def test_reduced_wire_precision_inside_a_run(tmp_path, tiny_config, dtype, ratio
     assert low["bytes_per_client_round"]["up"] == low["payload"]["bytes_message"]
     # the run trains through the quantised exchange: same accuracy to within a few points on the tiny task
     assert abs(low["acc_mean_agg"] - full["acc_mean_agg"]) < 0.1
+
+
+def test_dp_summaries_inside_a_run(tmp_path, tiny_config):
+    """privacy.summary_epsilon noises the uploaded summaries: the server's data similarity moves away from the
+    noiseless one, the more the smaller ε."""
+    import numpy as np
+
+    def similarity(*extra: str) -> np.ndarray:
+        out = tmp_path / "-".join(extra or ("plain",))
+        run_experiment(
+            tiny_config("method=celora", "rounds=1", "train.max_steps=1", *extra), out, export_adapters=False
+        )
+        return np.load(out / "similarity_data.npy")
+
+    plain = similarity()
+    weak = np.abs(similarity("privacy.summary_epsilon=1000") - plain).max()
+    strong = np.abs(similarity("privacy.summary_epsilon=0.5") - plain).max()
+    assert 0 < weak < strong
