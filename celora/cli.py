@@ -71,6 +71,10 @@ def run(
             help="inprocess (one process) | flower (local SuperLink + SuperNodes on loopback, see docs/flower.md)",
         ),
     ] = "inprocess",
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="continue RUN_DIR from its last complete checkpoint, with its own config.toml"),
+    ] = None,
 ) -> None:
     """Run one federated experiment (in-process engine, or a local Flower deployment) and write its run folder."""
     from celora.config import load_config
@@ -81,11 +85,25 @@ def run(
 
     if runtime not in ("inprocess", "flower"):
         raise CeloraError(f"--runtime must be inprocess or flower, got {runtime!r}")
+    if resume is not None:
+        if config is not None or set_ or out is not None:
+            raise CeloraError("--resume RUN_DIR uses the run's own config.toml and folder: drop CONFIG, --set, --out")
+        if runtime != "inprocess":
+            raise CeloraError("--resume: only the in-process runtime resumes from the CLI (Flower: see docs/flower.md)")
+        if not (resume / "config.toml").is_file():
+            raise CeloraError(f"--resume: {resume / 'config.toml'} not found (not a run folder)")
+        if (resume / "summary.json").is_file():
+            raise CeloraError(f"--resume: {resume} already finished (summary.json exists)")
+        from celora.fl.run_folder import load_checkpoint
+
+        if load_checkpoint(resume) is None:
+            raise CeloraError(f"--resume: {resume}: no complete checkpoint to resume from (checkpoints/ckpt-*.json)")
+        config = resume / "config.toml"
     cfg = load_config(config, set_ or [])
     for line in unused_keys(cfg):
         err_console.print(f"warning: {line}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     cfg = check_names(cfg)
-    out_dir = out or _default_out(config, cfg.method)
+    out_dir = resume or out or _default_out(config, cfg.method)
     console.print(
         f"[bold]celora[/bold] {cfg.method} · model {cfg.model.name} · {cfg.num_clients} clients · "
         f"{cfg.rounds} rounds · data {cfg.data.path or cfg.data.name} ({cfg.data.partition}) · runtime {runtime}"
@@ -120,6 +138,7 @@ def run(
                 observer=RichObserver(progress, cfg.rounds),
                 prepared=prepared,
                 export_adapters=not no_export,
+                resume=resume is not None,
             )
             result = sim.run()
     console.print(rounds_table(result.rounds))

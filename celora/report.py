@@ -113,9 +113,7 @@ def clients_frame(row: dict[str, Any]) -> pd.DataFrame:
                 "loss": f"{c['loss']:.3f}",
                 "up": fmt_bytes(c["bytes_up"]),
                 "down": fmt_bytes(c["bytes_down"]),
-                "note": ("rejected: " + c["rejected"])
-                if c.get("rejected")
-                else ("" if c["participated"] else "not sampled"),
+                "note": client_note(c),
             }
             for c in row["clients"]
         ],
@@ -131,6 +129,15 @@ def rounds_table(rows: list[dict[str, Any]], title: str = "Results per round") -
 def clients_table(row: dict[str, Any]) -> Table:
     """The clients of one round as a rich table."""
     return frame_rich(clients_frame(row), title=f"Clients after round {row['round']}")
+
+
+def client_note(c: dict[str, Any]) -> str:
+    """Why a client's line is special: a rejected upload, a dropout, or not sampled."""
+    if c.get("rejected"):
+        return "rejected: " + c["rejected"]
+    if c.get("dropped"):
+        return f"dropped ({c['dropped']} training)"
+    return "" if c["participated"] else "not sampled"
 
 
 def plot_accuracy(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:

@@ -51,6 +51,7 @@ out = ""
 round-timeout = 600.0
 node-wait = 120.0
 export = true
+resume = false
 """
 
 

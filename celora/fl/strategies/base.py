@@ -63,6 +63,14 @@ class Strategy(ABC):
     def aggregate(self, ctx: RoundContext, updates: Mapping[int, Tensors]) -> dict[int, Tensors]:
         """Combine the participants' uploads; return the new message for each client it addresses."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the strategy carries from round to round (checkpointed): its diagnostics by default."""
+        return {"diagnostics": dict(self.diagnostics)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict``'s content (resume)."""
+        self.diagnostics = dict(state.get("diagnostics", {}))
+
 
 class FedAvgStrategy(Strategy, ABC):
     """Sample-weighted mean of what travels, sent to every client (a global model)."""
