@@ -125,6 +125,8 @@ def test_frozen_bases_train_only_c_and_head_and_stay_identical(basis, heads):
     )
     prepared = prepare(cfg)
     sim = Simulation(cfg, prepared=prepared)
+    assert sim.server.phase.trained == {"C", "head"}
+    sim.server.phase.trainable(prepared.bench)
     trained = {n.rsplit(".", 1)[-1] for n, p in prepared.loaded.model.named_parameters() if p.requires_grad}
     assert "lora_A" not in trained and "lora_B" not in trained and "lora_C" in trained
     assert ("lora_S" in trained) == (heads > 1)
@@ -167,3 +169,18 @@ def test_lr_schedule_and_bad_training_knobs():
             _cfg(bad)
     with pytest.raises(CeloraError, match="train.warmup_steps"):
         _cfg("train.warmup_steps=-1")
+
+
+def test_keep_optimizer_resumes_each_clients_adam_moments():
+    cfg = _cfg("method=celora-global", "adapter.basis=orthogonal", "rounds=2", "train.keep_optimizer=true")
+    prepared = prepare(cfg)
+    sim = Simulation(cfg, prepared=prepared)
+    sim.run()
+    per_round = -(-12 // 8)  # ⌈n_train / batch⌉ steps, one epoch
+    for c in sim.clients:
+        state = c.optimizer_state
+        assert state is not None
+        assert {int(s["step"]) for s in state["state"].values()} == {2 * per_round}  # moments of both rounds
+    sim = Simulation(_cfg("method=celora-global", "adapter.basis=orthogonal", "rounds=1"), prepared=prepared)
+    sim.run()
+    assert all(c.optimizer_state is None for c in sim.clients)

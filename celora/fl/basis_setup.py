@@ -28,11 +28,6 @@ from celora.errors import CeloraError
 from celora.fl.client import batch_on
 
 
-def basis_frozen_factors(cfg: ExperimentConfig) -> set[str]:
-    """{"A", "B"} when the basis keeps A, B frozen and shared (orthogonal, gradient), else nothing."""
-    return {"A", "B"} if get_basis(cfg.model.basis).frozen else set()
-
-
 def check_basis(cfg: ExperimentConfig, field_name: str, method: str, trains: frozenset[str]) -> None:
     """One-line errors for a basis a method or the config cannot use."""
     m = cfg.model
