@@ -94,20 +94,13 @@ def plot(agg: dict[str, dict[str, Any]], curves: dict[str, list[float]], path: P
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.6))
-    positive = [a["bytes_up_per_client_round"] for a in agg.values() if a["bytes_up_per_client_round"] > 0]
-    floor = min(positive) / 4 if positive else 1.0
-    markers = "os^Dv<>pPX*h"
+    ups = {label: a["bytes_up_per_client_round"] for label, a in agg.items()}
+    floor = min([u for u in ups.values() if u > 0], default=4.0) / 4  # 0 B drawn left of the smallest message
     for k, (label, a) in enumerate(agg.items()):
-        up = a["bytes_up_per_client_round"]
-        ax.errorbar(
-            up if up > 0 else floor,
-            a["acc_mean_agg"],
-            yerr=a["acc_mean_agg_std"],
-            fmt=markers[k % len(markers)],
-            capsize=3,
-            label=label + ("" if up > 0 else " (0 B)"),
-        )
-        bx.plot(range(1, len(curves[label]) + 1), curves[label], marker=markers[k % len(markers)], ms=3, label=label)
+        mark = "os^Dv<>pPX*h"[k % 12]
+        x, name = (ups[label], label) if ups[label] > 0 else (floor, f"{label} (0 B)")
+        ax.errorbar(x, a["acc_mean_agg"], a["acc_mean_agg_std"], None, mark, capsize=3, label=name)
+        bx.plot(range(1, len(curves[label]) + 1), curves[label], marker=mark, ms=3, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("upload bytes per client-round (equal-bytes view)")
     ax.set_ylabel("personalized accuracy after aggregation")
