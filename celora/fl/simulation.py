@@ -294,11 +294,11 @@ class Simulation:
     def _eval(self, idx: np.ndarray) -> tuple[float, float]:
         p = self.p
         with p.placement.autocast():
-            return evaluate(p.loaded.model, p.encoded, idx, self.cfg.train.eval_batch_size, task=p.task)
+            return evaluate(p.loaded.model, p.encoded, idx, self.cfg.eval.batch_size, task=p.task)
 
     def _eval_metrics(self, idx: np.ndarray, extras: bool) -> dict[str, float]:
         """acc, loss and (with ``extras``) the task's extra metrics, e.g. exact_match, on rows ``idx``."""
-        p, bs = self.p, self.cfg.train.eval_batch_size
+        p, bs = self.p, self.cfg.eval.batch_size
         with p.placement.autocast():
             return evaluate_metrics(p.loaded.model, p.encoded, idx, bs, task=p.task, extras=extras)
 
@@ -430,7 +430,7 @@ class Simulation:
         idx = p.split.clients[i].train_idx
         self._load(p.init_state)  # ΔW = 0 at init: the frozen backbone's features
         with p.placement.autocast():
-            feats = pooled_features(p.loaded.model, p.encoded, idx, cfg.train.eval_batch_size, task=p.task)
+            feats = pooled_features(p.loaded.model, p.encoded, idx, cfg.eval.batch_size, task=p.task)
         labels = p.dataset.labels[idx]
         pr = cfg.privacy
         if pr.summary_epsilon is None:

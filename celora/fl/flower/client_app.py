@@ -167,7 +167,7 @@ def final(msg: Message, context: Context) -> Message:
     set_tensors(p.loaded.model, state)
     gidx = p.split.global_test_idx
     with p.placement.autocast():
-        metrics["acc_global"] = evaluate(p.loaded.model, p.encoded, gidx, sim.cfg.train.eval_batch_size, task=p.task)[0]
+        metrics["acc_global"] = evaluate(p.loaded.model, p.encoded, gidx, sim.cfg.eval.batch_size, task=p.task)[0]
     target = str(context.node_config.get("adapters-dir", "") or conf.get("adapters-dir", ""))
     if target:
         exporter = PeftExporter(p.loaded.model, p.spec, p.loaded.head_modules, p.loaded.source)
