@@ -108,3 +108,28 @@ def test_dp_summaries_inside_a_run(tmp_path, tiny_config):
     weak = np.abs(similarity("privacy.summary_epsilon=1000") - plain).max()
     strong = np.abs(similarity("privacy.summary_epsilon=0.5") - plain).max()
     assert 0 < weak < strong
+
+
+def test_every_run_folder_has_its_log(tmp_path, tiny_config):
+    import logging
+
+    def hostile(rnd, client, blob):
+        return blob + b"\0" * 100_000 if (rnd, client) == (1, 2) else blob
+
+    from celora.fl.simulation import Simulation
+
+    Simulation(tiny_config("method=celora", "train.max_steps=1"), tmp_path / "a", wire_hook=hostile).run()
+    lines = (tmp_path / "a" / "celora.log").read_text(encoding="utf-8").splitlines()
+    assert "run started: method celora, model tiny-bert, 3 clients, 2 rounds" in lines[0]
+    assert any("round 1: rejected the update of client 2" in line for line in lines)
+    assert [
+        line.split(" INFO ")[1].split(":")[0] for line in lines if " INFO round " in line and "acc mean" in line
+    ] == [
+        "round 1",
+        "round 2",
+    ]
+    assert "final: acc mean" in lines[-1]
+    run_experiment(tiny_config("method=local", "rounds=1", "train.max_steps=1"), tmp_path / "b")
+    assert "method local" in (tmp_path / "b" / "celora.log").read_text(encoding="utf-8")
+    assert "method local" not in (tmp_path / "a" / "celora.log").read_text(encoding="utf-8")  # one log per run
+    assert not [h for h in logging.getLogger("celora").handlers if isinstance(h, logging.FileHandler)]
