@@ -90,3 +90,46 @@ def test_reduced_wire_precision_inside_a_run(tmp_path, tiny_config, dtype, ratio
     assert low["bytes_per_client_round"]["up"] == low["payload"]["bytes_message"]
     # the run trains through the quantised exchange: same accuracy to within a few points on the tiny task
     assert abs(low["acc_mean_agg"] - full["acc_mean_agg"]) < 0.1
+
+
+def test_dp_summaries_inside_a_run(tmp_path, tiny_config):
+    """privacy.summary_epsilon noises the uploaded summaries: the server's data similarity moves away from the
+    noiseless one, the more the smaller ε."""
+    import numpy as np
+
+    def similarity(*extra: str) -> np.ndarray:
+        out = tmp_path / "-".join(extra or ("plain",))
+        run_experiment(
+            tiny_config("method=celora", "rounds=1", "train.max_steps=1", *extra), out, export_adapters=False
+        )
+        return np.load(out / "similarity_data.npy")
+
+    plain = similarity()
+    weak = np.abs(similarity("privacy.summary_epsilon=1000") - plain).max()
+    strong = np.abs(similarity("privacy.summary_epsilon=0.5") - plain).max()
+    assert 0 < weak < strong
+
+
+def test_every_run_folder_has_its_log(tmp_path, tiny_config):
+    import logging
+
+    def hostile(rnd, client, blob):
+        return blob + b"\0" * 100_000 if (rnd, client) == (1, 2) else blob
+
+    from celora.fl.simulation import Simulation
+
+    Simulation(tiny_config("method=celora", "train.max_steps=1"), tmp_path / "a", wire_hook=hostile).run()
+    lines = (tmp_path / "a" / "celora.log").read_text(encoding="utf-8").splitlines()
+    assert "run started: method celora, model tiny-bert, 3 clients, 2 rounds" in lines[0]
+    assert any("round 1: rejected the update of client 2" in line for line in lines)
+    assert [
+        line.split(" INFO ")[1].split(":")[0] for line in lines if " INFO round " in line and "acc mean" in line
+    ] == [
+        "round 1",
+        "round 2",
+    ]
+    assert "final: acc mean" in lines[-1]
+    run_experiment(tiny_config("method=local", "rounds=1", "train.max_steps=1"), tmp_path / "b")
+    assert "method local" in (tmp_path / "b" / "celora.log").read_text(encoding="utf-8")
+    assert "method local" not in (tmp_path / "a" / "celora.log").read_text(encoding="utf-8")  # one log per run
+    assert not [h for h in logging.getLogger("celora").handlers if isinstance(h, logging.FileHandler)]

@@ -34,6 +34,7 @@ from celora.data.tasks import (
 )
 from celora.errors import CeloraError
 from celora.models.device import model_device
+from celora.tensors import weighted_mean
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGIT_INSTRUCTION = "Which digit is shown? Answer with one of: {labels}."
@@ -242,10 +243,12 @@ class ImagePromptTask(PromptTask):
         parts = [s for s in stats if s]
         if not parts:
             return {}
-        n = torch.stack([s["n"].double() for s in parts])
-        mean = sum(w * s["mean"].double() for w, s in zip(n, parts, strict=True)) / n.sum()
-        square = sum(w * s["mean_square"].double() for w, s in zip(n, parts, strict=True)) / n.sum()
-        assert isinstance(mean, torch.Tensor) and isinstance(square, torch.Tensor)
+        moments = weighted_mean(
+            {i: {"mean": s["mean"], "mean_square": s["mean_square"]} for i, s in enumerate(parts)},
+            {i: float(s["n"]) for i, s in enumerate(parts)},
+            dtype=torch.float64,
+        )
+        mean, square = moments["mean"], moments["mean_square"]
         return {"mean": mean.float(), "std": (square - mean**2).clamp_min(0).sqrt().float()}
 
     def apply_setup(self, model: nn.Module, setup: dict[str, torch.Tensor]) -> None:

@@ -183,6 +183,7 @@ class Simulation:
         self.zero_shot_summary = st["zero_shot"]
         self.wall_before = float(st["wall_s"])
         self.folder.rewrite_rows(self.server.rows)
+        self.folder.open_log(fresh=False)
         self.obs.on_message(f"resumed from {ckpt.path.name}: round {ckpt.round} of {self.cfg.rounds} done")
         return ckpt.round
 
