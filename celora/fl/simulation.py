@@ -168,18 +168,23 @@ class Simulation:
     def state_dict(self, wall: float) -> dict[str, Any]:
         """The run's state between rounds: every client's private state, the server core's, the RNGs."""
         return {
-            "clients": {c.id: c.state for c in self.clients},
+            "clients": {c.id: self.changed(c.state) for c in self.clients},
             "server": self.server.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "zero_shot": self.zero_shot_summary,
             "wall_s": wall,
         }
 
+    def changed(self, state: Tensors) -> Tensors:
+        """The tensors of a client state that are not the shared initial ones (what a checkpoint stores)."""
+        init = self.bench.init_state
+        return {k: v for k, v in state.items() if v is not init.get(k)}
+
     def restore(self, ckpt: Checkpoint) -> int:
         """Load a checkpoint; metrics.jsonl is cut back to its rows. Returns the round it was taken after."""
         st = ckpt.state
         for c in self.clients:
-            c.state = dict(st["clients"][c.id])
+            c.state = {**self.bench.init_state, **st["clients"].get(c.id, {})}
         self.server.load_state_dict(st["server"], ckpt.round)
         torch.set_rng_state(st["torch_rng"])
         self.zero_shot_summary = st["zero_shot"]

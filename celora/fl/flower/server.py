@@ -287,7 +287,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
         ordered = [infos[i] for i in range(self.n)]
         bench = prepare_model(cfg, len(known["label_names"]))  # names and shapes only: no data
         self._core = ServerCore(cfg, bench, ordered, observer=self.obs, folder=self.folder)
-        self.folder.start(cfg, partition_report(ordered, known.get("meta", {})), fresh=False)
+        self.folder.start(cfg, partition_report(ordered, known.get("meta", {})), fresh=ckpt is None)
         if ckpt is not None:
             self.core.setup(None)
             self._restore(ckpt.state, ckpt.round)
