@@ -167,6 +167,7 @@ def test_flower_runtime_three_supernodes_on_loopback(tmp_path, inprocess, make_c
     assert summary == res.summary and summary["flower"]["lost_clients"] == {}
     assert abs(summary["acc_global"] - inprocess.summary["acc_global"]) <= 1e-6
     check_message_log(read_jsonl(out / "flower" / "messages.jsonl"), 3, 2)
+    assert len(list((out / "flower" / "nodes").glob("node_*/*-client_*/state-*.safetensors"))) == 3 * 3  # state-dir
     assert time.monotonic() - t0 < 420
 
 
