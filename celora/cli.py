@@ -370,7 +370,9 @@ def flower_sim(ctx: typer.Context) -> None:
 
 def main() -> None:
     """Entry point: user errors print one line and exit 2, without a traceback."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console_log = logging.StreamHandler()
+    console_log.setLevel(logging.WARNING)  # a run's INFO lines go to its celora.log, not the terminal
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", handlers=[console_log])
     try:
         app(standalone_mode=False)
     except CeloraError as err:

@@ -58,8 +58,9 @@ class Backbone:
         return get_tensors(self.loaded.model, self.all_names)
 
     def fresh_state(self) -> Tensors:
-        """A copy of the initial adapter view (every client starts here)."""
-        return {k: v.clone() for k, v in self.init_state.items()}
+        """The initial adapter view every client starts from. Its tensors are the shared ``init_state``'s (a
+        state is replaced, never changed in place), so an untouched client costs nothing to keep or checkpoint."""
+        return dict(self.init_state)
 
     @property
     def feature_dim(self) -> int | None:

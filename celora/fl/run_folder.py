@@ -32,6 +32,14 @@ from safetensors.torch import save as st_save
 from celora.config import ExperimentConfig, dump_config
 
 log = logging.getLogger("celora")
+LOG_FILE = "celora.log"
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+class _RunLog(logging.FileHandler):
+    """The run's celora.log: the "celora" logger at INFO (round lines, rejections, checkpoints, warnings)."""
+
+
 CHECKPOINT_FORMAT = 1
 
 
@@ -51,9 +59,39 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         if fresh or not (self.path / "metrics.jsonl").is_file():
             (self.path / "metrics.jsonl").write_text("", encoding="utf-8")
+        self.open_log(fresh)
+        log.info(
+            "run %s: method %s, model %s, %d clients, %d rounds, data %s (%s), seed %d",
+            "started" if fresh else "resumed",
+            cfg.method,
+            cfg.model.name,
+            cfg.num_clients,
+            cfg.rounds,
+            cfg.data.path or cfg.data.name,
+            cfg.data.partition,
+            cfg.seed,
+        )
         self.write_text("config.toml", dump_config(cfg))
         if partition is not None:
             self.write_json("partition.json", partition)
+
+    def open_log(self, fresh: bool = True) -> None:
+        """Send the "celora" logger's records (INFO and up) to ``celora.log`` in the folder until ``close_log``."""
+        self.close_log()  # one run log at a time in a process
+        if self.path is None:
+            return
+        handler = _RunLog(self.path / LOG_FILE, mode="w" if fresh else "a", encoding="utf-8")
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+        log.addHandler(handler)
+        if log.getEffectiveLevel() > logging.INFO:
+            log.setLevel(logging.INFO)  # records reach the file; console handlers keep their own levels
+
+    @staticmethod
+    def close_log() -> None:
+        for handler in [h for h in log.handlers if isinstance(h, _RunLog)]:
+            log.removeHandler(handler)
+            handler.close()
 
     def write_text(self, name: str, text: str) -> None:
         if self.path is not None:
@@ -69,7 +107,20 @@ class RunFolder:
             np.save(self.path / name, arr)
 
     def append_row(self, row: dict[str, Any]) -> None:
-        """Append one round's row to metrics.jsonl."""
+        """Append one round's row to metrics.jsonl (and its headline to celora.log)."""
+        log.info(
+            "round %d: acc mean %.3f (after agg. %.3f), worst-10%% %.3f, %d participants, %d rejected, "
+            "up %d B, down %d B, %.1fs",
+            row["round"],
+            row["acc_mean"],
+            row["acc_mean_agg"],
+            row["acc_worst10"],
+            row.get("participants", 0),
+            row.get("rejected", 0),
+            row["bytes_up"],
+            row["bytes_down"],
+            row["wall_s"],
+        )
         if self.path is not None:
             with (self.path / "metrics.jsonl").open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -80,7 +131,17 @@ class RunFolder:
             self.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        """summary.json, the final line of celora.log; the run log closes."""
         self.write_json("summary.json", summary)
+        log.info(
+            "final: acc mean %.3f, global %.3f, %.0f B up / %.0f B down per client-round, %.0fs",
+            summary["acc_mean"],
+            summary.get("acc_global", float("nan")),
+            summary["bytes_per_client_round"]["up"],
+            summary["bytes_per_client_round"]["down"],
+            summary["wall_s"],
+        )
+        self.close_log()
 
     def export_adapters(self, exporter: Any, states: Mapping[int, dict[str, torch.Tensor]]) -> None:
         """Every client's final adapter as a PEFT folder (``exporter``: ``celora.adapters.export.PeftExporter``)."""
@@ -169,6 +230,7 @@ def save_checkpoint(run: Path, rnd: int, state: dict[str, Any], keep: int = 2) -
     atomic_write(folder / f"{name}.safetensors", blob)
     marker = {"format": CHECKPOINT_FORMAT, "round": rnd, "sha256": hashlib.sha256(blob).hexdigest(), "state": meta}
     atomic_write(folder / f"{name}.json", json.dumps(marker).encode("utf-8"))
+    log.info("checkpoint after round %d: %s (%d B of tensors)", rnd, folder / f"{name}.json", len(blob))
     for old in sorted(folder.glob("ckpt-*.json"))[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
         old.with_suffix(".safetensors").unlink(missing_ok=True)

@@ -36,7 +36,7 @@ from celora.fl.backbone import Backbone, Phase, Phases
 from celora.fl.payload import Layout, PayloadError, decode, decode_named, encode, expected_size
 from celora.fl.records import ClientRound, Observer, Silent, round_row, summary_dict
 from celora.fl.run_folder import RunFolder
-from celora.fl.similarity import ClientSummary, summary_from_tensors
+from celora.fl.similarity import ClientSummary, summary_from_tensors, update_cosine
 from celora.fl.strategies import RoundContext, Strategy, Tensors
 from celora.fl.strategies.fedavg_modules import aggregate_with_fedavg
 
@@ -311,9 +311,8 @@ class ServerCore:
         if len(ids) > 1:
             names = list(uploads[ids[0]])
             u = torch.stack([torch.cat([(uploads[i][n] - sent[i][n]).reshape(-1) for n in names]) for i in ids])
-            unit = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            cos = unit @ unit.T
-            out["update_cosine_mean"] = float(cos[~torch.eye(len(ids), dtype=torch.bool)].mean())
+            cos = update_cosine(u.double().cpu().numpy())
+            out["update_cosine_mean"] = float(cos[~np.eye(len(ids), dtype=bool)].mean())
         diag = rs.diag
         if "weights" in diag and diag.get("participants") is not None:
             self.folder.save_npy(f"weights_round_{rs.rnd}.npy", diag["weights"])

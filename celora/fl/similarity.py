@@ -528,8 +528,8 @@ def data_similarity(distance: np.ndarray) -> np.ndarray:
     return s
 
 
-def param_similarity(updates: np.ndarray) -> np.ndarray:
-    """``S_ij = (1 + cos(u_i, u_j)) / 2`` for updates (N, P); a zero update has cos 0 with all others; diagonal 1."""
+def update_cosine(updates: np.ndarray) -> np.ndarray:
+    """``cos(u_i, u_j)`` for updates (N, P), in [-1, 1]; a zero update has cos 0 with every update."""
     u = np.asarray(updates, dtype=np.float64)
     if u.ndim != 2:
         raise CeloraError(f"similarity.updates must be an (N, P) array, got shape {u.shape}")
@@ -537,7 +537,11 @@ def param_similarity(updates: np.ndarray) -> np.ndarray:
         raise CeloraError("similarity.updates contains NaN or inf")
     norms = np.linalg.norm(u, axis=1, keepdims=True)
     unit = np.divide(u, norms, out=np.zeros_like(u), where=norms > 0)
-    cos = np.clip(unit @ unit.T, -1.0, 1.0)
-    s = (1.0 + cos) / 2.0
+    return np.clip(unit @ unit.T, -1.0, 1.0)
+
+
+def param_similarity(updates: np.ndarray) -> np.ndarray:
+    """``S_ij = (1 + cos(u_i, u_j)) / 2`` for updates (N, P); a zero update has cos 0 with all others; diagonal 1."""
+    s = (1.0 + update_cosine(updates)) / 2.0
     np.fill_diagonal(s, 1.0)
     return s
