@@ -296,11 +296,11 @@ def report(
         console.print(f"wrote {write_html_report(folder)}")
         return
     if any(folder.glob("*/seed_*/cell.json")):
-        from celora.compare import aggregate_rows, comparison_frame, read_cells
+        from celora.compare import aggregate_rows, comparison_cells, comparison_frame
         from celora.tables import frame_rich
 
-        cells = read_cells(folder)
-        agg = aggregate_rows(cells, list(dict.fromkeys(c["method"] for c in cells)))
+        cells, methods = comparison_cells(folder)
+        agg = aggregate_rows(cells, methods)
         console.print(frame_rich(comparison_frame(agg), title=f"comparison {folder.name}"))
         return
     if not (folder / "metrics.jsonl").is_file():
