@@ -22,7 +22,7 @@ from celora.config import ExperimentConfig
 from celora.errors import CeloraError
 from celora.privacy.inversion import AttackResult, AttackSettings, Kind, get_threat, run_attack
 
-__all__ = ["attack_experiment", "markdown_row", "write_outputs"]
+__all__ = ["COLUMNS", "attack_experiment", "markdown_row", "markdown_table", "write_outputs"]
 
 COLUMNS = (
     "shared",
@@ -55,9 +55,11 @@ def attack_experiment(
     warm_steps: int = 10,
     client: int = 0,
     progress: Any = None,
+    prepared: Any = None,
 ) -> tuple[AttackResult, dict[str, Any]]:
-    """Prepare the experiment, warm the client's adapter, and attack its batches; (result, settings)."""
-    from celora.adapters.inject import set_trainable, view_names
+    """Prepare the experiment (or reuse ``prepared`` from ``prepare(cfg)`` of the same config), warm the
+    client's adapter from the seeded init, and attack its batches; (result, settings)."""
+    from celora.adapters.inject import set_tensors, set_trainable, view_names
     from celora.fl.client import train_local
     from celora.fl.simulation import check_names, prepare
 
@@ -67,7 +69,8 @@ def attack_experiment(
     cfg = check_names(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    p = prepare(cfg)
+    p = prepared if prepared is not None else prepare(cfg)
+    set_tensors(p.loaded.model, p.init_state)  # the seeded init (a reused ``prepared`` may have been warmed)
     kind: Kind = "image" if p.loaded.kind == "vision" else "text"
     if p.loaded.kind in ("vlm",) or (kind == "text" and p.loaded.kind != "encoder"):
         raise CeloraError(f"celora attack: model.name '{cfg.model.name}' is not supported (text encoders and ViTs)")
@@ -162,8 +165,9 @@ def markdown_row(summary: dict[str, Any], rank: int) -> list[str]:
     ]
 
 
-def markdown_table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def markdown_table(rows: list[list[str]], columns: tuple[str, ...] = COLUMNS) -> str:
+    """A Markdown table of ``rows`` under ``columns``."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
 

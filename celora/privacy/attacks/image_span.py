@@ -127,7 +127,9 @@ def invert_image_span(
             diff[row, i], diff[row, j] = 1.0, -1.0
         weight = smooth * float(a.norm()) / max(float(diff.norm()), 1e-30)
         sol = torch.linalg.lstsq(
-            torch.cat([a, weight * diff]), torch.cat([rhs, torch.zeros(len(inside), dtype=torch.float64)])
+            torch.cat([a, weight * diff]),
+            torch.cat([rhs, torch.zeros(len(inside), dtype=torch.float64)]),
+            driver="gelsd",
         ).solution
         x[cols] += sol[:-1]
         hits[cols] += 1
