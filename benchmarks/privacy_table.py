@@ -18,7 +18,7 @@ import torch
 
 from celora.attack import COLUMNS, attack_experiment, markdown_row, markdown_table, write_outputs
 from celora.config import load_config
-from celora.fl.simulation import prepare
+from celora.fl.prepare import prepare
 
 ADAPTER_THREATS = ("fedit", "ffa", "c-known", "c-private", "c+head")
 
@@ -27,11 +27,12 @@ TEXT = (
     [("text", "configs/bench_small.toml", "full", 8, b, "fedsgd") for b in (1, 4)]
     + [("text", "configs/bench_small.toml", "head", 8, b, "fedsgd") for b in (1, 4)]
     + [("text", "configs/bench_small.toml", t, r, 1, "fedsgd") for r in (8, 32, 128) for t in ADAPTER_THREATS]
-    + [("text", "configs/bench_small.toml", t, r, 4, "fedsgd") for r in (8, 32) for t in ADAPTER_THREATS]
-    + [("text", "configs/bench_small.toml", t, r, 1, "fedavg") for r in (8, 32) for t in ("fedit", "c+head")]
 )
 IMAGE = [("image", "configs/vit_digits.toml", t, 8, 1, "fedsgd") for t in ("full", "head")] + [
     ("image", "configs/vit_digits.toml", t, 32, 1, "fedsgd") for t in ADAPTER_THREATS
+]
+LATER = [("text", "configs/bench_small.toml", t, r, 4, "fedsgd") for r in (8, 32) for t in ADAPTER_THREATS] + [
+    ("text", "configs/bench_small.toml", t, r, 1, "fedavg") for r in (8, 32) for t in ("fedit", "c+head")
 ]
 
 
@@ -43,12 +44,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/privacy"))
     ap.add_argument("--only", choices=("text", "image"), default=None)
-    ap.add_argument("--samples", type=int, default=4, help="batches per cell at batch size 1 (half at batch 4)")
+    ap.add_argument("--samples", type=int, default=4, help="batches per cell at batch size 1")
+    ap.add_argument("--samples-b4", type=int, default=1, help="batches per cell at batch size 4")
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--warm-steps", type=int, default=10)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cells = [c for c in TEXT + IMAGE if args.only in (None, c[0])]
+    cells = [c for c in TEXT + IMAGE + LATER if args.only in (None, c[0])]
     prepared: dict[tuple[str, int], object] = {}
     for kind, config, threat, rank, batch, protocol in cells:
         name = cell_name(kind, threat, rank, batch, protocol)
@@ -66,7 +68,7 @@ def main() -> None:
             threat,
             batch_size=batch,
             fedavg=protocol == "fedavg",
-            samples=args.samples if batch == 1 else max(1, args.samples // 2),
+            samples=args.samples if batch == 1 else args.samples_b4,
             iterations=args.iterations,
             warm_steps=args.warm_steps,
             prepared=prepared[key],

@@ -61,7 +61,7 @@ def attack_experiment(
     client's adapter from the seeded init, and attack its batches; (result, settings)."""
     from celora.adapters.inject import set_tensors, set_trainable, view_names
     from celora.fl.client import train_local
-    from celora.fl.simulation import check_names, prepare
+    from celora.fl.prepare import check_names, prepare
 
     threat = get_threat(shared)
     if warm_steps < 0 or local_steps < 1 or iterations < 0:

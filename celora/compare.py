@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from celora.config import ExperimentConfig, apply_overrides, build_config
 from celora.errors import CeloraError
 from celora.fl.simulation import Observer, Prepared, Simulation, check_names, prepare
+from celora.tables import frame_markdown
 
 CELL_KEYS = (
     "method",
@@ -34,6 +36,7 @@ CELL_KEYS = (
     "bytes_down_per_client_round",
     "bytes_total",
     "wall_s",
+    "update_epsilon",
 )
 TASK_KEYS = ("acc_zero_shot", "exact_match_mean")  # written when the task reports them (prompt task)
 
@@ -92,6 +95,12 @@ def cell_config(base: ExperimentConfig, method: str, seed: int, overrides: Seque
     return check_names(build_config(apply_overrides(data, list(overrides))))
 
 
+def _update_epsilon(summary: dict[str, Any]) -> float:
+    """ε of the shared update over the run (NaN: no update DP, or clipping without noise)."""
+    eps = summary.get("privacy", {}).get("update", {}).get("epsilon")
+    return float("nan") if eps is None else float(eps)
+
+
 def _cell_row(summary: dict[str, Any], seed: int) -> dict[str, Any]:
     per = summary["bytes_per_client_round"]
     return {
@@ -106,6 +115,7 @@ def _cell_row(summary: dict[str, Any], seed: int) -> dict[str, Any]:
         "bytes_down_per_client_round": per["down"],
         "bytes_total": summary["bytes_up_total"] + summary["bytes_down_total"],
         "wall_s": summary["wall_s"],
+        "update_epsilon": _update_epsilon(summary),
         **({"acc_zero_shot": summary["zero_shot"]["acc_mean"]} if "zero_shot" in summary else {}),
         **{k: summary[k] for k in TASK_KEYS if k in summary},
     }
@@ -181,7 +191,7 @@ def aggregate_rows(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> li
             continue
         agg: dict[str, Any] = {"method": m, "seeds": len(cell)}
         for k in CELL_KEYS[2:]:
-            agg[k], agg[k + "_std"] = _mean_std([r[k] for r in cell])
+            agg[k], agg[k + "_std"] = _mean_std([r.get(k, float("nan")) for r in cell])
         nan = (float("nan"), float("nan"))
         agg["delta_local"], agg["delta_local_std"] = _paired_delta(rows, m, "acc_mean") if m != REFERENCE else nan
         agg["delta_local_agg"], agg["delta_local_agg_std"] = (
@@ -203,6 +213,7 @@ TABLE_COLUMNS = (
     "down B/client-round",
     "total MB",
     "wall s",
+    "update ε",
 )
 
 
@@ -231,14 +242,19 @@ def table_cells(a: dict[str, Any]) -> list[str]:
         f"{a['bytes_down_per_client_round']:,.0f}",
         f"{a['bytes_total'] / 1e6:.3f}",
         f"{a['wall_s']:.0f}",
+        "–" if math.isnan(a.get("update_epsilon", math.nan)) else f"{a['update_epsilon']:.2f}",
     ]
 
 
+def comparison_frame(agg: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """The comparison (accuracy mean ± std over seeds, paired Δ to local, bytes) as one frame of display strings:
+    the CLI, compare.md and report.html render this same frame."""
+    return pd.DataFrame([table_cells(a) for a in agg], columns=list(TABLE_COLUMNS))
+
+
 def markdown_table(agg: Sequence[dict[str, Any]]) -> str:
-    """The comparison as a Markdown table (accuracy mean ± std over seeds, paired Δ to local, bytes)."""
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(table_cells(a)) + " |" for a in agg]
-    return "\n".join(lines) + "\n"
+    """The comparison as a Markdown table."""
+    return frame_markdown(comparison_frame(agg)) + "\n"
 
 
 def _plot_on(ax: Any, agg: Sequence[dict[str, Any]], title: str) -> None:
@@ -259,8 +275,6 @@ def _plot_on(ax: Any, agg: Sequence[dict[str, Any]], title: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("total MB on the wire (up + down, all clients, all rounds)")
     ax.grid(alpha=0.3, which="both")
-    if agg:
-        ax.legend(fontsize=7, loc="best")
     ax.set_title(title)
 
 
@@ -269,18 +283,29 @@ def plot_comparison(agg: Sequence[dict[str, Any]], path: str | Path, title: str 
     return plot_panels({title: agg}, path)
 
 
-def plot_panels(panels: Mapping[str, Sequence[dict[str, Any]]], path: str | Path) -> Path:
-    """One accuracy-vs-bytes panel per comparison (e.g. one per Dirichlet α), side by side, shared y axis."""
+def panels_figure(panels: Mapping[str, Sequence[dict[str, Any]]]) -> Any:
+    """One accuracy-vs-bytes panel per comparison (e.g. one per Dirichlet α), side by side, shared y axis; one
+    legend, right of the last panel (it never covers a point)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels) + 1.8, 4.2), sharey=True, squeeze=False)
     for ax, (title, agg) in zip(axes[0], panels.items(), strict=True):
         _plot_on(ax, agg, title)
     axes[0][0].set_ylabel("personalized accuracy (mean over clients)")
+    if any(panels.values()):
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
+    return fig
+
+
+def plot_panels(panels: Mapping[str, Sequence[dict[str, Any]]], path: str | Path) -> Path:
+    """``panels_figure`` saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = panels_figure(panels)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

@@ -5,13 +5,23 @@ Every error is one line that names the field (``data.alpha: ...``) or the file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from celora.errors import CeloraError
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device_name(name: str) -> str:
+    """Validate the spelling of ``train.device`` (whether the device exists is checked when a run starts)."""
+    if not DEVICE_PATTERN.match(name):
+        raise ValueError(f"'{name}' is not a device: expected auto, cpu, cuda, cuda:N or mps")
+    return name
 
 
 class _Section(BaseModel):
@@ -19,64 +29,147 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name: str = "minilm"
-    rank: int = Field(8, ge=1, le=1024)
+    name: str = Field("minilm", description="model zoo name (`celora models`) or a local Hugging Face model folder")
+    rank: int = Field(8, ge=1, le=1024, description="adapter rank r (C is r×r)")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; default = rank (scaling 1)")
     targets: list[str] | None = Field(None, min_length=1, description="module names to adapt; default per model")
-    dropout: float = Field(0.0, ge=0, lt=1)
-    init: Literal["kaiming", "paper"] = "kaiming"
-    basis: Literal["random", "svd"] = "random"
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input x (0 = off)")
+    init: Literal["kaiming", "paper"] = Field(
+        "kaiming", description="init of A: kaiming-uniform as PEFT's LoRA, or N(0, 1e-3²) as in the authors' code"
+    )
+    basis: Literal["random", "svd"] = Field(
+        "random", description="where A, B start: random (A random, B = 0, C = I) or svd (truncated SVD of W0, C = 0)"
+    )
     train_ab: bool = Field(True, description="train A and B locally (false: only C and the head train)")
     train_c: bool = Field(True, description="train C (false: C stays at its init, I for the random basis: a control)")
-    max_length: int = Field(128, ge=8, le=4096)
+    max_length: int = Field(128, ge=8, le=4096, description="maximum tokens per example (longer inputs are cut)")
     projector_hidden: int | None = Field(
         None, ge=1, le=65536, description="VLM only: width of the projector's hidden layer (default: the LM's hidden)"
     )
 
 
 class DataConfig(_Section):
-    name: str = "bbcnews"
-    partition: Literal["iid", "dirichlet", "pathological", "natural"] = "dirichlet"
-    alpha: float = Field(0.5, gt=0)
-    classes_per_client: int = Field(2, ge=1)
-    column: str | None = None
-    path: str | None = None
-    text_column: str = "text"
-    label_column: str = "label"
+    name: str = Field("bbcnews", description="shipped dataset (`celora datasets`); ignored when data.path is set")
+    partition: Literal["iid", "dirichlet", "pathological", "natural"] = Field(
+        "dirichlet",
+        description="how one dataset is split into clients: iid, Dirichlet label skew, k classes each, or by a column",
+    )
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration over labels (smaller = more skewed)")
+    classes_per_client: int = Field(2, ge=1, description="pathological partition: labels per client")
+    column: str | None = Field(None, description="natural partition: the column whose values define the clients")
+    path: str | None = Field(None, description="your own data: a CSV, JSONL or Parquet file (see docs/tasks.md)")
+    text_column: str = Field("text", description="data.path: the column holding the input text")
+    label_column: str = Field("label", description="data.path: the column holding the label")
     image_column: str | None = Field(None, description="column of image file paths (relative to data.path)")
     image_size: int = Field(56, ge=14, le=518, description="images are resized to image_size² (ViT patch 14)")
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    global_test_fraction: float = Field(0.1, gt=0, lt=1)
-    train_per_client: int | None = Field(None, ge=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of each client's data held out as its test split")
+    global_test_fraction: float = Field(
+        0.1, gt=0, lt=1, description="share of the dataset held out as the global test set (before partitioning)"
+    )
+    train_per_client: int | None = Field(None, ge=1, description="cap on each client's train split (stratified)")
     test_per_client: int | None = Field(None, ge=1, description="cap on each client's test split (stratified)")
-    max_samples: int | None = Field(None, ge=2)
+    max_samples: int | None = Field(None, ge=2, description="use a seeded, label-stratified subset of this size")
     task: str | None = Field(None, description="classify | prompt | … (celora.data.tasks); default per model")
     instruction: str | None = Field(None, description="prompt task: the instruction ({labels} = the label words)")
     verbalizers: list[str] | None = Field(None, min_length=2, description="prompt task: one answer word per label")
+    sites: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="site-local data: one file per client (.csv/.jsonl/.json/.parquet, the columns of data.path), "
+        "each read only by its own client; replaces data.name/data.path and the partition; num_clients = their number",
+    )
+    labels: list[str] | None = Field(
+        None,
+        min_length=2,
+        description="with data.sites: the declared label space (class ids in this order); default: the union "
+        "of the sites' label names, agreed in the setup message",
+    )
+    global_test_path: str | None = Field(
+        None,
+        description="with data.sites: an optional shared global test file (same columns) for acc_global; "
+        "without it there is no global test set",
+    )
+
+    @model_validator(mode="after")
+    def _check_sites(self) -> DataConfig:
+        if self.labels is not None:
+            seen: set[str] = set()
+            for name in self.labels:
+                if not name.strip():
+                    raise ValueError("data.labels: empty label name")
+                if name in seen:
+                    raise ValueError(f"data.labels: label '{name}' is listed twice")
+                seen.add(name)
+        if self.sites is None:
+            for key in ("labels", "global_test_path"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"data.{key} needs data.sites (one file per client)")
+            return self
+        if self.path is not None:
+            raise ValueError("data.sites and data.path both given: data.sites replaces data.path; give one")
+        seen = set()
+        for k, site in enumerate(self.sites):
+            if not site.strip():
+                raise ValueError(f"data.sites[{k}]: empty path")
+            if site in seen:
+                raise ValueError(f"data.sites[{k}]: '{site}' is listed twice (one file per client)")
+            seen.add(site)
+        return self
 
 
 class TrainConfig(_Section):
-    local_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    local_epochs: int = Field(1, ge=1, description="passes over the client's train split per round")
+    batch_size: int = Field(16, ge=1, description="training batch size")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the adapter factors")
     head_lr: float | None = Field(None, gt=0, description="learning rate of the task head; default = lr")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps per client and round")
-    eval_batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(64, ge=1, description="batch size for evaluation")
     threads: int | None = Field(None, ge=1, description="torch threads; default = all cores")
+    device: str = Field(
+        "auto",
+        description="where the frozen base runs: auto (CUDA if available, else CPU) | cpu | cuda | cuda:N | mps",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="fp32 | bf16 | fp16 (autocast; fp16 with a GradScaler; adapters, head and optimizer state stay "
+        "fp32) | auto (CPU: fp32, bf16 weights for SmolLM2 only where the CPU has native bf16; CUDA: bf16 where "
+        "supported, else fp32; MPS: fp32)",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return check_device_name(value)
 
 
 class AggregationConfig(_Section):
     beta: float = Field(0.5, ge=0, le=1, description="weight of data similarity vs parameter similarity")
     lam: float = Field(1.0, ge=0, description="strength of similarity in the learned weights (0 = FedAvg)")
-    head: Literal["local", "shared"] | None = Field(None, description="head policy; default per method")
-    distance_method: Literal["exact", "fast", "auto"] = "auto"
+    head: Literal["local", "shared"] | None = Field(
+        None,
+        description="the task head: local (stays on the client) or shared (travels, mixed like C); default per method",
+    )
+    distance_method: Literal["exact", "fast", "auto"] = Field(
+        "auto", description="OT solver for the data distance: exact (ot.emd2), fast (same values, batched), auto = fast"
+    )
     warmup_rounds: int = Field(0, ge=0, description="first k rounds run warmup_method (e.g. FedIT to align A, B)")
-    warmup_method: str = "fedit"
+    warmup_method: str = Field("fedit", description="method of the warm-up rounds (aggregation.warmup_rounds > 0)")
+    max_norm_ratio: float | None = Field(
+        None,
+        ge=1,
+        description="reject an upload whose update norm ‖x_i − x_i^sent‖ exceeds k × the round's median (logged, "
+        "counted as rejected); default off",
+    )
+    clip_norm: float | None = Field(
+        None, gt=0, description="clip every update x_i − x_i^sent to this L2 norm before combining; default off"
+    )
 
 
 class PayloadConfig(_Section):
-    dtype: Literal["fp32", "fp16", "int8"] = "fp32"
+    dtype: Literal["fp32", "fp16", "int8"] = Field(
+        "fp32", description="wire precision of what travels, both ways (int8: one float32 scale per tensor)"
+    )
     max_bytes_factor: float = Field(2.0, ge=1.0, description="reject uploads larger than this × expected")
 
 
@@ -108,27 +201,126 @@ class PrivacyConfig(_Section):
 
 
 class ExperimentConfig(_Section):
-    method: str = "celora"
-    seed: int = 0
-    rounds: int = Field(3, ge=1)
-    num_clients: int = Field(10, ge=1)
-    clients_per_round: int | None = Field(None, ge=1)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
-    payload: PayloadConfig = Field(default_factory=PayloadConfig)
-    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    method: str = Field("celora", description="federated method (see the methods table in the README)")
+    seed: int = Field(0, description="seed of the partition, the shared adapter init and training")
+    rounds: int = Field(3, ge=1, description="federated rounds")
+    num_clients: int = Field(10, ge=1, description="number of clients the dataset is split into")
+    clients_per_round: int | None = Field(None, ge=1, description="clients sampled per round; default = all")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the model and its adapters")
+    data: DataConfig = Field(default_factory=DataConfig, description="the dataset and its partition into clients")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="local training on each client")
+    aggregation: AggregationConfig = Field(
+        default_factory=AggregationConfig, description="how the server combines what travels"
+    )
+    payload: PayloadConfig = Field(default_factory=PayloadConfig, description="what travels on the wire")
+    privacy: PrivacyConfig = Field(
+        default_factory=PrivacyConfig, description="differential privacy of the data summaries and the shared update"
+    )
+    checkpoint_every: int = Field(
+        1,
+        ge=0,
+        description="write an atomic checkpoint to <run>/checkpoints every k rounds (0 = never); "
+        "`celora run --resume RUN_DIR` continues from the last complete one",
+    )
+    dropout: float = Field(
+        0.0, ge=0, le=1, description="probability that a sampled client fails after local training (upload lost)"
+    )
+    dropout_before: float = Field(
+        0.0, ge=0, le=1, description="probability that a sampled client fails before local training"
+    )
+    min_clients: int | None = Field(
+        None, ge=1, description="Flower: start once this many SuperNodes are connected (default: all num_clients)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _clients_from_sites(cls, data: Any) -> Any:
+        """With data.sites, num_clients is the number of files (a conflicting explicit value is an error)."""
+        if not isinstance(data, dict):
+            return data
+        section = data.get("data")
+        sites = section.get("sites") if isinstance(section, dict) else getattr(section, "sites", None)
+        if not isinstance(sites, list) or not sites:
+            return data
+        given = data.get("num_clients")
+        if given is not None and given != len(sites):
+            raise ValueError(f"num_clients = {given} but data.sites lists {len(sites)} files (one client per file)")
+        return {**data, "num_clients": len(sites)}
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
         if self.clients_per_round is not None and self.clients_per_round > self.num_clients:
             raise ValueError(f"clients_per_round ({self.clients_per_round}) > num_clients ({self.num_clients})")
+        if self.min_clients is not None and self.min_clients > self.num_clients:
+            raise ValueError(f"min_clients ({self.min_clients}) > num_clients ({self.num_clients})")
+        for key in ("dropout", "dropout_before"):
+            if getattr(self, key) >= 1.0:
+                raise ValueError(f"{key} = 1.0: every sampled client fails, nobody would ever upload (use < 1)")
         return self
 
     @property
     def sampled_per_round(self) -> int:
         return self.clients_per_round or self.num_clients
+
+
+def _type_name(annotation: Any) -> str:
+    """A field's type as a reader writes it: ``int | None``, ``"iid" | "dirichlet"``, ``list[str]``."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return " | ".join(f'"{a}"' if isinstance(a, str) else str(a) for a in args)
+    if origin in (Union, type(int | None)):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default_text(value: Any) -> str:
+    """A default as it would be written in TOML (``None``: unset, the description says what happens)."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
+
+
+def config_reference() -> list[dict[str, str]]:
+    """Every key of an experiment config, in declaration order: section, key (dotted), type, default, description.
+
+    Generated from the pydantic models: the descriptions are written once, in ``Field(description=...)``.
+    """
+    rows: list[dict[str, str]] = []
+
+    def walk(model: type[BaseModel], section: str) -> None:
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(field.annotation, name)
+                continue
+            rows.append(
+                {
+                    "section": section,
+                    "key": f"{section}.{name}" if section else name,
+                    "type": _type_name(field.annotation),
+                    "default": _default_text(field.get_default(call_default_factory=True)),
+                    "description": field.description or "",
+                }
+            )
+
+    walk(ExperimentConfig, "")
+    return rows
+
+
+def section_descriptions() -> dict[str, str]:
+    """Section name → its description ("" for the top-level keys)."""
+    out = {"": "top-level keys"}
+    for name, field in ExperimentConfig.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out[name] = field.description or ""
+    return out
 
 
 def _one_line(err: ValidationError) -> str:
@@ -138,7 +330,7 @@ def _one_line(err: ValidationError) -> str:
         msg = e["msg"].replace("Value error, ", "")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        parts.append(f"{loc}: {msg}")
+        parts.append(msg if loc == "config" or msg.startswith(f"{loc}.") else f"{loc}: {msg}")
     return "invalid config: " + "; ".join(parts)
 
 
@@ -209,7 +401,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise CeloraError(f"{p}: not valid TOML ({err})") from None
-    return build_config(apply_overrides(data, overrides or []))
+    overrides = overrides or []
+    keys = {item.partition("=")[0].strip() for item in overrides}
+    if "data.sites" in keys and "num_clients" not in keys:  # the sites replace the file's data source
+        data = {k: v for k, v in data.items() if k != "num_clients"}
+    return build_config(apply_overrides(data, overrides))
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

@@ -86,3 +86,43 @@ def test_update_dp_from_config_and_bad_values():
             build_config({"privacy": bad})
         assert "\n" not in str(err.value)
     assert np.isfinite(analytic_gaussian_sigma(1.0, 100.0, 1e-9))
+
+
+TINY_RUN = [
+    "model.name=tiny-bert",
+    "model.rank=4",
+    "model.max_length=32",
+    "num_clients=2",
+    "rounds=2",
+    "data.max_samples=60",
+    "train.max_steps=2",
+    "train.batch_size=16",
+    "train.lr=5e-3",
+    "method=celora-global",
+]
+
+
+def test_update_dp_in_a_run_noise_zero_equals_no_dp_and_epsilon_in_summary(tmp_path):
+    import json
+
+    from celora.compare import _cell_row, table_cells
+    from celora.config import load_config
+    from celora.fl.simulation import run_experiment
+
+    plain = run_experiment(load_config(None, TINY_RUN), tmp_path / "plain")
+    zero = run_experiment(load_config(None, TINY_RUN + ["privacy.update_clip=1e9", "privacy.update_noise=0"]), None)
+    for key in ("acc_mean", "acc_mean_agg", "acc_global"):
+        assert zero.summary[key] == plain.summary[key]
+    assert "privacy" not in plain.summary and zero.summary["privacy"]["update"]["epsilon"] is None
+    out = tmp_path / "dp"
+    noisy = run_experiment(load_config(None, TINY_RUN + ["privacy.update_clip=0.1", "privacy.update_epsilon=3"]), out)
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["privacy"]["update"]["epsilon"] == pytest.approx(3.0, rel=1e-2)
+    assert saved["privacy"]["update"]["update_noise"] > 0
+    for i, state in plain.states.items():  # what the server mixed differs: the uploads were clipped and noised
+        c_names = [k for k in state if k.endswith(".lora_C")]
+        assert c_names and any(not torch.equal(state[k], noisy.states[i][k]) for k in c_names)
+        assert all(torch.equal(state[k], zero.states[i][k]) for k in state)
+    row = _cell_row(saved, 0)
+    agg = {k: row[k] for k in row} | {f"{k}_std": 0.0 for k in row} | {"seeds": 1, "delta_local": float("nan")}
+    assert table_cells(agg)[-1] == "3.00"  # the ε column of `celora compare`

@@ -12,7 +12,7 @@ from torch import nn
 from celora.adapters.inject import adapter_layers
 from celora.config import load_config
 from celora.errors import CeloraError
-from celora.fl.simulation import prepare
+from celora.fl.prepare import prepare
 from celora.privacy.attacks.span import candidate_residuals, first_layer_embeddings
 from celora.privacy.attacks.text import optimise_text
 from celora.privacy.inversion import (
@@ -114,7 +114,8 @@ def test_private_basis_attacker_uses_the_seeded_init(tiny):
 
 def test_image_span_inversion_beats_its_random_start():
     from celora.adapters.inject import AdapterSpec, get_tensors, inject_adapters, view_names
-    from celora.data.images import digits, with_image_size
+    from celora.data.images import digits
+    from celora.data.sources import with_image_size
     from celora.data.tasks import get_task
     from celora.models.dinov2 import ImageClassifier, PixelProcessor, tiny_dinov2
     from celora.privacy.inversion import run_attack

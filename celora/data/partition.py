@@ -14,6 +14,7 @@ import numpy as np
 from rich.table import Table
 
 from celora.errors import CeloraError
+from celora.registry import Registry
 
 DIRICHLET_MAX_TRIES = 1000
 
@@ -34,7 +35,7 @@ class Partitioner(Protocol):
     ) -> list[np.ndarray]: ...
 
 
-PARTITIONERS: dict[str, Partitioner] = {}
+PARTITIONERS: Registry[Partitioner] = Registry("partitioner", "data.partition")
 
 
 def register_partitioner(name: str) -> Callable[[Partitioner], Partitioner]:
@@ -264,7 +265,7 @@ def _half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def _train_test(
+def train_test_split(
     idx: np.ndarray, labels: np.ndarray, test_fraction: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stratified split of ``idx``; ≥1 test example when there are ≥2 examples."""
@@ -368,7 +369,7 @@ def make_federated_split(
         idx = pool[part]
         if len(idx) == 0:
             raise CeloraError(f"partition '{scheme}' left client {cid} with no examples; use fewer num_clients")
-        train, test = _train_test(idx, labels, test_fraction, rng_split)
+        train, test = train_test_split(idx, labels, test_fraction, rng_split)
         if train_per_client is not None and len(train) > train_per_client:
             train = stratified_sample(train, labels, int(train_per_client), rng_cap)
         if test_per_client is not None and len(test) > test_per_client:

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -34,8 +35,10 @@ __all__ = [
     "ACCOUNTANTS",
     "UpdateDP",
     "analytic_gaussian_sigma",
-    "clip_features",
     "clip_and_noise_update",
+    "clip_features",
+    "privacy_report",
+    "update_generator",
     "privatize_summary",
     "update_dp_from_config",
     "update_epsilon",
@@ -224,12 +227,22 @@ def update_dp_from_config(privacy: Any, rounds: int) -> UpdateDP | None:
     """Resolve ``privacy.update_*`` (clip + noise, or clip + target epsilon) into an :class:`UpdateDP`.
 
     ``update_noise = 0`` clips only (epsilon = inf, reported as such); no ``update_clip`` → no update DP.
+    Cached: every client runtime and the server resolve the same settings once.
     """
-    clip = getattr(privacy, "update_clip", None)
-    noise = getattr(privacy, "update_noise", None)
-    target = getattr(privacy, "update_epsilon", None)
-    delta = float(getattr(privacy, "update_delta", 1e-5))
-    kind = str(getattr(privacy, "accountant", "rdp"))
+    return _resolve(
+        getattr(privacy, "update_clip", None),
+        getattr(privacy, "update_noise", None),
+        getattr(privacy, "update_epsilon", None),
+        float(getattr(privacy, "update_delta", 1e-5)),
+        str(getattr(privacy, "accountant", "rdp")),
+        int(rounds),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve(
+    clip: float | None, noise: float | None, target: float | None, delta: float, kind: str, rounds: int
+) -> UpdateDP | None:
     if clip is None:
         if noise is not None or target is not None:
             raise CeloraError("privacy.update_clip is required with privacy.update_noise or privacy.update_epsilon")
@@ -248,6 +261,31 @@ def update_dp_from_config(privacy: Any, rounds: int) -> UpdateDP | None:
         raise CeloraError(f"privacy.update_noise must be a finite number >= 0, got {noise}")
     eps = math.inf if noise == 0 else update_epsilon(float(noise), rounds, delta, kind)
     return UpdateDP(float(clip), float(noise), delta, rounds, kind, eps)
+
+
+def privacy_report(privacy: Any, rounds: int) -> dict[str, Any]:
+    """summary.json's ``privacy``: the shared update's (epsilon, delta) over the run and the summaries' budget.
+
+    ``update.epsilon`` is None when the update is only clipped (noise 0: no DP guarantee)."""
+    out: dict[str, Any] = {}
+    dp = update_dp_from_config(privacy, rounds)
+    if dp is not None:
+        upd = dp.as_dict()
+        upd["epsilon"] = dp.epsilon if math.isfinite(dp.epsilon) else None
+        upd["adjacency"] = "client-level, zero-out (one client's whole update); no amplification by sampling"
+        out["update"] = upd
+    if getattr(privacy, "summary_epsilon", None) is not None:
+        out["summary"] = {
+            "epsilon": privacy.summary_epsilon,
+            "delta": privacy.summary_delta,
+            "mechanism": "analytic Gaussian",
+        }
+    return out
+
+
+def update_generator(seed: int, rnd: int, client: int) -> torch.Generator:
+    """The noise stream of one client's upload in one round (reproducible, and the same after a resume)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + rnd * 7_919 + client) % (2**63 - 1))
 
 
 def clip_and_noise_update(

@@ -1,19 +1,31 @@
 """The server side under Flower: a Flower ``Strategy`` that wraps any celora strategy from the registry.
 
-Round t mirrors the in-process engine (``Simulation.run``) message for message:
+Round t mirrors the in-process loop (``celora.fl.simulation``) message for message; both drive the same
+``ServerCore`` (outbox, validation, aggregation, rows) and, on the nodes, the same ``ClientRuntime``.
+The server never loads raw data: clients report counts at setup, and the model is built for layouts only.
 
 1. ``configure_train(t)`` samples S_t with the engine's RNG and builds **one fresh message per node**:
    the sampled clients train; every participant of round t−1 first receives the C̄_i (or whatever
    the method sends back) aggregated for it in round t−1 and is evaluated on it ("aggregated"
    accuracy of round t−1); a sampled client that missed a message while not sampled gets it too.
-2. ``aggregate_train(t)`` validates every upload (``Simulation.server_accept``) and hands the
-   accepted tensors to the celora strategy; round t−1's metrics row is complete and written.
+2. ``aggregate_train(t)`` validates every upload and hands the accepted tensors to the celora strategy
+   (both through the server core, ``celora.fl.server.ServerCore``, as in-process); round t−1's metrics
+   row is complete and written.
 3. After the last round, ``configure_evaluate`` delivers the last messages; clients report their
    global-test accuracy and export their adapters locally; the run summary is written.
 
 The data summaries of ``celora`` travel once, in the dedicated setup message before round 1.
 A node that does not answer within the round timeout (or answers with an error) is reported as
-lost in the metrics row (``rejected`` reason ``lost: …``) and in the summary, and is not contacted again.
+lost in the metrics row (``rejected`` reason ``lost: …``) and in the summary, and is not contacted again
+— until a SuperNode with its ``partition-id`` connects anew (a restarted node): it gets the setup message
+with ``resume-round`` (restoring its on-disk state) and rejoins at the next round. The run starts once all
+``num_clients`` nodes are connected, or after ``node-wait`` seconds with at least ``min_clients``: a
+missing client joins the same way; its data summary completes S^data when it arrives.
+
+Checkpoints: after every ``checkpoint_every`` rounds the server core's state and the open round (its
+records, uploads, the deliveries still due) go to ``<out>/checkpoints`` atomically; ``resume=True``
+restores the newest complete one and re-runs the setup with ``resume-round`` so that every node
+restores its own private state from its disk (node config ``state-dir``).
 Bytes: celora's own count (the blob) and Flower's (``ArrayRecord.count_bytes()``) side by side.
 """
 
@@ -23,7 +35,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +46,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from celora.config import ExperimentConfig, dump_config
-from celora.data.partition import partition_summary
 from celora.errors import CeloraError
+from celora.fl.client import partition_report
 from celora.fl.flower.wire import (
     arrays_of,
     blob_record,
@@ -47,9 +59,11 @@ from celora.fl.flower.wire import (
     number,
     record_blob,
 )
-from celora.fl.payload import decode
-from celora.fl.simulation import ClientRound, Simulation, prepare
-from celora.fl.strategies import RoundContext, Tensors
+from celora.fl.prepare import check_names, prepare_model
+from celora.fl.records import ClientRound, Observer, Silent
+from celora.fl.run_folder import RunFolder, load_checkpoint, save_checkpoint
+from celora.fl.server import RoundState, ServerCore
+from celora.fl.strategies import Tensors, get_strategy
 
 log = logging.getLogger("celora")
 
@@ -65,10 +79,11 @@ class _Delivery:
 
 
 class CeloraFlowerStrategy(FlowerStrategy):
-    """Flower Message-API strategy over a celora strategy: personalized messages, celora's metrics.
+    """Flower Message-API strategy over the celora server core: personalized messages, celora's metrics.
 
-    The celora strategy (``self.sim.strategy``) only ever sees named tensors, exactly as in the
-    in-process engine; this class turns them into per-node Flower messages and back.
+    The celora strategy only ever sees named tensors, exactly as in the in-process loop; this class turns
+    them into per-node Flower messages and back. The core (``self.core``) is built at setup, from the
+    clients' reported counts and a model built for layouts.
     """
 
     def __init__(
@@ -79,45 +94,44 @@ class CeloraFlowerStrategy(FlowerStrategy):
         round_timeout: float = 600.0,
         node_wait: float = 120.0,
         export: bool = True,
+        observer: Observer | None = None,
+        resume: bool = False,
     ) -> None:
-        self.sim = Simulation(cfg, out_dir, prepared=prepare(cfg), export_adapters=False)
-        self.cfg = self.sim.cfg
-        if self.sim.main_strategy.pooled or self.sim.strategy.pooled:
+        self.cfg = check_names(cfg)
+        agg = self.cfg.aggregation
+        if get_strategy(self.cfg.method).pooled or (agg.warmup_rounds and get_strategy(agg.warmup_method).pooled):
             raise CeloraError(f"method '{self.cfg.method}' pools the clients' data: it runs only in-process")
         self.out = Path(out_dir) if out_dir is not None else None
+        self.folder = RunFolder(self.out)
+        self.obs: Observer = observer or Silent()
         self.round_timeout = round_timeout
         self.node_wait = node_wait
         self.export = export
-        n = self.cfg.num_clients
-        self.n = n
-        # what each client holds of every factor, as far as the server knows (shared seed ⇒ identical init)
-        self.held: dict[int, Tensors] = {i: dict(self.sim.p.init_state) for i in range(n)}
+        self.n = self.cfg.num_clients
+        self._core: ServerCore | None = None
         self.node_of: dict[int, int] = {}
         self.client_of: dict[int, int] = {}
-        self.outbox: dict[int, Tensors] = {}
-        self.out_version = dict.fromkeys(range(n), 0)
-        self.recv_version = dict.fromkeys(range(n), 0)
-        self.rng = np.random.default_rng(self.cfg.seed)
         self.lost: dict[int, str] = {}
         self.lost_round: dict[int, int] = {}
-        self.records: dict[int, dict[int, ClientRound]] = {}
-        self.sampled: dict[int, list[int]] = {}
-        self.diag: dict[int, tuple[dict[str, Any], dict[int, Tensors], dict[int, Tensors]]] = {}
-        self.extra_down: dict[int, dict[int, int]] = {}  # round → client → bytes of messages flushed then
-        self.t0: dict[int, float] = {}
-        self.wall: dict[int, float] = {}
-        self.last: dict[int, ClientRound] = {}
-        self.rows: list[dict[str, Any]] = []
-        self.totals = {"up": 0, "down": 0}
+        self.joined: dict[int, int] = {}  # client → the round it (re)joined after the setup
+        self.rounds: dict[int, RoundState] = {}
+        self.lost_at: dict[int, dict[int, str]] = {}  # round → the lost clients (and why) when it was aggregated
         self.flower = {"arrays_up": 0, "arrays_down": 0, "control_up": 0, "control_down": 0, "setup_up": 0}
         self.sent_msgs: dict[int, Message] = {}  # client → the message of the current round
-        self.switching = False  # this round ends a warm-up: every pending message is delivered now
         self.inflight: dict[int, _Delivery] = {}  # client → delivery carried by the current round's message
         self.pending_eval: set[int] = set()  # participants of the last aggregated round with a fresh message
         self.global_acc: dict[int, float] = {}
         self.adapters: dict[int, str] = {}
-        self.setup_up: dict[int, int] = {}
         self.t_run = time.perf_counter()
+        self.resume = resume
+        self.done = 0  # last round whose uploads were aggregated
+        self.wall_before = 0.0
+
+    @property
+    def core(self) -> ServerCore:
+        if self._core is None:
+            raise CeloraError("the Flower strategy has not been set up (no SuperNode answered the setup)")
+        return self._core
 
     # ----------------------------------------------------------------- bookkeeping
     def _log_message(self, direction: str, rnd: int, kind: str, client: int | None, msg: Message, **extra: Any) -> None:
@@ -167,154 +181,203 @@ class CeloraFlowerStrategy(FlowerStrategy):
             return
         self.lost[i] = reason
         self.lost_round[i] = rnd
-        self.sim.obs.on_message(f"round {rnd}: client {i} {reason}")
+        self.obs.on_message(f"round {rnd}: client {i} {reason}")
         log.warning("round %d: client %d %s", rnd, i, reason)
 
-    def _delivery_for(self, i: int, rnd: int, sampled: bool) -> _Delivery:
+    def _delivery_for(self, i: int, rnd: int, sampled: bool, switching: bool = False) -> _Delivery:
+        core = self.core
         if i in self.pending_eval:
             how, owner = "eval", rnd - 1
-        elif (sampled or self.switching) and i in self.outbox and self.out_version[i] > self.recv_version[i]:
+        elif (sampled or switching) and core.pending(i):
             how, owner = "missed", rnd
         else:
             return _Delivery("none", rnd)
-        blob = self.sim.server_message(self.outbox[i])
-        tensors = decode(blob, self.sim.down_layout, self.sim.dtype)  # exactly what the client will hold
-        return _Delivery(how, owner, blob, tensors)
+        blob = core.message_blob(i)
+        return _Delivery(how, owner, blob, core.decode_message(blob))  # exactly what the client will hold
 
-    def _received(self, i: int, d: _Delivery, rep: Message | None) -> None:
-        """Account a delivery the client confirmed (bytes on the record of the round it belongs to)."""
+    def _received(self, i: int, d: _Delivery, rep: Message | None) -> int:
+        """A delivery the client confirmed: the server now knows what it holds; returns its bytes (0 if none)."""
         if d.how == "none" or rep is None:
-            return
+            return 0
         if config_of(rep.content).get("received") != digest(d.blob):
             raise CeloraError(f"client {i} confirmed a different message than the one sent")
-        self.held[i] = {**self.held[i], **d.tensors}
-        self.recv_version[i] = self.out_version[i]
-        rec = self.records[d.round].get(i)
-        if rec is None:  # a non-participant flushed at the end of a warm-up: counted on its row later
-            self.extra_down.setdefault(d.round, {})[i] = len(d.blob)
-            return
-        rec.bytes_down += len(d.blob)
-        if d.how == "eval":
-            m = metrics_of(rep.content)
-            rec.acc_agg, rec.loss_agg = number(m, "acc_agg"), number(m, "loss_agg")
+        self.core.delivered(i, d.blob, d.tensors)
+        return len(d.blob)
 
     def _finalize(self, rnd: int) -> None:
-        """Complete round ``rnd``'s metrics row (same keys as the in-process engine) and write it."""
-        records = self.records[rnd]
-        for i in self.sampled[rnd]:
-            rec = records.get(i)
-            if rec is not None and np.isnan(rec.acc_agg):  # no message to apply, or lost before delivery
-                rec.acc_agg, rec.loss_agg = rec.acc, rec.loss
-        for i in range(self.n):
-            if i not in records:
-                prev = self.last.get(i)
-                records[i] = ClientRound(
-                    id=i,
-                    n_train=int(self.sim.n_train[i]),
-                    participated=False,
-                    acc=prev.acc if prev else float("nan"),
-                    loss=prev.loss if prev else float("nan"),
-                    acc_agg=prev.acc_agg if prev else float("nan"),
-                    loss_agg=prev.loss_agg if prev else float("nan"),
-                )
-                if i in self.lost and i in self.sampled[rnd]:
-                    records[i].rejected = self.lost[i]
-        for i, nbytes in self.extra_down.pop(rnd, {}).items():
-            records[i].bytes_down += nbytes
-        self.last.update({i: r for i, r in records.items() if r.participated})
-        row = self.sim.round_row(rnd, [records[i] for i in range(self.n)], self.wall.get(rnd, 0.0))
-        self._diagnostics(rnd, row)
-        row["lost"] = sorted(i for i, r in self.lost_round.items() if r <= rnd)
-        self.totals["up"] += row["bytes_up"]
-        self.totals["down"] += row["bytes_down"]
-        self.rows.append(row)
-        if self.out is not None:
-            with (self.out / "metrics.jsonl").open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
-        self.sim.obs.on_round_end(rnd, row)
-
-    def _diagnostics(self, rnd: int, row: dict[str, Any]) -> None:
-        """The engine's per-round diagnostics, from the strategy state snapshotted right after aggregation."""
-        snap, uploads, started = self.diag.pop(rnd, ({}, {}, {}))
-        strategy = self.sim.strategy
-        live = strategy.diagnostics
-        strategy.diagnostics = snap
-        try:
-            self.sim.record_diagnostics(rnd, row, uploads, started)
-        finally:
-            strategy.diagnostics = live
+        """Complete round ``rnd``'s metrics row (same keys as the in-process loop) and write it."""
+        rs = self.rounds.pop(rnd)
+        lost = self.lost_at.pop(rnd, dict(self.lost))  # as it stood when the round's uploads were in
+        for i in rs.sampled:
+            if i not in rs.records and i in lost:
+                rec = ClientRound.absent(i, int(self.core.n_train[i]), self.core.last.get(i))
+                rec.rejected = lost[i]
+                rs.records[i] = rec
+        self.core.close_round(rs, {"lost": sorted(lost)})
 
     # ----------------------------------------------------------------- setup (before round 1)
+    def _query_setup(self, grid: Grid, nodes: list[int], resume_round: int, summary: bool) -> list[Message]:
+        """Send the setup message (config, whether to upload a data summary, the round to restore) to ``nodes``."""
+        msgs = []
+        toml_text = dump_config(self.cfg)
+        for node in nodes:
+            conf = ConfigRecord({"config": toml_text, "summary": summary, "resume-round": resume_round})
+            content = RecordDict({"celora": conf})
+            msgs.append(Message(content, dst_node_id=node, message_type="query.setup", group_id="0"))
+        return list(grid.send_and_receive(msgs, timeout=self.round_timeout))
+
+    def _claim(self, rep: Message, rnd: int) -> tuple[int, dict[str, Any], bytes | None]:
+        """Map the node of a setup reply to its partition; (client id, its info, its data summary or None)."""
+        conf = config_of(rep.content)
+        i = int(number(conf, "partition-id"))
+        node = rep.metadata.src_node_id
+        self.node_of[i] = node
+        self.client_of[node] = i
+        summary = None
+        if "summary" in rep.content:
+            rec = arrays_of(rep.content, "summary")
+            summary = record_blob(rec)
+            self.flower["setup_up"] += rec.count_bytes()
+        self._log_message("up", rnd, "query.setup", i, rep, state_round=conf.get("state-round"))
+        return i, json.loads(str(conf["info"])), summary
+
     def setup(self, grid: Grid) -> None:
-        """Write the run folder's static files, map nodes to clients, collect data summaries once."""
-        cfg, p = self.cfg, self.sim.p
+        """Map nodes to clients, collect their counts and data summaries once, build the server core
+        (and, with ``resume``, restore the newest checkpoint: every node restores its own state)."""
+        cfg = self.cfg
+        ckpt = load_checkpoint(self.out) if (self.resume and self.out is not None) else None
+        if self.resume and ckpt is None:
+            raise CeloraError(f"{self.out}: no complete checkpoint to resume from (checkpoints/ckpt-*.json)")
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "metrics.jsonl").write_text("", encoding="utf-8")
             (self.out / "flower").mkdir(exist_ok=True)
-            (self.out / "flower" / "messages.jsonl").write_text("", encoding="utf-8")
-            (self.out / "config.toml").write_text(dump_config(cfg), encoding="utf-8")
-            part = partition_summary(p.split, p.dataset.labels, p.dataset.label_names)
-            part["dataset"] = p.dataset.name
-            part["skipped_rows"] = p.dataset.skipped_rows
-            (self.out / "partition.json").write_text(json.dumps(part, indent=2), encoding="utf-8")
+            if ckpt is None:
+                (self.out / "metrics.jsonl").write_text("", encoding="utf-8")
+                (self.out / "flower" / "messages.jsonl").write_text("", encoding="utf-8")
+        need = cfg.min_clients or self.n
         deadline = time.monotonic() + self.node_wait
         nodes = list(grid.get_node_ids())
         while len(nodes) < self.n and time.monotonic() < deadline:
             time.sleep(1.0)
             nodes = list(grid.get_node_ids())
-        if len(nodes) < self.n:
-            raise CeloraError(f"only {len(nodes)} of {self.n} SuperNodes connected within {self.node_wait:g}s")
-        wants_summary = self.sim.main_strategy.uses_data_summaries
-        toml_text = dump_config(cfg)
-        msgs = {}
-        for node in nodes:
-            conf = ConfigRecord({"config": toml_text, "summary": wants_summary})
-            content = RecordDict({"celora": conf})
-            msgs[node] = Message(content, dst_node_id=node, message_type="query.setup", group_id="0")
-        replies = list(grid.send_and_receive(list(msgs.values()), timeout=self.round_timeout))
+        if len(nodes) < need:
+            raise CeloraError(f"only {len(nodes)} of {need} SuperNodes connected within {self.node_wait:g}s")
+        wants_summary = get_strategy(cfg.method).uses_data_summaries and ckpt is None
+        replies = self._query_setup(grid, nodes, ckpt.round if ckpt else 0, wants_summary)
         summaries: dict[int, bytes] = {}
+        infos: dict[int, dict[str, Any]] = {}
         for rep in replies:
             if rep.has_error():
                 raise CeloraError(f"node {rep.metadata.src_node_id} failed the setup: {str(rep.error.reason)[:300]}")
             i = int(number(config_of(rep.content), "partition-id"))
             if i in self.node_of:
                 raise CeloraError(f"two SuperNodes claim partition-id {i}")
-            self.node_of[i] = rep.metadata.src_node_id
-            self.client_of[rep.metadata.src_node_id] = i
-            if wants_summary:
-                rec = arrays_of(rep.content, "summary")
-                summaries[i] = record_blob(rec)
-                self.flower["setup_up"] += rec.count_bytes()
-            self._log_message("up", 0, "query.setup", i, rep)
-        missing = sorted(set(range(self.n)) - set(self.node_of))
-        if missing:
-            raise CeloraError(f"no SuperNode answered for partition-id {missing} within {self.round_timeout:g}s")
-        self.setup_up = self.sim.server_setup(summaries if wants_summary else None)
+            i, infos[i], blob = self._claim(rep, 0)
+            if blob is not None:
+                summaries[i] = blob
+        if len(infos) < need:
+            raise CeloraError(f"only {len(infos)} of {need} SuperNodes answered the setup ({self.round_timeout:g}s)")
+        missing = sorted(set(range(self.n)) - set(infos))
+        known = next(iter(infos.values()))
+        for i in missing:  # not connected yet: counts arrive when it joins
+            infos[i] = {"id": i, "n_train": 0, "n_test": 0, "label_hist": {}, "majority": float("nan")}
+            infos[i]["label_names"] = known["label_names"]
+            self._lose(i, 0, "lost: not connected at start")
+        ordered = [infos[i] for i in range(self.n)]
+        bench = prepare_model(cfg, len(known["label_names"]))  # names and shapes only: no data
+        self._core = ServerCore(cfg, bench, ordered, observer=self.obs, folder=self.folder)
+        self.folder.start(cfg, partition_report(ordered, known.get("meta", {})), fresh=False)
+        if ckpt is not None:
+            self.core.setup(None)
+            self._restore(ckpt.state, ckpt.round)
+        else:
+            self.core.setup(summaries if wants_summary else None)
+
+    def _join(self, grid: Grid, rnd: int) -> None:
+        """SuperNodes that connected since the setup (late, or restarted after being lost) join the run."""
+        core = self.core
+        fresh = [node for node in grid.get_node_ids() if node not in self.client_of]
+        if not fresh:
+            return
+        wants = core.main_strategy.uses_data_summaries
+        for rep in self._query_setup(grid, fresh, max(0, rnd - 1), wants):
+            if rep.has_error():
+                continue
+            i = int(number(config_of(rep.content), "partition-id"))
+            if i in self.node_of and i not in self.lost:
+                log.warning("node %d claims partition-id %d, which is live: ignored", rep.metadata.src_node_id, i)
+                continue
+            i, info, blob = self._claim(rep, rnd)
+            core.join(i, info, blob)
+            self.lost.pop(i, None)
+            self.lost_round.pop(i, None)
+            self.joined[i] = rnd
+            self.obs.on_message(f"round {rnd}: client {i} joined on node {self.node_of[i]}")
+
+    # ----------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """The server's state after ``self.done`` rounds (the open round's records, deliveries still due)."""
+        open_rounds = {
+            t: {
+                "sampled": rs.sampled,
+                "records": {i: asdict(r) for i, r in rs.records.items()},
+                "uploads": rs.uploads,
+                "sent": rs.sent,
+                "flushed": rs.flushed,
+                "diag": rs.diag,
+                "wall": rs.wall,
+            }
+            for t, rs in self.rounds.items()
+        }
+        return {
+            "core": self.core.state_dict(),
+            "rounds": open_rounds,
+            "pending_eval": sorted(self.pending_eval),
+            "lost_at": self.lost_at,
+            "flower": self.flower,
+            "wall_s": self.wall_before + time.perf_counter() - self.t_run,
+        }
+
+    def _restore(self, st: dict[str, Any], rnd: int) -> None:
+        self.core.load_state_dict(st["core"], rnd)
+        for t, r in st["rounds"].items():
+            rs = RoundState(int(t), list(r["sampled"]))
+            rs.records = {i: ClientRound.from_dict(d) for i, d in r["records"].items()}
+            rs.uploads, rs.sent, rs.flushed = dict(r["uploads"]), dict(r["sent"]), dict(r["flushed"])
+            rs.diag, rs.wall = r["diag"], r["wall"]
+            self.rounds[int(t)] = rs
+        self.pending_eval = set(st["pending_eval"]) - set(self.lost)
+        self.lost_at = {int(t): dict(v) for t, v in st["lost_at"].items()}
+        self.flower.update(st["flower"])
+        self.wall_before = float(st["wall_s"])
+        self.done = rnd
+        self.folder.rewrite_rows(self.core.rows)
+        self.obs.on_message(f"resumed from checkpoint round {rnd} of {self.cfg.rounds}")
 
     # ----------------------------------------------------------------- Flower Strategy interface
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
         """One fresh message per node: its pending C̄_i (if any) and whether to train this round."""
-        rnd = server_round
-        self.t0[rnd] = time.perf_counter()
-        self.switching = self.sim.strategy_for(rnd) is not self.sim.strategy
-        pending = {i for i in self.outbox if self.out_version[i] > self.recv_version[i]} if self.switching else set()
-        sampled = sorted(int(i) for i in self.rng.choice(self.n, size=self.cfg.sampled_per_round, replace=False))
-        self.sampled[rnd] = sampled
-        self.records[rnd] = {}
-        self.sim.obs.on_round_start(rnd, sampled)
+        rnd, core = server_round, self.core
+        self._join(grid, rnd)
+        switching = core.switches(rnd)
+        pending = set(core.pending_clients()) if switching else set()
+        rs = core.new_round(rnd)
+        self.rounds[rnd] = rs
         self.inflight = {}
         self.sent_msgs = {}
         msgs: list[Message] = []
         layout_round = rnd - 1  # messages in flight were made by the strategy of the previous round
-        for i in sorted(set(sampled) | self.pending_eval | pending):
+        for i in sorted(set(rs.sampled) | self.pending_eval | pending):
             if i in self.lost:
                 continue
-            d = self._delivery_for(i, rnd, i in sampled)
+            fit = i in rs.sampled and rs.fails.get(i) != "before"  # a client failing before training is offline
+            d = self._delivery_for(i, rnd, fit, switching)
+            if d.how == "none" and not fit:
+                continue
             self.inflight[i] = d
-            conf = ConfigRecord({"round": rnd, "fit": i in sampled, "deliver": d.how, "of_round": d.round})
+            conf = ConfigRecord({"round": rnd, "fit": fit, "deliver": d.how, "of_round": d.round})
             conf["layout"] = layout_round
             content = RecordDict({"celora": conf})
             if d.how != "none":
@@ -323,71 +386,69 @@ class CeloraFlowerStrategy(FlowerStrategy):
             self._log_message("down", rnd, "train", i, msg, deliver=d.how, of_round=d.round, digest=digest(d.blob))
             msgs.append(msg)
             self.sent_msgs[i] = msg
-        if self.switching:
-            self.outbox.clear()
-            self.sim.activate(self.sim.strategy_for(rnd))
+        if switching:
+            core.enter_phase(rnd)
         return msgs
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Close round t−1 with the confirmed deliveries, then combine round t's uploads."""
-        rnd = server_round
+        rnd, core = server_round, self.core
+        rs = self.rounds[rnd]
         got = self._replies(rnd, "train", self.sent_msgs, replies)
         # deliveries of round t−1's messages → its row is complete
         for i, d in self.inflight.items():
             if d.how == "eval":
-                self._received(i, d, got.get(i))
+                self._account_eval(i, d, got.get(i))
+            elif d.how == "missed" and i not in rs.sampled:  # flushed at the end of a warm-up
+                nbytes = self._received(i, d, got.get(i))
+                if nbytes:
+                    rs.flushed[i] = nbytes
         if rnd > 1:
             self._finalize(rnd - 1)
-        uploads: dict[int, Tensors] = {}
-        started: dict[int, Tensors] = {}
-        for i in self.sampled[rnd]:
+        for i in rs.sampled:
             rep = got.get(i)
+            if rs.fails.get(i) == "before":
+                core.dropped(rs, i)
+                continue
             if rep is None:
                 continue
             d = self.inflight[i]
-            m = metrics_of(rep.content)
-            nan = float("nan")
-            rec = ClientRound(
-                i,
-                int(self.sim.n_train[i]),
-                True,
-                number(m, "acc"),
-                number(m, "loss"),
-                nan,
-                nan,
-                number(m, "train_loss"),
-            )
-            self.records[rnd][i] = rec
-            if d.how == "missed":
-                self._received(i, d, rep)
-            started[i] = {k: self.held[i][k] for k in self.sim.up_layout.names}
-            if "up" not in rep.content:
+            if rs.fails.get(i) == "after":  # trained on the node, upload discarded: a simulated dropout
+                core.fit_started(rs, i)
+                core.dropped(rs, i, self._received(i, d, rep) if d.how == "missed" else 0)
                 continue
-            blob = record_blob(arrays_of(rep.content, "up"))
-            rec.bytes_up = len(blob)
-            accepted = self.sim.server_accept(rnd, i, blob)
-            if isinstance(accepted, str):
-                rec.rejected = accepted
-            else:
-                uploads[i] = accepted
-                self.held[i] = {**self.held[i], **accepted}  # what the client holds until a message replaces it
-            self.sim.obs.on_client_done(rnd, i, rec)
-        ctx = RoundContext(rnd=rnd, num_clients=self.n, n_train=self.sim.n_train, sent=started)
-        messages = self.sim.server_aggregate(ctx, uploads) if uploads else {}
-        for i, msg in messages.items():
-            self.outbox[i] = msg
-            self.out_version[i] = rnd
-        live = self.sim.strategy.diagnostics  # snapshot now: the next aggregation overwrites it
-        self.diag[rnd] = (dict(live), uploads, started)
-        live["participants"] = None
-        self.pending_eval = {
-            i for i in self.records[rnd] if i in self.outbox and self.out_version[i] > self.recv_version[i]
-        }
-        self.wall[rnd] = time.perf_counter() - self.t0[rnd]
-        metrics = MetricRecord({"uploads": len(uploads), "lost": len(self.lost)})
+            m = metrics_of(rep.content)
+            rec = ClientRound.started(i, int(core.n_train[i]))
+            rec.acc, rec.loss, rec.train_loss = number(m, "acc"), number(m, "loss"), number(m, "train_loss")
+            if d.how == "missed":
+                rec.bytes_down += self._received(i, d, rep)
+            core.fit_started(rs, i)
+            core.add_record(rs, i, rec)
+            if "up" in rep.content:
+                core.accept(rs, i, record_blob(arrays_of(rep.content, "up")))
+            self.obs.on_client_done(rnd, i, rec)
+        core.aggregate(rs)
+        self.pending_eval = {i for i in rs.records if core.pending(i)}
+        rs.wall = time.perf_counter() - rs.t0
+        self.lost_at[rnd] = dict(self.lost)
+        self.done = rnd
+        every = self.cfg.checkpoint_every
+        if self.out is not None and every and (rnd % every == 0 or rnd == self.cfg.rounds):
+            save_checkpoint(self.out, rnd, self.state_dict())
+        metrics = MetricRecord({"uploads": len(rs.uploads), "lost": len(self.lost)})
         return None, metrics
+
+    def _account_eval(self, i: int, d: _Delivery, rep: Message | None) -> None:
+        """A participant of round d.round received its message: bytes and "aggregated" metrics on that row."""
+        nbytes = self._received(i, d, rep)
+        if not nbytes or rep is None:
+            return
+        rec = self.rounds[d.round].records[i]
+        rec.bytes_down += nbytes
+        m = metrics_of(rep.content)
+        rec.acc_agg, rec.loss_agg = number(m, "acc_agg"), number(m, "loss_agg")
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -421,7 +482,8 @@ class CeloraFlowerStrategy(FlowerStrategy):
         rnd = server_round
         got = self._replies(rnd + 1, "evaluate", self.sent_msgs, replies)
         for i, d in self.inflight.items():
-            self._received(i, d, got.get(i))
+            if d.how == "eval":
+                self._account_eval(i, d, got.get(i))
         for i, rep in got.items():
             m, conf = metrics_of(rep.content), config_of(rep.content)
             self.global_acc[i] = number(m, "acc_global")
@@ -449,7 +511,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
             torch.set_num_threads(self.cfg.train.threads)
         self.summary()
         self.setup(grid)
-        for rnd in range(1, self.cfg.rounds + 1):
+        for rnd in range(self.done + 1, self.cfg.rounds + 1):
             msgs = self.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid)
             self.aggregate_train(rnd, grid.send_and_receive(msgs, timeout=self.round_timeout))
         final = self.configure_evaluate(self.cfg.rounds, ArrayRecord(), ConfigRecord(), grid)
@@ -457,12 +519,10 @@ class CeloraFlowerStrategy(FlowerStrategy):
         return self.finish()
 
     def finish(self) -> dict[str, Any]:
-        """The run summary: the in-process engine's keys, plus a ``flower`` section (bytes, lost clients)."""
-        gidx = self.sim.p.split.global_test_idx
-        acc_global = float(np.mean(list(self.global_acc.values()))) if (len(gidx) and self.global_acc) else float("nan")
-        summary = self.sim.summary_dict(self.rows, self.totals, acc_global, time.perf_counter() - self.t_run)
-        summary["bytes_setup_up"] = int(sum(self.setup_up.values()))
-        summary["bytes_up_total"] += summary["bytes_setup_up"]
+        """The run summary: the in-process loop's keys, plus a ``flower`` section (bytes, lost clients)."""
+        accs = list(self.global_acc.values())
+        acc_global = float(np.mean(accs)) if accs else float("nan")
+        summary = self.core.summary(acc_global, self.wall_before + time.perf_counter() - self.t_run)
         f = self.flower
         summary["flower"] = {
             "runtime": "flower",
@@ -474,9 +534,9 @@ class CeloraFlowerStrategy(FlowerStrategy):
             "overhead_down": f["arrays_down"] - summary["bytes_down_total"],
             "nodes": {str(i): node for i, node in sorted(self.node_of.items())},
             "lost_clients": {str(i): {"round": self.lost_round[i], "reason": r} for i, r in sorted(self.lost.items())},
+            "joined_late": {str(i): rnd for i, rnd in sorted(self.joined.items())},
             "acc_global_clients": len(self.global_acc),
             "adapters": {str(i): a for i, a in sorted(self.adapters.items())},
         }
-        if self.out is not None:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        self.folder.write_summary(summary)
         return summary

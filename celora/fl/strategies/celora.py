@@ -30,6 +30,17 @@ class Celora(Strategy):
     shares = frozenset({"C"})
     default_head = "shared"  # measured (issue 5): the personalized head carries the gain; C alone does not
     uses_data_summaries = True
+    hyperparameters = frozenset(
+        {
+            "aggregation.head",
+            "aggregation.beta",
+            "aggregation.lam",
+            "aggregation.distance_method",
+            "privacy.summary_epsilon",
+            "privacy.summary_delta",
+            "privacy.summary_clip",
+        }
+    )
     description = "A, B, C train; C and the head travel (head local: C only); personalized by data+param similarity"
 
     s_data: np.ndarray | None = None
@@ -44,6 +55,14 @@ class Celora(Strategy):
         self.s_data = data_similarity(distance)
         self.diagnostics["distance_data"] = distance
         self.diagnostics["similarity_data"] = self.s_data
+
+    def state_dict(self) -> dict[str, Any]:
+        """Diagnostics (last w_ij, similarities) and S^data, computed once at setup."""
+        return {**super().state_dict(), "s_data": self.s_data}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.s_data = state.get("s_data")
 
     def aggregate(self, ctx: RoundContext, updates: Mapping[int, Tensors]) -> dict[int, Tensors]:
         ids = sorted(updates)
