@@ -16,18 +16,20 @@ every row and the label names. A ``DataProvider`` hands out one ``ClientData`` p
 **Hooks** (for features built on top):
 - ``ClientRuntime.transform_upload``: the shared tensors after local training, before encoding
   (client-level clipping + noise for DP go here; ``round_start`` holds what the client started from).
-- ``ClientRuntime.train``: one call of ``train_local`` per round; per-client optimizer moments kept across
-  rounds would live on the runtime next to ``state`` (a fresh AdamW is built per round today).
+- ``ClientRuntime.train``: one call of ``train_local`` per round; with ``train.keep_optimizer`` the client's
+  AdamW moments live on the runtime next to ``state`` (``optimizer_state``) and resume the next round.
 - ``ClientRuntime.state``: the private adapter view (A, B, C, head), read and written only through this
-  property, so a store that spills it to disk between rounds can replace ``_state``.
-- ``ClientRuntime.fit`` evaluates the local step; ``receive(..., evaluate=False)`` applies a message
-  without evaluating (evaluation frequency is decided by the caller).
+  property; in-process it lives in a ``StateStore`` (``engine.state``: memory, or one file per client on disk).
+- ``ClientRuntime.fit`` evaluates the local step and ``receive`` the aggregated model, both only in the rounds
+  ``evaluates(rnd)`` names (every ``eval.every`` rounds and the last); ``receive(..., evaluate=False)``
+  applies a message without evaluating.
 
 Training, evaluation and pooling are tasks' (``celora.data.tasks``); the default is text classification.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from celora.adapters.inject import fold_head_scales
 from celora.config import ExperimentConfig
 from celora.data.tasks import TASKS, Batch, Encoded, Task, TaskData, encode_texts
 from celora.eval import majority_baseline
@@ -49,8 +52,9 @@ from celora.fl.similarity import (
     privatize_summary,
     summary_to_tensors,
 )
+from celora.fl.states import StateStore
 from celora.fl.strategies import Tensors
-from celora.models.device import CPU, Placement, model_device, to_device
+from celora.models.device import CPU, BatchFit, Placement, model_device, to_device
 from celora.privacy.dp import clip_and_noise_update, update_dp_from_config, update_generator
 
 __all__ = [
@@ -59,6 +63,7 @@ __all__ = [
     "DataProvider",
     "Encoded",
     "PartitionedData",
+    "lr_factor",
     "TrainResult",
     "encode_texts",
     "evaluate",
@@ -78,6 +83,7 @@ def batch_on(model: nn.Module, data: TaskData, idx: np.ndarray) -> Batch:
 class TrainResult:
     loss: float
     steps: int
+    optimizer_state: dict[str, Any] | None = None  # AdamW moments after training (train.keep_optimizer)
 
 
 def train_local(
@@ -94,19 +100,33 @@ def train_local(
     head_lr: float | None = None,
     weight_decay: float = 0.0,
     max_steps: int | None = None,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    grad_clip: float | None = None,
     seed: int = 0,
     placement: Placement = CPU,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> TrainResult:
     """AdamW on ``params`` (head at ``head_lr``) for ``epochs`` passes over the client's rows.
 
     Minimises the task's batch loss (classification: L = −(1/|b|) Σ log softmax(f(x))_y), forward passes
-    under the placement's autocast; with fp16 the loss is scaled by a GradScaler.
+    under the placement's autocast; with fp16 the loss is scaled by a GradScaler. The learning rate follows
+    :func:`lr_factor` over this call's steps; with ``grad_clip`` the global gradient norm (unscaled) is
+    clipped to it. Per-head scales of the adapters are folded into C at the end (ΔW unchanged). With
+    ``optimizer_state`` (a previous result's) AdamW resumes from those moments (learning rates reset to lr,
+    head_lr); a state of other parameter shapes is ignored and the optimizer starts fresh.
     """
     head_ids = {id(p) for p in head_params}
     groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": lr}]
     if head_params:
         groups.append({"params": list(head_params), "lr": head_lr or lr})
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    if optimizer_state is not None:
+        resume_optimizer(opt, optimizer_state)
+    total = epochs * -(-len(idx) // batch_size)
+    total = min(total, max_steps) if max_steps is not None else total
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, total, schedule, warmup_steps))
+    trained = list({id(p): p for p in [*params, *head_params]}.values())
     scaler = placement.grad_scaler()
     gen = np.random.default_rng(seed)
     model.train()
@@ -120,11 +140,17 @@ def train_local(
             opt.zero_grad(set_to_none=True)
             if scaler is None:
                 loss.backward()
+                if grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(trained, grad_clip)
                 opt.step()
             else:
                 scaler.scale(loss).backward()
+                if grad_clip is not None:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(trained, grad_clip)
                 scaler.step(opt)
                 scaler.update()
+            sched.step()
             losses.append(float(loss.detach()))
             steps += 1
             if max_steps is not None and steps >= max_steps:
@@ -132,7 +158,41 @@ def train_local(
         if max_steps is not None and steps >= max_steps:
             break
     model.eval()
-    return TrainResult(float(np.mean(losses)) if losses else float("nan"), steps)
+    fold_head_scales(model)
+    return TrainResult(float(np.mean(losses)) if losses else float("nan"), steps, opt.state_dict())
+
+
+def resume_optimizer(opt: torch.optim.Optimizer, state: dict[str, Any]) -> bool:
+    """Load AdamW moments saved after an earlier round, keeping this round's learning rates; False (fresh
+    optimizer) when the saved state belongs to other parameters (e.g. after a warm-up phase)."""
+    lrs = [g["lr"] for g in opt.param_groups]
+    shapes = [[tuple(p.shape) for p in g["params"]] for g in opt.param_groups]
+    saved = state.get("state", {})
+    ids = [g["params"] for g in state.get("param_groups", [])]
+    if [len(i) for i in ids] != [len(s) for s in shapes]:
+        return False
+    for group_ids, group_shapes in zip(ids, shapes, strict=True):
+        for i, shape in zip(group_ids, group_shapes, strict=True):
+            if i in saved and tuple(saved[i]["exp_avg"].shape) != shape:
+                return False
+    opt.load_state_dict(state)
+    for g, lr in zip(opt.param_groups, lrs, strict=True):
+        g["lr"] = g["initial_lr"] = lr
+    return True
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup_steps: int) -> float:
+    """Multiplier of the learning rate at ``step`` (0-based) of ``total``: linear warm-up (step+1)/w over the
+    first w steps, then 1 (constant) or ½(1 + cos(π·(step − w)/(total − w))) (cosine, to 0 at the end)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or total <= warmup_steps:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / (total - warmup_steps)))
+
+
+def _fit(batch_size: int | BatchFit) -> BatchFit:
+    return batch_size if isinstance(batch_size, BatchFit) else BatchFit(batch_size)
 
 
 @torch.no_grad()
@@ -140,30 +200,34 @@ def evaluate_metrics(
     model: nn.Module,
     data: TaskData,
     idx: np.ndarray,
-    batch_size: int = 64,
+    batch_size: int | BatchFit = 64,
     *,
     task: Task = CLASSIFY,
     extras: bool = False,
 ) -> dict[str, float]:
     """``acc`` = correct / n, ``loss`` = Σ per-example loss / n on rows ``idx``; with ``extras`` also the
-    task's extra metrics (each Σ / n, e.g. exact_match). Run it under ``Placement.autocast()`` for bf16/fp16."""
+    task's extra metrics (each Σ / n, e.g. exact_match). Batches of ``batch_size`` rows (a ``BatchFit``: halved
+    when one runs out of memory). Run it under ``Placement.autocast()`` for bf16/fp16."""
     if len(idx) == 0:
         return {"acc": float("nan"), "loss": float("nan")}
     model.eval()
+
+    def one(start: int, stop: int) -> tuple[int, float, dict[str, float]]:
+        batch = batch_on(model, data, idx[start:stop])
+        c, s = task.score(model, batch)
+        return c, s, task.extra_metrics(model, batch) if extras else {}
+
     correct, loss_sum = 0, 0.0
     more: dict[str, float] = {}
-    for start in range(0, len(idx), batch_size):
-        batch = batch_on(model, data, idx[start : start + batch_size])
-        c, s = task.score(model, batch)
+    for c, s, extra in _fit(batch_size).map(one, len(idx)):
         correct, loss_sum = correct + c, loss_sum + s
-        if extras:
-            for k, v in task.extra_metrics(model, batch).items():
-                more[k] = more.get(k, 0.0) + v
+        for k, v in extra.items():
+            more[k] = more.get(k, 0.0) + v
     return {"acc": correct / len(idx), "loss": loss_sum / len(idx), **{k: v / len(idx) for k, v in more.items()}}
 
 
 def evaluate(
-    model: nn.Module, data: TaskData, idx: np.ndarray, batch_size: int = 64, *, task: Task = CLASSIFY
+    model: nn.Module, data: TaskData, idx: np.ndarray, batch_size: int | BatchFit = 64, *, task: Task = CLASSIFY
 ) -> tuple[float, float]:
     """(accuracy, mean per-example loss) of the model on rows ``idx``."""
     m = evaluate_metrics(model, data, idx, batch_size, task=task)
@@ -172,14 +236,11 @@ def evaluate(
 
 @torch.no_grad()
 def pooled_features(
-    model: nn.Module, data: TaskData, idx: np.ndarray, batch_size: int = 64, *, task: Task = CLASSIFY
+    model: nn.Module, data: TaskData, idx: np.ndarray, batch_size: int | BatchFit = 64, *, task: Task = CLASSIFY
 ) -> np.ndarray:
     """One vector per example from the task (encoder: masked mean of the last hidden states), (n, hidden)."""
     model.eval()
-    out = [
-        task.features(model, batch_on(model, data, idx[start : start + batch_size]))
-        for start in range(0, len(idx), batch_size)
-    ]
+    out = _fit(batch_size).map(lambda a, b: task.features(model, batch_on(model, data, idx[a:b])), len(idx))
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -269,24 +330,41 @@ class ClientRuntime:
         data: ClientData,
         phases: Phases | None = None,
         state: Tensors | None = None,
+        *,
+        store: StateStore | None = None,
+        eval_fit: BatchFit | None = None,
     ) -> None:
         self.cfg = cfg
         self.bench = bench
         self.data = data
         self.id = data.client_id
         self.phases = phases or Phases(cfg, bench)
-        self._state: Tensors = state if state is not None else bench.fresh_state()
+        self.store = store
+        self._state: Tensors = {}
+        if store is None:
+            self._state = state if state is not None else bench.fresh_state()
+        elif state is not None:
+            store.put(self.id, state)
+        self.eval_fit = eval_fit or BatchFit(cfg.eval.batch_size)  # shared by the clients of one model
         self.round_start: Tensors = {}  # the shared tensors this client held when its last fit started
+        self.optimizer_state: dict[str, Any] | None = None  # AdamW moments kept across rounds (train.keep_optimizer)
 
     # ----------------------------------------------------------------- state
     @property
     def state(self) -> Tensors:
         """The private adapter view (A, B, C, head) this client holds."""
-        return self._state
+        return self._state if self.store is None else self.store.get(self.id)
 
     @state.setter
     def state(self, value: Tensors) -> None:
-        self._state = value
+        if self.store is None:
+            self._state = value
+        else:
+            self.store.put(self.id, value)
+
+    def evaluates(self, rnd: int) -> bool:
+        """Whether round ``rnd`` evaluates acc / acc_agg: every ``eval.every`` rounds, and the final round."""
+        return rnd >= self.cfg.rounds or rnd % self.cfg.eval.every == 0
 
     @property
     def n_train(self) -> int:
@@ -297,9 +375,9 @@ class ClientRuntime:
 
     # ----------------------------------------------------------------- local work
     def _metrics(self, idx: np.ndarray, extras: bool) -> dict[str, float]:
-        bench, bs = self.bench, self.cfg.train.eval_batch_size
+        bench = self.bench
         with bench.placement.autocast():
-            return evaluate_metrics(bench.model, self.data.data, idx, bs, task=bench.task, extras=extras)
+            return evaluate_metrics(bench.model, self.data.data, idx, self.eval_fit, task=bench.task, extras=extras)
 
     def evaluate_test(self, extras: bool = False) -> dict[str, float]:
         """acc, loss (and extras) of the state this client holds, on its own test rows."""
@@ -325,7 +403,7 @@ class ClientRuntime:
         salt = self.id if salt is None else salt
         params, head_params = phase.trainable(self.bench)
         seeded(cfg.seed, rnd, salt)
-        return train_local(
+        res = train_local(
             self.bench.model,
             self.data.data,
             self.data.train_idx if idx is None else idx,
@@ -338,9 +416,16 @@ class ClientRuntime:
             head_lr=t.head_lr,
             weight_decay=t.weight_decay,
             max_steps=t.max_steps,
+            schedule=t.schedule,
+            warmup_steps=t.warmup_steps,
+            grad_clip=t.grad_clip,
             seed=cfg.seed * 7919 + rnd * 31 + salt,
             placement=self.bench.placement,
+            optimizer_state=self.optimizer_state,
         )
+        if t.keep_optimizer:
+            self.optimizer_state = res.optimizer_state
+        return res
 
     def transform_upload(self, rnd: int, shared: Tensors) -> Tensors:
         """The shared tensors about to be encoded: unchanged, or with ``privacy.update_clip`` the DP update
@@ -361,8 +446,9 @@ class ClientRuntime:
         self.bench.load(self.state)
         res = self.train(rnd, phase)
         rec.train_loss = res.loss
-        rec.metrics = self._metrics(self.data.test_idx, extras=rnd == self.cfg.rounds)
-        rec.acc, rec.loss = rec.metrics.pop("acc"), rec.metrics.pop("loss")
+        if self.evaluates(rnd):
+            rec.metrics = self._metrics(self.data.test_idx, extras=rnd == self.cfg.rounds)
+            rec.acc, rec.loss = rec.metrics.pop("acc"), rec.metrics.pop("loss")
         self.state = self.bench.snapshot()
         if not phase.shares:
             return None, rec
@@ -373,10 +459,11 @@ class ClientRuntime:
 
     def receive(self, blob: bytes, layout_round: int, *, evaluate: bool = True) -> tuple[float, float]:
         """Decode a server message (in the layout of the round that made it) into the held state; with
-        ``evaluate``, (acc, loss) on the test rows afterwards ("aggregated"), else NaNs."""
+        ``evaluate`` (and in a round that ``evaluates``), (acc, loss) on the test rows afterwards ("aggregated"),
+        else NaNs."""
         phase = self.phases.phase(layout_round)
         self.state = {**self.state, **decode(blob, phase.down_layout, phase.dtype)}
-        if not evaluate:
+        if not evaluate or not self.evaluates(layout_round):
             return float("nan"), float("nan")
         m = self.evaluate_test()
         return m["acc"], m["loss"]
@@ -387,7 +474,7 @@ class ClientRuntime:
         cfg, bench, d = self.cfg, self.bench, self.data
         bench.load(bench.init_state)  # ΔW = 0 at init: the frozen backbone's features
         with bench.placement.autocast():
-            feats = pooled_features(bench.model, d.data, d.train_idx, cfg.train.eval_batch_size, task=bench.task)
+            feats = pooled_features(bench.model, d.data, d.train_idx, self.eval_fit, task=bench.task)
         labels = d.labels[d.train_idx]
         pr = cfg.privacy
         if pr.summary_epsilon is None:

@@ -281,7 +281,9 @@ class LocalDeployment:
         """SuperNode ``i`` serving ``partition`` (default i) of ``num_nodes``; ``key`` = authenticate."""
         part = i if partition is None else partition
         cmd = [_bin("flower-supernode"), "--superlink", self.address, "--host", "127.0.0.1"]
-        cmd += ["--port", str(free_port()), "--node-config", f"partition-id={part} num-partitions={self.num_nodes}"]
+        state = self.folder / "nodes" / f"node_{part}"  # the node's private state survives a restart (state-dir)
+        node_config = f'partition-id={part} num-partitions={self.num_nodes} state-dir="{state}"'
+        cmd += ["--port", str(free_port()), "--node-config", node_config]
         cmd += ["--max-retries", "20", "--max-wait-time", "60"]
         if self.tls_files is not None:
             cmd += ["--root-certificates", str(self.tls_files.ca_cert)]

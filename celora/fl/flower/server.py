@@ -47,6 +47,7 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from celora.config import ExperimentConfig, dump_config
 from celora.errors import CeloraError
+from celora.eval import global_eval_note
 from celora.fl.client import partition_report
 from celora.fl.flower.wire import (
     arrays_of,
@@ -286,7 +287,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
         ordered = [infos[i] for i in range(self.n)]
         bench = prepare_model(cfg, len(known["label_names"]))  # names and shapes only: no data
         self._core = ServerCore(cfg, bench, ordered, observer=self.obs, folder=self.folder)
-        self.folder.start(cfg, partition_report(ordered, known.get("meta", {})), fresh=False)
+        self.folder.start(cfg, partition_report(ordered, known.get("meta", {})), fresh=ckpt is None)
         if ckpt is not None:
             self.core.setup(None)
             self._restore(ckpt.state, ckpt.round)
@@ -486,7 +487,8 @@ class CeloraFlowerStrategy(FlowerStrategy):
                 self._account_eval(i, d, got.get(i))
         for i, rep in got.items():
             m, conf = metrics_of(rep.content), config_of(rep.content)
-            self.global_acc[i] = number(m, "acc_global")
+            if "acc_global" in m:  # the clients of eval.global_clients' sample
+                self.global_acc[i] = number(m, "acc_global")
             if "adapter" in conf:
                 self.adapters[i] = str(conf["adapter"])
         self._finalize(rnd)
@@ -523,6 +525,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
         accs = list(self.global_acc.values())
         acc_global = float(np.mean(accs)) if accs else float("nan")
         summary = self.core.summary(acc_global, self.wall_before + time.perf_counter() - self.t_run)
+        summary["global_eval"] = global_eval_note(sorted(self.global_acc), self.n)
         f = self.flower
         summary["flower"] = {
             "runtime": "flower",
