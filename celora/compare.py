@@ -7,7 +7,6 @@ exists; re-running a comparison skips finished cells.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
@@ -22,7 +21,7 @@ import pandas as pd
 from celora.config import ExperimentConfig, apply_overrides, build_config
 from celora.errors import CeloraError
 from celora.fl.simulation import Observer, Prepared, Simulation, check_names, prepare
-from celora.tables import frame_markdown
+from celora.tables import frame_csv, frame_markdown
 
 CELL_KEYS = (
     "method",
@@ -318,12 +317,9 @@ def read_cells(out: str | Path) -> list[dict[str, Any]]:
 
 def write_outputs(rows: Sequence[dict[str, Any]], out: Path, methods: Sequence[str]) -> list[dict[str, Any]]:
     """compare.csv (one row per cell), compare.md (aggregated), compare.png."""
-    with (out / "compare.csv").open("w", newline="", encoding="utf-8") as fh:
-        keys = list(CELL_KEYS) + [k for k in TASK_KEYS if any(k in r for r in rows)]
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: r.get(k, "") for k in keys})
+    keys = list(CELL_KEYS) + [k for k in TASK_KEYS if any(k in r for r in rows)]
+    cells = pd.DataFrame([{k: r.get(k, "") for k in keys} for r in rows], columns=keys)
+    (out / "compare.csv").write_text(frame_csv(cells), encoding="utf-8")
     agg = aggregate_rows(rows, methods)
     (out / "compare.md").write_text(markdown_table(agg), encoding="utf-8")
     plot_comparison(agg, out / "compare.png", title=out.name)
