@@ -139,6 +139,8 @@ def _fmt(m: dict[str, Any], key: str, digits: int = 3) -> str:
     v = m.get(key)
     if not v or v.get("n", 0) == 0:
         return "–"
+    if v["n"] == 1:
+        return f"{v['mean']:.{digits}f} (1 batch)"  # no interval from a single batch
     return f"{v['mean']:.{digits}f} ± {v['ci95']:.{digits}f}"
 
 
