@@ -173,6 +173,8 @@ class LocalDeployment:
 
     ``tls=True`` enables TLS with a generated CA; ``auth=True`` enables SuperNode authentication
     (each node's key is registered with ``flwr supernode register`` before the node starts).
+    ``sites``: one data file per node (``data.sites``); node i gets ``site-path`` = its own file in its
+    node config, and no other process is told where that file is.
     """
 
     folder: Path
@@ -180,6 +182,7 @@ class LocalDeployment:
     tls: bool = False
     auth: bool = False
     port: int = 0
+    sites: list[str] | None = None
     procs: dict[str, Proc] = field(default_factory=dict)
     tls_files: TlsFiles | None = None
 
@@ -191,6 +194,8 @@ class LocalDeployment:
         self.port = self.port or free_port()
         if self.auth and not self.tls:
             raise CeloraError("SuperNode authentication needs TLS (tls=True)")
+        if self.sites is not None and len(self.sites) != self.num_nodes:
+            raise CeloraError(f"{len(self.sites)} site files for {self.num_nodes} SuperNodes (one file per node)")
 
     # ----------------------------------------------------------------- environment
     @property
@@ -278,7 +283,7 @@ class LocalDeployment:
         """SuperNode ``i`` serving ``partition`` (default i) of ``num_nodes``; ``key`` = authenticate."""
         part = i if partition is None else partition
         cmd = [_bin("flower-supernode"), "--superlink", self.address, "--host", "127.0.0.1"]
-        cmd += ["--port", str(free_port()), "--node-config", f"partition-id={part} num-partitions={self.num_nodes}"]
+        cmd += ["--port", str(free_port()), "--node-config", node_config(part, self.num_nodes, self.sites)]
         cmd += ["--max-retries", "20", "--max-wait-time", "60"]
         if self.tls_files is not None:
             cmd += ["--root-certificates", str(self.tls_files.ca_cert)]
@@ -327,6 +332,18 @@ class LocalDeployment:
         proc = Proc.start("flwr-run", cmd, self.folder / "flwr-run.log", self.env(), cwd=self.folder)
         self.procs["flwr-run"] = proc
         return proc.popen
+
+
+def node_config(partition: int, num_partitions: int, sites: Sequence[str] | None = None) -> str:
+    """A SuperNode's ``--node-config``: its partition, and with ``sites`` its own file as ``site-path``
+    (absolute, a TOML string: ``partition-id=0 num-partitions=3 site-path="/data/a.csv"``)."""
+    text = f"partition-id={partition} num-partitions={num_partitions}"
+    if sites is None:
+        return text
+    path = str(Path(sites[partition]).expanduser().resolve())
+    if '"' in path or "\\" in path:
+        raise CeloraError(f"site {partition} ('{sites[partition]}'): the path must not contain '\"' or '\\'")
+    return f'{text} site-path="{path}"'
 
 
 def write_app(folder: Path, experiment_toml: str) -> Path:

@@ -37,15 +37,19 @@ def run_flower(
     auth: bool = False,
     round_timeout: float = 600.0,
     timeout: float = 3600.0,
+    sites: list[str] | None = None,
 ) -> RunResult:
-    """Run ``cfg`` on a local SuperLink + SuperNodes and return the run's summary and rows."""
+    """Run ``cfg`` on a local SuperLink + SuperNodes and return the run's summary and rows.
+
+    With ``data.sites`` SuperNode i is started with its own file (``site-path`` in its node config:
+    ``sites[i]``, default ``data.sites[i]`` resolved here); the ServerApp never opens a site file."""
     cfg = check_names(cfg)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)
     work = out / "flower"
     app_dir = write_app(work / "app", dump_config(cfg))
-    dep = LocalDeployment(work, cfg.num_clients, tls=tls, auth=auth)
+    dep = LocalDeployment(work, cfg.num_clients, tls=tls, auth=auth, sites=sites or cfg.data.sites)
     seen = 0
     try:
         if observer is not None:
