@@ -1,4 +1,4 @@
-"""`celora` command line: run | models | datasets."""
+"""`celora` command line: run | compare | comm | report | config | models | datasets."""
 
 from __future__ import annotations
 
@@ -76,11 +76,14 @@ def run(
     from celora.config import load_config
     from celora.data.partition import format_partition_table
     from celora.fl.simulation import Simulation, check_names, prepare
+    from celora.fl.strategies import unused_keys
     from celora.report import clients_table, plot_accuracy, plot_weights, rounds_table, top_collaborators
 
     if runtime not in ("inprocess", "flower"):
         raise CeloraError(f"--runtime must be inprocess or flower, got {runtime!r}")
     cfg = load_config(config, set_ or [])
+    for line in unused_keys(cfg):
+        err_console.print(f"warning: {line}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     cfg = check_names(cfg)
     out_dir = out or _default_out(config, cfg.method)
     console.print(
@@ -286,6 +289,27 @@ def report(
     console.print(rounds_table(rows))
     if rows:
         console.print(clients_table(rows[-1]))
+
+
+@app.command("config")
+def config_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="print the JSON schema of an experiment config")] = False,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="print docs/configuration.md (the reference as Markdown)")
+    ] = False,
+) -> None:
+    """Print every config key with its type, default and description (from the pydantic models)."""
+    import json
+
+    from celora.config import ExperimentConfig
+    from celora.report import config_frame, config_markdown, frame_rich
+
+    if as_json:
+        print(json.dumps(ExperimentConfig.model_json_schema(), indent=2, ensure_ascii=False))
+    elif markdown:
+        print(config_markdown(), end="")
+    else:
+        console.print(frame_rich(config_frame().drop(columns="section"), title="celora configuration", left=4))
 
 
 @app.command()

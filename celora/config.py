@@ -6,7 +6,7 @@ Every error is one line that names the field (``data.alpha: ...``) or the file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -19,37 +19,46 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name: str = "minilm"
-    rank: int = Field(8, ge=1, le=1024)
+    name: str = Field("minilm", description="model zoo name (`celora models`) or a local Hugging Face model folder")
+    rank: int = Field(8, ge=1, le=1024, description="adapter rank r (C is r×r)")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; default = rank (scaling 1)")
     targets: list[str] | None = Field(None, min_length=1, description="module names to adapt; default per model")
-    dropout: float = Field(0.0, ge=0, lt=1)
-    init: Literal["kaiming", "paper"] = "kaiming"
-    basis: Literal["random", "svd"] = "random"
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input x (0 = off)")
+    init: Literal["kaiming", "paper"] = Field(
+        "kaiming", description="init of A: kaiming-uniform as PEFT's LoRA, or N(0, 1e-3²) as in the authors' code"
+    )
+    basis: Literal["random", "svd"] = Field(
+        "random", description="where A, B start: random (A random, B = 0, C = I) or svd (truncated SVD of W0, C = 0)"
+    )
     train_ab: bool = Field(True, description="train A and B locally (false: only C and the head train)")
     train_c: bool = Field(True, description="train C (false: C stays at its init, I for the random basis: a control)")
-    max_length: int = Field(128, ge=8, le=4096)
+    max_length: int = Field(128, ge=8, le=4096, description="maximum tokens per example (longer inputs are cut)")
     projector_hidden: int | None = Field(
         None, ge=1, le=65536, description="VLM only: width of the projector's hidden layer (default: the LM's hidden)"
     )
 
 
 class DataConfig(_Section):
-    name: str = "bbcnews"
-    partition: Literal["iid", "dirichlet", "pathological", "natural"] = "dirichlet"
-    alpha: float = Field(0.5, gt=0)
-    classes_per_client: int = Field(2, ge=1)
-    column: str | None = None
-    path: str | None = None
-    text_column: str = "text"
-    label_column: str = "label"
+    name: str = Field("bbcnews", description="shipped dataset (`celora datasets`); ignored when data.path is set")
+    partition: Literal["iid", "dirichlet", "pathological", "natural"] = Field(
+        "dirichlet",
+        description="how one dataset is split into clients: iid, Dirichlet label skew, k classes each, or by a column",
+    )
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration over labels (smaller = more skewed)")
+    classes_per_client: int = Field(2, ge=1, description="pathological partition: labels per client")
+    column: str | None = Field(None, description="natural partition: the column whose values define the clients")
+    path: str | None = Field(None, description="your own data: a CSV, JSONL or Parquet file (see docs/tasks.md)")
+    text_column: str = Field("text", description="data.path: the column holding the input text")
+    label_column: str = Field("label", description="data.path: the column holding the label")
     image_column: str | None = Field(None, description="column of image file paths (relative to data.path)")
     image_size: int = Field(56, ge=14, le=518, description="images are resized to image_size² (ViT patch 14)")
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    global_test_fraction: float = Field(0.1, gt=0, lt=1)
-    train_per_client: int | None = Field(None, ge=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of each client's data held out as its test split")
+    global_test_fraction: float = Field(
+        0.1, gt=0, lt=1, description="share of the dataset held out as the global test set (before partitioning)"
+    )
+    train_per_client: int | None = Field(None, ge=1, description="cap on each client's train split (stratified)")
     test_per_client: int | None = Field(None, ge=1, description="cap on each client's test split (stratified)")
-    max_samples: int | None = Field(None, ge=2)
+    max_samples: int | None = Field(None, ge=2, description="use a seeded, label-stratified subset of this size")
     task: str | None = Field(None, description="classify | prompt | … (celora.data.tasks); default per model")
     instruction: str | None = Field(None, description="prompt task: the instruction ({labels} = the label words)")
     verbalizers: list[str] | None = Field(None, min_length=2, description="prompt task: one answer word per label")
@@ -99,48 +108,59 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    local_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    local_epochs: int = Field(1, ge=1, description="passes over the client's train split per round")
+    batch_size: int = Field(16, ge=1, description="training batch size")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the adapter factors")
     head_lr: float | None = Field(None, gt=0, description="learning rate of the task head; default = lr")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps per client and round")
-    eval_batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(64, ge=1, description="batch size for evaluation")
     threads: int | None = Field(None, ge=1, description="torch threads; default = all cores")
 
 
 class AggregationConfig(_Section):
     beta: float = Field(0.5, ge=0, le=1, description="weight of data similarity vs parameter similarity")
     lam: float = Field(1.0, ge=0, description="strength of similarity in the learned weights (0 = FedAvg)")
-    head: Literal["local", "shared"] | None = Field(None, description="head policy; default per method")
-    distance_method: Literal["exact", "fast", "auto"] = "auto"
+    head: Literal["local", "shared"] | None = Field(
+        None,
+        description="the task head: local (stays on the client) or shared (travels, mixed like C); default per method",
+    )
+    distance_method: Literal["exact", "fast", "auto"] = Field(
+        "auto", description="OT solver for the data distance: exact (ot.emd2), fast (same values, batched), auto = fast"
+    )
     warmup_rounds: int = Field(0, ge=0, description="first k rounds run warmup_method (e.g. FedIT to align A, B)")
-    warmup_method: str = "fedit"
+    warmup_method: str = Field("fedit", description="method of the warm-up rounds (aggregation.warmup_rounds > 0)")
 
 
 class PayloadConfig(_Section):
-    dtype: Literal["fp32", "fp16", "int8"] = "fp32"
+    dtype: Literal["fp32", "fp16", "int8"] = Field(
+        "fp32", description="wire precision of what travels, both ways (int8: one float32 scale per tensor)"
+    )
     max_bytes_factor: float = Field(2.0, ge=1.0, description="reject uploads larger than this × expected")
 
 
 class PrivacyConfig(_Section):
-    summary_epsilon: float | None = Field(None, gt=0)
-    summary_delta: float = Field(1e-5, gt=0, lt=1)
-    summary_clip: float = Field(10.0, gt=0)
+    summary_epsilon: float | None = Field(
+        None, gt=0, description="(ε, δ)-DP Gaussian noise on the data summaries (unset: no noise)"
+    )
+    summary_delta: float = Field(1e-5, gt=0, lt=1, description="δ of the summaries' Gaussian mechanism")
+    summary_clip: float = Field(10.0, gt=0, description="clip radius R of the pooled features before summarising")
 
 
 class ExperimentConfig(_Section):
-    method: str = "celora"
-    seed: int = 0
-    rounds: int = Field(3, ge=1)
-    num_clients: int = Field(10, ge=1)
-    clients_per_round: int | None = Field(None, ge=1)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
-    payload: PayloadConfig = Field(default_factory=PayloadConfig)
-    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    method: str = Field("celora", description="federated method (see the methods table in the README)")
+    seed: int = Field(0, description="seed of the partition, the shared adapter init and training")
+    rounds: int = Field(3, ge=1, description="federated rounds")
+    num_clients: int = Field(10, ge=1, description="number of clients the dataset is split into")
+    clients_per_round: int | None = Field(None, ge=1, description="clients sampled per round; default = all")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the model and its adapters")
+    data: DataConfig = Field(default_factory=DataConfig, description="the dataset and its partition into clients")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="local training on each client")
+    aggregation: AggregationConfig = Field(
+        default_factory=AggregationConfig, description="how the server combines what travels"
+    )
+    payload: PayloadConfig = Field(default_factory=PayloadConfig, description="what travels on the wire")
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="privacy of the data summaries")
 
     @model_validator(mode="before")
     @classmethod
@@ -166,6 +186,66 @@ class ExperimentConfig(_Section):
     @property
     def sampled_per_round(self) -> int:
         return self.clients_per_round or self.num_clients
+
+
+def _type_name(annotation: Any) -> str:
+    """A field's type as a reader writes it: ``int | None``, ``"iid" | "dirichlet"``, ``list[str]``."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return " | ".join(f'"{a}"' if isinstance(a, str) else str(a) for a in args)
+    if origin in (Union, type(int | None)):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default_text(value: Any) -> str:
+    """A default as it would be written in TOML (``None``: unset, the description says what happens)."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
+
+
+def config_reference() -> list[dict[str, str]]:
+    """Every key of an experiment config, in declaration order: section, key (dotted), type, default, description.
+
+    Generated from the pydantic models: the descriptions are written once, in ``Field(description=...)``.
+    """
+    rows: list[dict[str, str]] = []
+
+    def walk(model: type[BaseModel], section: str) -> None:
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(field.annotation, name)
+                continue
+            rows.append(
+                {
+                    "section": section,
+                    "key": f"{section}.{name}" if section else name,
+                    "type": _type_name(field.annotation),
+                    "default": _default_text(field.get_default(call_default_factory=True)),
+                    "description": field.description or "",
+                }
+            )
+
+    walk(ExperimentConfig, "")
+    return rows
+
+
+def section_descriptions() -> dict[str, str]:
+    """Section name → its description ("" for the top-level keys)."""
+    out = {"": "top-level keys"}
+    for name, field in ExperimentConfig.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out[name] = field.description or ""
+    return out
 
 
 def _one_line(err: ValidationError) -> str:

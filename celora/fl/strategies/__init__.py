@@ -11,6 +11,15 @@ from celora.fl.strategies import (  # noqa: F401  (registration)
     local,
 )
 from celora.fl.strategies.base import RoundContext, Strategy, Tensors
-from celora.fl.strategies.registry import STRATEGIES, get_strategy, register_strategy
+from celora.fl.strategies.registry import STRATEGIES, get_strategy, key_users, register_strategy, unused_keys
 
-__all__ = ["STRATEGIES", "RoundContext", "Strategy", "Tensors", "get_strategy", "register_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "RoundContext",
+    "Strategy",
+    "Tensors",
+    "get_strategy",
+    "key_users",
+    "register_strategy",
+    "unused_keys",
+]

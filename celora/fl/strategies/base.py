@@ -41,6 +41,8 @@ class Strategy(ABC):
     basis: ClassVar[str | None] = None  # an adapter basis the method requires (e.g. "svd"), else the config's
     pooled: ClassVar[bool] = False  # trains one model on the union of the clients' data (centralized reference)
     description: ClassVar[str] = ""
+    # config keys (dotted) this method reads; a key some other method reads but this one does not gets a warning
+    hyperparameters: ClassVar[frozenset[str]] = frozenset({"aggregation.head"})
 
     def __init__(self, cfg: AggregationConfig | None = None) -> None:
         self.cfg = cfg or AggregationConfig()

@@ -30,6 +30,17 @@ class Celora(Strategy):
     shares = frozenset({"C"})
     default_head = "shared"  # measured (issue 5): the personalized head carries the gain; C alone does not
     uses_data_summaries = True
+    hyperparameters = frozenset(
+        {
+            "aggregation.head",
+            "aggregation.beta",
+            "aggregation.lam",
+            "aggregation.distance_method",
+            "privacy.summary_epsilon",
+            "privacy.summary_delta",
+            "privacy.summary_clip",
+        }
+    )
     description = "A, B, C train; C and the head travel (head local: C only); personalized by data+param similarity"
 
     s_data: np.ndarray | None = None

@@ -15,6 +15,7 @@ class Centralized(Strategy):
     trains = frozenset({"A", "B"})
     shares = frozenset()
     default_head = "local"
+    hyperparameters = frozenset()  # nothing travels: no head policy, no aggregation
     pooled = True
     description = "pooled data, one LoRA model (ceiling)"
 

@@ -14,6 +14,7 @@ class Local(Strategy):
     trains = frozenset({"A", "B", "C"})
     shares = frozenset()
     default_head = "local"
+    hyperparameters = frozenset()  # nothing travels: no head policy, no aggregation
     description = "local training only, no communication (floor)"
 
     def aggregate(self, ctx: RoundContext, updates: Mapping[int, Tensors]) -> dict[int, Tensors]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from celora.config import AggregationConfig
+from celora.config import AggregationConfig, ExperimentConfig
 from celora.errors import CeloraError
 from celora.fl.strategies.base import Strategy
 
@@ -25,3 +25,26 @@ def get_strategy(name: str, cfg: AggregationConfig | None = None) -> Strategy:
     if name not in STRATEGIES:
         raise CeloraError(f"unknown method '{name}' (known: {', '.join(sorted(STRATEGIES))})")
     return STRATEGIES[name](cfg)
+
+
+def key_users() -> dict[str, list[str]]:
+    """Method-specific config key → the registered methods that read it (e.g. aggregation.lam → [celora])."""
+    users: dict[str, list[str]] = {}
+    for name in sorted(STRATEGIES):
+        for key in STRATEGIES[name].hyperparameters:
+            users.setdefault(key, []).append(name)
+    return users
+
+
+def unused_keys(cfg: ExperimentConfig) -> list[str]:
+    """One warning line per method-specific key the config sets but its method (and warm-up method) ignores."""
+    used = set(get_strategy(cfg.method).hyperparameters)
+    if cfg.aggregation.warmup_rounds:
+        used |= get_strategy(cfg.aggregation.warmup_method).hyperparameters
+    methods = cfg.method + (f" (warm-up {cfg.aggregation.warmup_method})" if cfg.aggregation.warmup_rounds else "")
+    out = []
+    for key, names in sorted(key_users().items()):
+        section, leaf = key.split(".")
+        if key not in used and leaf in getattr(cfg, section).model_fields_set:
+            out.append(f"{key} is set but method {methods} does not use it (used by: {', '.join(names)})")
+    return out
