@@ -119,7 +119,7 @@ def test_strategy_and_clientapp_match_inprocess(tmp_path, inprocess):
     # one fresh RecordDict per message; the C̄_i of different clients differ as tensors
     trains = [m for m in grid.sent if m.metadata.message_type == "train" and "down" in m.content]
     assert len({id(m.content) for m in trains}) == len(trains)
-    layout, dtype = strategy.sim.down_layout, strategy.sim.dtype
+    layout, dtype = strategy.core.phase.down_layout, strategy.core.phase.dtype
     last = {m.metadata.dst_node_id: decode(record_blob(m.content["down"]), layout, dtype) for m in trains[-3:]}
     a, b = list(last.values())[:2]
     assert any(not torch.equal(a[k], b[k]) for k in a)

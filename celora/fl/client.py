@@ -1,22 +1,69 @@
-"""Client-side work on the shared frozen model: local training, evaluation, feature pooling.
+"""The client runtime: one client's own data and private state; train → evaluate → upload; receive → evaluate.
 
-Inputs are encoded once for the whole dataset by a task (``celora.data.tasks``: ``TaskData``); a
-client is a set of row indices. The task says how a batch is trained, scored and pooled; the
-default is text classification.
+The same ``ClientRuntime`` runs in-process (``celora.fl.simulation``: one runtime per client, all on one
+shared frozen model) and under Flower (``celora.fl.flower.client_app``: one per SuperNode). A site's raw
+rows never leave it: what travels is the encoded upload (``encode_upload``), the one-time data summary
+(``summary_blob``) and a few counts (``info``).
+
+**The data seam.** A client's rows reach it as a ``ClientData``: a ``TaskData`` (inputs encoded by the task)
+with the row indices of its train and test split (and of a global test set, if any), the class index of
+every row and the label names. A ``DataProvider`` hands out one ``ClientData`` per client id:
+- ``PartitionedData`` (today's default): one dataset, partitioned by seed (``celora.data.partition``);
+  in-process every client indexes the one shared ``TaskData``.
+- a provider in which each client loads its own file (``data.sites``) plugs in here: it returns, for
+  client ``i``, a ``ClientData`` over that client's own encoded rows; nothing else changes.
+
+**Hooks** (for features built on top):
+- ``ClientRuntime.transform_upload``: the shared tensors after local training, before encoding
+  (client-level clipping + noise for DP go here; ``round_start`` holds what the client started from).
+- ``ClientRuntime.train``: one call of ``train_local`` per round; per-client optimizer moments kept across
+  rounds would live on the runtime next to ``state`` (a fresh AdamW is built per round today).
+- ``ClientRuntime.state``: the private adapter view (A, B, C, head), read and written only through this
+  property, so a store that spills it to disk between rounds can replace ``_state``.
+- ``ClientRuntime.fit`` evaluates the local step; ``receive(..., evaluate=False)`` applies a message
+  without evaluating (evaluation frequency is decided by the caller).
+
+Training, evaluation and pooling are tasks' (``celora.data.tasks``); the default is text classification.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from celora.config import ExperimentConfig
 from celora.data.tasks import TASKS, Encoded, Task, TaskData, encode_texts
+from celora.eval import majority_baseline
+from celora.fl.backbone import Backbone, Phase, Phases, seeded
+from celora.fl.payload import decode, encode, encode_named
+from celora.fl.records import ClientRound
+from celora.fl.similarity import (
+    ClientSummary,
+    clip_features,
+    fit_class_gmms,
+    privatize_summary,
+    summary_to_tensors,
+)
+from celora.fl.strategies import Tensors
 
-__all__ = ["Encoded", "TrainResult", "encode_texts", "evaluate", "evaluate_metrics", "pooled_features", "train_local"]
+__all__ = [
+    "ClientData",
+    "ClientRuntime",
+    "DataProvider",
+    "Encoded",
+    "PartitionedData",
+    "TrainResult",
+    "encode_texts",
+    "evaluate",
+    "evaluate_metrics",
+    "pooled_features",
+    "train_local",
+]
 CLASSIFY = TASKS["classify"]
 
 
@@ -117,3 +164,218 @@ def pooled_features(
         task.features(model, data.batch(idx[start : start + batch_size])) for start in range(0, len(idx), batch_size)
     ]
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- the data seam
+@dataclass
+class ClientData:
+    """One client's rows: encoded inputs with its train/test (and global-test) row indices."""
+
+    client_id: int
+    data: TaskData  # encoded rows this client reads (in-process: possibly shared, indexed by the splits)
+    labels: np.ndarray  # class index of every row of ``data``
+    label_names: list[str]
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    global_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # a held-out global test
+    meta: dict[str, Any] = field(default_factory=dict)  # where the rows came from (partition.json's header)
+
+    def info(self) -> dict[str, Any]:
+        """Counts the client reports at setup (never rows): sizes, train label histogram, majority baseline."""
+        counts = np.bincount(self.labels[self.train_idx], minlength=len(self.label_names))
+        return {
+            "id": int(self.client_id),
+            "n_train": int(len(self.train_idx)),
+            "n_test": int(len(self.test_idx)),
+            "label_hist": {name: int(counts[k]) for k, name in enumerate(self.label_names)},
+            "majority": majority_baseline(self.labels, [self.train_idx], [self.test_idx]),
+            "label_names": list(self.label_names),
+        }
+
+
+class DataProvider(Protocol):
+    """Hands out each client's ``ClientData`` (a site calls it only for its own id)."""
+
+    num_clients: int
+
+    def client(self, i: int) -> ClientData: ...
+
+
+class PartitionedData:
+    """Today's provider: one dataset partitioned by seed; every client indexes the one encoded ``TaskData``."""
+
+    def __init__(self, dataset: Any, split: Any, encoded: TaskData) -> None:
+        self.dataset, self.split, self.encoded = dataset, split, encoded
+        self.num_clients = len(split.clients)
+
+    def client(self, i: int) -> ClientData:
+        c = self.split.clients[i]
+        meta = {
+            "scheme": self.split.scheme,
+            "dataset": self.dataset.name,
+            "skipped_rows": self.dataset.skipped_rows,
+            "global_test": int(len(self.split.global_test_idx)),
+        }
+        return ClientData(
+            c.client_id,
+            self.encoded,
+            self.dataset.labels,
+            self.dataset.label_names,
+            c.train_idx,
+            c.test_idx,
+            self.split.global_test_idx,
+            meta,
+        )
+
+
+def partition_report(infos: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    """partition.json from the clients' setup ``info`` (counts only) and a provider's ``meta``."""
+    keep = ("id", "n_train", "n_test", "label_hist")
+    return {
+        "scheme": meta.get("scheme"),
+        "num_clients": len(infos),
+        "global_test": meta.get("global_test", 0),
+        "clients": [{k: info[k] for k in keep} for info in infos],
+        "dataset": meta.get("dataset"),
+        "skipped_rows": meta.get("skipped_rows", 0),
+    }
+
+
+# --------------------------------------------------------------------------- the client runtime
+class ClientRuntime:
+    """One client: its data, its private adapter state, and the client half of the round protocol."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        bench: Backbone,
+        data: ClientData,
+        phases: Phases | None = None,
+        state: Tensors | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.bench = bench
+        self.data = data
+        self.id = data.client_id
+        self.phases = phases or Phases(cfg, bench)
+        self._state: Tensors = state if state is not None else bench.fresh_state()
+        self.round_start: Tensors = {}  # the shared tensors this client held when its last fit started
+
+    # ----------------------------------------------------------------- state
+    @property
+    def state(self) -> Tensors:
+        """The private adapter view (A, B, C, head) this client holds."""
+        return self._state
+
+    @state.setter
+    def state(self, value: Tensors) -> None:
+        self._state = value
+
+    @property
+    def n_train(self) -> int:
+        return int(len(self.data.train_idx))
+
+    def info(self) -> dict[str, Any]:
+        return self.data.info()
+
+    # ----------------------------------------------------------------- local work
+    def _metrics(self, idx: np.ndarray, extras: bool) -> dict[str, float]:
+        bench = self.bench
+        return evaluate_metrics(
+            bench.model, self.data.data, idx, self.cfg.train.eval_batch_size, task=bench.task, extras=extras
+        )
+
+    def evaluate_test(self, extras: bool = False) -> dict[str, float]:
+        """acc, loss (and extras) of the state this client holds, on its own test rows."""
+        self.bench.load(self.state)
+        return self._metrics(self.data.test_idx, extras)
+
+    def evaluate_global(self) -> float:
+        """Accuracy of this client's model on the global test rows (NaN when there are none)."""
+        if len(self.data.global_idx) == 0:
+            return float("nan")
+        self.bench.load(self.state)
+        return self._metrics(self.data.global_idx, False)["acc"]
+
+    def zero_shot(self) -> dict[str, Any]:
+        """The un-adapted model (ΔW = 0) on this client's test rows."""
+        self.bench.load(self.bench.init_state)
+        return {"id": self.id, "n_train": self.n_train, **self._metrics(self.data.test_idx, True)}
+
+    def train(self, rnd: int, phase: Phase, idx: np.ndarray | None = None, salt: int | None = None) -> TrainResult:
+        """Local training of the loaded state on rows ``idx`` (default: this client's train rows), seeded by
+        round and ``salt`` (default: the client id)."""
+        cfg, t = self.cfg, self.cfg.train
+        salt = self.id if salt is None else salt
+        params, head_params = phase.trainable(self.bench)
+        seeded(cfg.seed, rnd, salt)
+        return train_local(
+            self.bench.model,
+            self.data.data,
+            self.data.train_idx if idx is None else idx,
+            params,
+            task=self.bench.task,
+            epochs=t.local_epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            head_params=head_params,
+            head_lr=t.head_lr,
+            weight_decay=t.weight_decay,
+            max_steps=t.max_steps,
+            seed=cfg.seed * 7919 + rnd * 31 + salt,
+        )
+
+    def transform_upload(self, rnd: int, shared: Tensors) -> Tensors:
+        """The shared tensors about to be encoded (identity; DP clipping + noise hooks in here)."""
+        return shared
+
+    def fit(self, rnd: int) -> tuple[bytes | None, ClientRound]:
+        """Train from the held state, evaluate (local step), and encode what the round's method shares.
+
+        Returns the upload blob (None if nothing travels) and the client's metrics record."""
+        phase = self.phases.phase(rnd)
+        rec = ClientRound.started(self.id, self.n_train)
+        self.round_start = {k: self.state[k] for k in phase.up_layout.names}
+        self.bench.load(self.state)
+        res = self.train(rnd, phase)
+        rec.train_loss = res.loss
+        rec.metrics = self._metrics(self.data.test_idx, extras=rnd == self.cfg.rounds)
+        rec.acc, rec.loss = rec.metrics.pop("acc"), rec.metrics.pop("loss")
+        self.state = self.bench.snapshot()
+        if not phase.shares:
+            return None, rec
+        shared = self.transform_upload(rnd, {k: self.state[k] for k in phase.up_layout.names})
+        blob = encode(shared, phase.up_layout, phase.dtype)
+        rec.bytes_up = len(blob)
+        return blob, rec
+
+    def receive(self, blob: bytes, layout_round: int, *, evaluate: bool = True) -> tuple[float, float]:
+        """Decode a server message (in the layout of the round that made it) into the held state; with
+        ``evaluate``, (acc, loss) on the test rows afterwards ("aggregated"), else NaNs."""
+        phase = self.phases.phase(layout_round)
+        self.state = {**self.state, **decode(blob, phase.down_layout, phase.dtype)}
+        if not evaluate:
+            return float("nan"), float("nan")
+        m = self.evaluate_test()
+        return m["acc"], m["loss"]
+
+    # ----------------------------------------------------------------- setup (once)
+    def summary(self) -> ClientSummary:
+        """Pooled frozen-backbone features of the training rows → per-class diagonal GMMs (optionally DP)."""
+        cfg, bench, d = self.cfg, self.bench, self.data
+        bench.load(bench.init_state)  # ΔW = 0 at init: the frozen backbone's features
+        feats = pooled_features(bench.model, d.data, d.train_idx, cfg.train.eval_batch_size, task=bench.task)
+        labels = d.labels[d.train_idx]
+        pr = cfg.privacy
+        if pr.summary_epsilon is None:
+            return fit_class_gmms(feats, labels, seed=cfg.seed)
+        feats = clip_features(feats, pr.summary_clip)
+        summary = fit_class_gmms(feats, labels, seed=cfg.seed)
+        rng = np.random.default_rng(cfg.seed * 65_537 + self.id)
+        return privatize_summary(
+            summary, epsilon=pr.summary_epsilon, delta=pr.summary_delta, clip=pr.summary_clip, rng=rng
+        )
+
+    def summary_blob(self) -> bytes:
+        """The serialized data summary (the only thing about its rows a client uploads)."""
+        return encode_named(summary_to_tensors(self.summary()))

@@ -1,12 +1,15 @@
-"""The celora ClientApp: one federated client per SuperNode, its private factors kept in ``context.state``.
+"""The celora ClientApp: one federated client per SuperNode, running the client runtime
+(``celora.fl.client.ClientRuntime``) — never the whole engine; its private factors kept in ``context.state``.
 
 The partition (client id) comes from the node config (``partition-id``; Flower's simulation engine
 sets it). The experiment config arrives once from the server in the setup message and is kept in
-``context.state``; the client rebuilds the same ``prepare(cfg)`` (deterministic by seed) and uses the
-in-process engine's client side (``Simulation.client_fit`` / ``client_receive``), so results match.
+``context.state``; the client loads its own ``ClientData`` (``_client_data``: today the seeded partition of
+the configured dataset) and the frozen model, and runs the same ``ClientRuntime`` as the in-process loop,
+so results match.
 
 Messages (all built by ``celora.fl.flower.server``):
-- ``query.setup``: config → partition id, plus the one-time data summary for methods that use it.
+- ``query.setup``: config → partition id and the client's ``info`` (counts only: n_train, n_test, label
+  histogram, majority baseline, label names), plus the one-time data summary for methods that use it.
 - ``train``: optionally the C̄_i (or other shared tensors) the server addressed to this client, then
   local training; the reply carries only what the method shares.
 - ``evaluate``: the last round's message, evaluation on the global test set, adapter export (local).
@@ -16,7 +19,9 @@ A, B and the head never leave the node: they live in ``context.state`` (kept by 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,24 +40,37 @@ app = ClientApp()
 
 _STATE = "celora.state"  # ArrayRecord: the client's full adapter view (A, B, C, head)
 _META = "celora.meta"  # ConfigRecord: the experiment config (TOML) received at setup
-_SIMS: dict[str, Any] = {}  # config digest → Simulation (a ClientApp process may serve many messages)
+_ENVS: dict[str, _Env] = {}  # config digest → what this process loaded for it (a ClientApp serves many messages)
 
 
-def _simulation(toml_text: str) -> Any:
-    """Build (once per process and config) the engine whose client side this app runs."""
+@dataclass
+class _Env:
+    """What a ClientApp process loads once per experiment: config, frozen model, data provider, protocol."""
+
+    cfg: Any  # ExperimentConfig
+    bench: Any  # celora.fl.backbone.Backbone
+    provider: Any  # celora.fl.client.DataProvider
+    phases: Any  # celora.fl.backbone.Phases
+
+
+def _env(toml_text: str) -> _Env:
+    """Load (once per process and config) the model and this node's data provider."""
     key = hashlib.sha256(toml_text.encode()).hexdigest()
-    if key not in _SIMS:
+    if key not in _ENVS:
         import tomllib
 
         from celora.config import build_config
-        from celora.fl.simulation import Simulation, prepare
+        from celora.fl.backbone import Phases
+        from celora.fl.prepare import prepare
 
         cfg = build_config(tomllib.loads(toml_text))
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        _SIMS.clear()
-        _SIMS[key] = Simulation(cfg, None, prepared=prepare(cfg), export_adapters=False)
-    return _SIMS[key]
+        _ENVS.clear()
+        prepared = prepare(cfg)
+        bench = prepared.bench
+        _ENVS[key] = _Env(cfg, bench, prepared.provider(), Phases(cfg, bench))
+    return _ENVS[key]
 
 
 def _partition(context: Context, num_clients: int) -> int:
@@ -69,76 +87,72 @@ def _partition(context: Context, num_clients: int) -> int:
     return pid
 
 
-def _load_state(context: Context, sim: Any) -> dict[str, torch.Tensor]:
-    if _STATE not in context.state:
-        return {k: v.clone() for k, v in sim.p.init_state.items()}
-    rec = context.state[_STATE]
-    assert isinstance(rec, ArrayRecord)
-    return {k: torch.from_numpy(a.numpy().copy()) for k, a in rec.items()}
+def _runtime(context: Context, toml_text: str | None = None) -> Any:
+    """This node's ``ClientRuntime`` with the private state kept in ``context.state``."""
+    from celora.fl.client import ClientRuntime
+
+    if toml_text is None:
+        meta = context.state.get(_META)
+        if not isinstance(meta, ConfigRecord) or "toml" not in meta:
+            raise CeloraError("this node has not received the experiment config (setup message missing)")
+        toml_text = str(meta["toml"])
+    env = _env(toml_text)
+    i = _partition(context, env.cfg.num_clients)
+    state = None
+    if _STATE in context.state:
+        rec = context.state[_STATE]
+        assert isinstance(rec, ArrayRecord)
+        state = {k: torch.from_numpy(a.numpy().copy()) for k, a in rec.items()}
+    return ClientRuntime(env.cfg, env.bench, env.provider.client(i), env.phases, state)
 
 
-def _save_state(context: Context, state: dict[str, torch.Tensor]) -> None:
-    context.state[_STATE] = ArrayRecord.from_torch_state_dict(state)
+def _save_state(context: Context, rt: Any) -> None:
+    context.state[_STATE] = ArrayRecord.from_torch_state_dict(rt.state)
 
 
-def _setup_ctx(context: Context) -> tuple[Any, int]:
-    meta = context.state.get(_META)
-    if not isinstance(meta, ConfigRecord) or "toml" not in meta:
-        raise CeloraError("this node has not received the experiment config (setup message missing)")
-    sim = _simulation(str(meta["toml"]))
-    return sim, _partition(context, sim.cfg.num_clients)
-
-
-def _deliver(
-    sim: Any, i: int, state: dict[str, torch.Tensor], msg: Message, how: str, reply: ConfigRecord, metrics: MetricRecord
-) -> dict[str, torch.Tensor]:
+def _deliver(rt: Any, msg: Message, how: str, reply: ConfigRecord, metrics: MetricRecord) -> None:
     """Apply the server's message (``how`` = 'eval': evaluate after it; 'missed': just apply it)."""
     if how == "none":
-        return state
-    sim.activate(sim.strategy_for(max(1, int(number(msg.content["celora"], "layout")))))  # the sender's layout
+        return
     if "down" not in msg.content:
         raise CeloraError(f"server announced a message ({how}) but sent none")
     blob = record_blob(arrays_of(msg.content, "down"))
     reply["received"] = digest(blob)
+    layout_round = int(number(msg.content["celora"], "layout"))  # the sender's layout
+    acc, loss = rt.receive(blob, layout_round, evaluate=how == "eval")
     if how == "eval":
-        state, acc, loss = sim.client_receive(i, state, blob)
         metrics["acc_agg"], metrics["loss_agg"] = float(acc), float(loss)
-        return state
-    from celora.fl.payload import decode
-
-    return {**state, **decode(blob, sim.down_layout, sim.dtype)}
 
 
 @app.query("setup")
 def setup(msg: Message, context: Context) -> Message:
-    """Receive the experiment config; answer with the partition id (and the data summary if asked)."""
+    """Receive the experiment config; answer with the partition id, counts (and the data summary if asked)."""
     conf = config_of(msg.content)
     toml_text = str(conf["config"])
     context.state[_META] = ConfigRecord({"toml": toml_text})
-    sim = _simulation(toml_text)
-    i = _partition(context, sim.cfg.num_clients)
-    content = RecordDict({"celora": ConfigRecord({"partition-id": i})})
+    rt = _runtime(context, toml_text)
+    info = {**rt.info(), "meta": rt.data.meta}
+    content = RecordDict({"celora": ConfigRecord({"partition-id": rt.id, "info": json.dumps(info)})})
     if bool(conf["summary"]):
-        content["summary"] = blob_record(sim.client_summary_blob(i))
+        content["summary"] = blob_record(rt.summary_blob())
     return Message(content, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Apply the pending server message, train locally, upload what the method shares."""
-    sim, i = _setup_ctx(context)
+    rt = _runtime(context)
     conf = config_of(msg.content)
-    reply = ConfigRecord({"partition-id": i})
+    reply = ConfigRecord({"partition-id": rt.id})
     metrics = MetricRecord()
-    state = _deliver(sim, i, _load_state(context, sim), msg, str(conf["deliver"]), reply, metrics)
+    _deliver(rt, msg, str(conf["deliver"]), reply, metrics)
     content = RecordDict({"celora": reply})
     if bool(conf["fit"]):
-        sim.activate(sim.strategy_for(int(number(conf, "round"))))
-        state, up, rec = sim.client_fit(int(number(conf, "round")), i, state)
+        up, rec = rt.fit(int(number(conf, "round")))
         metrics.update({"acc": rec.acc, "loss": rec.loss, "train_loss": rec.train_loss, "n_train": rec.n_train})
         if up is not None:
             content["up"] = blob_record(up)
-    _save_state(context, state)
+    _save_state(context, rt)
     content["metrics"] = metrics
     return Message(content, reply_to=msg)
 
@@ -147,21 +161,17 @@ def train(msg: Message, context: Context) -> Message:
 def final(msg: Message, context: Context) -> Message:
     """Last message: apply it, evaluate on the global test set, export the adapter on this node."""
     from celora.adapters.export import PeftExporter
-    from celora.adapters.inject import set_tensors
-    from celora.fl.client import evaluate
 
-    sim, i = _setup_ctx(context)
+    rt = _runtime(context)
     conf = config_of(msg.content)
-    reply = ConfigRecord({"partition-id": i})
+    reply = ConfigRecord({"partition-id": rt.id})
     metrics = MetricRecord()
-    state = _deliver(sim, i, _load_state(context, sim), msg, str(conf["deliver"]), reply, metrics)
-    _save_state(context, state)
-    p = sim.p
-    set_tensors(p.loaded.model, state)
-    gidx = p.split.global_test_idx
-    metrics["acc_global"] = evaluate(p.loaded.model, p.encoded, gidx, sim.cfg.train.eval_batch_size, task=p.task)[0]
+    _deliver(rt, msg, str(conf["deliver"]), reply, metrics)
+    _save_state(context, rt)
+    metrics["acc_global"] = rt.evaluate_global()
     target = str(context.node_config.get("adapters-dir", "") or conf.get("adapters-dir", ""))
     if target:
-        exporter = PeftExporter(p.loaded.model, p.spec, p.loaded.head_modules, p.loaded.source)
-        reply["adapter"] = str(exporter.save(state, Path(target) / f"client_{i}"))
+        loaded = rt.bench.loaded
+        exporter = PeftExporter(loaded.model, rt.bench.spec, loaded.head_modules, loaded.source)
+        reply["adapter"] = str(exporter.save(rt.state, Path(target) / f"client_{rt.id}"))
     return Message(RecordDict({"celora": reply, "metrics": metrics}), reply_to=msg)

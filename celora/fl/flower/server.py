@@ -1,13 +1,16 @@
 """The server side under Flower: a Flower ``Strategy`` that wraps any celora strategy from the registry.
 
-Round t mirrors the in-process engine (``Simulation.run``) message for message:
+Round t mirrors the in-process loop (``celora.fl.simulation``) message for message; both drive the same
+``ServerCore`` (outbox, validation, aggregation, rows) and, on the nodes, the same ``ClientRuntime``.
+The server never loads raw data: clients report counts at setup, and the model is built for layouts only.
 
 1. ``configure_train(t)`` samples S_t with the engine's RNG and builds **one fresh message per node**:
    the sampled clients train; every participant of round t−1 first receives the C̄_i (or whatever
    the method sends back) aggregated for it in round t−1 and is evaluated on it ("aggregated"
    accuracy of round t−1); a sampled client that missed a message while not sampled gets it too.
-2. ``aggregate_train(t)`` validates every upload (``Simulation.server_accept``) and hands the
-   accepted tensors to the celora strategy; round t−1's metrics row is complete and written.
+2. ``aggregate_train(t)`` validates every upload and hands the accepted tensors to the celora strategy
+   (both through the server core, ``celora.fl.server.ServerCore``, as in-process); round t−1's metrics
+   row is complete and written.
 3. After the last round, ``configure_evaluate`` delivers the last messages; clients report their
    global-test accuracy and export their adapters locally; the run summary is written.
 
@@ -34,8 +37,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from celora.config import ExperimentConfig, dump_config
-from celora.data.partition import partition_summary
 from celora.errors import CeloraError
+from celora.fl.client import partition_report
 from celora.fl.flower.wire import (
     arrays_of,
     blob_record,
@@ -47,9 +50,11 @@ from celora.fl.flower.wire import (
     number,
     record_blob,
 )
-from celora.fl.payload import decode
-from celora.fl.simulation import ClientRound, Simulation, prepare
-from celora.fl.strategies import RoundContext, Tensors
+from celora.fl.prepare import check_names, prepare_model
+from celora.fl.records import ClientRound, Observer, Silent
+from celora.fl.run_folder import RunFolder
+from celora.fl.server import RoundState, ServerCore
+from celora.fl.strategies import Tensors, get_strategy
 
 log = logging.getLogger("celora")
 
@@ -65,10 +70,11 @@ class _Delivery:
 
 
 class CeloraFlowerStrategy(FlowerStrategy):
-    """Flower Message-API strategy over a celora strategy: personalized messages, celora's metrics.
+    """Flower Message-API strategy over the celora server core: personalized messages, celora's metrics.
 
-    The celora strategy (``self.sim.strategy``) only ever sees named tensors, exactly as in the
-    in-process engine; this class turns them into per-node Flower messages and back.
+    The celora strategy only ever sees named tensors, exactly as in the in-process loop; this class turns
+    them into per-node Flower messages and back. The core (``self.core``) is built at setup, from the
+    clients' reported counts and a model built for layouts.
     """
 
     def __init__(
@@ -79,45 +85,38 @@ class CeloraFlowerStrategy(FlowerStrategy):
         round_timeout: float = 600.0,
         node_wait: float = 120.0,
         export: bool = True,
+        observer: Observer | None = None,
     ) -> None:
-        self.sim = Simulation(cfg, out_dir, prepared=prepare(cfg), export_adapters=False)
-        self.cfg = self.sim.cfg
-        if self.sim.main_strategy.pooled or self.sim.strategy.pooled:
+        self.cfg = check_names(cfg)
+        agg = self.cfg.aggregation
+        if get_strategy(self.cfg.method).pooled or (agg.warmup_rounds and get_strategy(agg.warmup_method).pooled):
             raise CeloraError(f"method '{self.cfg.method}' pools the clients' data: it runs only in-process")
         self.out = Path(out_dir) if out_dir is not None else None
+        self.folder = RunFolder(self.out)
+        self.obs: Observer = observer or Silent()
         self.round_timeout = round_timeout
         self.node_wait = node_wait
         self.export = export
-        n = self.cfg.num_clients
-        self.n = n
-        # what each client holds of every factor, as far as the server knows (shared seed ⇒ identical init)
-        self.held: dict[int, Tensors] = {i: dict(self.sim.p.init_state) for i in range(n)}
+        self.n = self.cfg.num_clients
+        self._core: ServerCore | None = None
         self.node_of: dict[int, int] = {}
         self.client_of: dict[int, int] = {}
-        self.outbox: dict[int, Tensors] = {}
-        self.out_version = dict.fromkeys(range(n), 0)
-        self.recv_version = dict.fromkeys(range(n), 0)
-        self.rng = np.random.default_rng(self.cfg.seed)
         self.lost: dict[int, str] = {}
         self.lost_round: dict[int, int] = {}
-        self.records: dict[int, dict[int, ClientRound]] = {}
-        self.sampled: dict[int, list[int]] = {}
-        self.diag: dict[int, tuple[dict[str, Any], dict[int, Tensors], dict[int, Tensors]]] = {}
-        self.extra_down: dict[int, dict[int, int]] = {}  # round → client → bytes of messages flushed then
-        self.t0: dict[int, float] = {}
-        self.wall: dict[int, float] = {}
-        self.last: dict[int, ClientRound] = {}
-        self.rows: list[dict[str, Any]] = []
-        self.totals = {"up": 0, "down": 0}
+        self.rounds: dict[int, RoundState] = {}
         self.flower = {"arrays_up": 0, "arrays_down": 0, "control_up": 0, "control_down": 0, "setup_up": 0}
         self.sent_msgs: dict[int, Message] = {}  # client → the message of the current round
-        self.switching = False  # this round ends a warm-up: every pending message is delivered now
         self.inflight: dict[int, _Delivery] = {}  # client → delivery carried by the current round's message
         self.pending_eval: set[int] = set()  # participants of the last aggregated round with a fresh message
         self.global_acc: dict[int, float] = {}
         self.adapters: dict[int, str] = {}
-        self.setup_up: dict[int, int] = {}
         self.t_run = time.perf_counter()
+
+    @property
+    def core(self) -> ServerCore:
+        if self._core is None:
+            raise CeloraError("the Flower strategy has not been set up (no SuperNode answered the setup)")
+        return self._core
 
     # ----------------------------------------------------------------- bookkeeping
     def _log_message(self, direction: str, rnd: int, kind: str, client: int | None, msg: Message, **extra: Any) -> None:
@@ -167,97 +166,49 @@ class CeloraFlowerStrategy(FlowerStrategy):
             return
         self.lost[i] = reason
         self.lost_round[i] = rnd
-        self.sim.obs.on_message(f"round {rnd}: client {i} {reason}")
+        self.obs.on_message(f"round {rnd}: client {i} {reason}")
         log.warning("round %d: client %d %s", rnd, i, reason)
 
-    def _delivery_for(self, i: int, rnd: int, sampled: bool) -> _Delivery:
+    def _delivery_for(self, i: int, rnd: int, sampled: bool, switching: bool = False) -> _Delivery:
+        core = self.core
         if i in self.pending_eval:
             how, owner = "eval", rnd - 1
-        elif (sampled or self.switching) and i in self.outbox and self.out_version[i] > self.recv_version[i]:
+        elif (sampled or switching) and core.pending(i):
             how, owner = "missed", rnd
         else:
             return _Delivery("none", rnd)
-        blob = self.sim.server_message(self.outbox[i])
-        tensors = decode(blob, self.sim.down_layout, self.sim.dtype)  # exactly what the client will hold
-        return _Delivery(how, owner, blob, tensors)
+        blob = core.message_blob(i)
+        return _Delivery(how, owner, blob, core.decode_message(blob))  # exactly what the client will hold
 
-    def _received(self, i: int, d: _Delivery, rep: Message | None) -> None:
-        """Account a delivery the client confirmed (bytes on the record of the round it belongs to)."""
+    def _received(self, i: int, d: _Delivery, rep: Message | None) -> int:
+        """A delivery the client confirmed: the server now knows what it holds; returns its bytes (0 if none)."""
         if d.how == "none" or rep is None:
-            return
+            return 0
         if config_of(rep.content).get("received") != digest(d.blob):
             raise CeloraError(f"client {i} confirmed a different message than the one sent")
-        self.held[i] = {**self.held[i], **d.tensors}
-        self.recv_version[i] = self.out_version[i]
-        rec = self.records[d.round].get(i)
-        if rec is None:  # a non-participant flushed at the end of a warm-up: counted on its row later
-            self.extra_down.setdefault(d.round, {})[i] = len(d.blob)
-            return
-        rec.bytes_down += len(d.blob)
-        if d.how == "eval":
-            m = metrics_of(rep.content)
-            rec.acc_agg, rec.loss_agg = number(m, "acc_agg"), number(m, "loss_agg")
+        self.core.delivered(i, d.blob, d.tensors)
+        return len(d.blob)
 
     def _finalize(self, rnd: int) -> None:
-        """Complete round ``rnd``'s metrics row (same keys as the in-process engine) and write it."""
-        records = self.records[rnd]
-        for i in self.sampled[rnd]:
-            rec = records.get(i)
-            if rec is not None and np.isnan(rec.acc_agg):  # no message to apply, or lost before delivery
-                rec.acc_agg, rec.loss_agg = rec.acc, rec.loss
-        for i in range(self.n):
-            if i not in records:
-                prev = self.last.get(i)
-                records[i] = ClientRound(
-                    id=i,
-                    n_train=int(self.sim.n_train[i]),
-                    participated=False,
-                    acc=prev.acc if prev else float("nan"),
-                    loss=prev.loss if prev else float("nan"),
-                    acc_agg=prev.acc_agg if prev else float("nan"),
-                    loss_agg=prev.loss_agg if prev else float("nan"),
-                )
-                if i in self.lost and i in self.sampled[rnd]:
-                    records[i].rejected = self.lost[i]
-        for i, nbytes in self.extra_down.pop(rnd, {}).items():
-            records[i].bytes_down += nbytes
-        self.last.update({i: r for i, r in records.items() if r.participated})
-        row = self.sim.round_row(rnd, [records[i] for i in range(self.n)], self.wall.get(rnd, 0.0))
-        self._diagnostics(rnd, row)
-        row["lost"] = sorted(i for i, r in self.lost_round.items() if r <= rnd)
-        self.totals["up"] += row["bytes_up"]
-        self.totals["down"] += row["bytes_down"]
-        self.rows.append(row)
-        if self.out is not None:
-            with (self.out / "metrics.jsonl").open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
-        self.sim.obs.on_round_end(rnd, row)
-
-    def _diagnostics(self, rnd: int, row: dict[str, Any]) -> None:
-        """The engine's per-round diagnostics, from the strategy state snapshotted right after aggregation."""
-        snap, uploads, started = self.diag.pop(rnd, ({}, {}, {}))
-        strategy = self.sim.strategy
-        live = strategy.diagnostics
-        strategy.diagnostics = snap
-        try:
-            self.sim.record_diagnostics(rnd, row, uploads, started)
-        finally:
-            strategy.diagnostics = live
+        """Complete round ``rnd``'s metrics row (same keys as the in-process loop) and write it."""
+        rs = self.rounds.pop(rnd)
+        for i in rs.sampled:
+            if i not in rs.records and i in self.lost:
+                rec = ClientRound.absent(i, int(self.core.n_train[i]), self.core.last.get(i))
+                rec.rejected = self.lost[i]
+                rs.records[i] = rec
+        lost = sorted(i for i, r in self.lost_round.items() if r <= rnd)
+        self.core.close_round(rs, {"lost": lost})
 
     # ----------------------------------------------------------------- setup (before round 1)
     def setup(self, grid: Grid) -> None:
-        """Write the run folder's static files, map nodes to clients, collect data summaries once."""
-        cfg, p = self.cfg, self.sim.p
+        """Map nodes to clients, collect their counts and data summaries once, build the server core."""
+        cfg = self.cfg
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "metrics.jsonl").write_text("", encoding="utf-8")
             (self.out / "flower").mkdir(exist_ok=True)
             (self.out / "flower" / "messages.jsonl").write_text("", encoding="utf-8")
-            (self.out / "config.toml").write_text(dump_config(cfg), encoding="utf-8")
-            part = partition_summary(p.split, p.dataset.labels, p.dataset.label_names)
-            part["dataset"] = p.dataset.name
-            part["skipped_rows"] = p.dataset.skipped_rows
-            (self.out / "partition.json").write_text(json.dumps(part, indent=2), encoding="utf-8")
         deadline = time.monotonic() + self.node_wait
         nodes = list(grid.get_node_ids())
         while len(nodes) < self.n and time.monotonic() < deadline:
@@ -265,7 +216,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
             nodes = list(grid.get_node_ids())
         if len(nodes) < self.n:
             raise CeloraError(f"only {len(nodes)} of {self.n} SuperNodes connected within {self.node_wait:g}s")
-        wants_summary = self.sim.main_strategy.uses_data_summaries
+        wants_summary = get_strategy(cfg.method).uses_data_summaries
         toml_text = dump_config(cfg)
         msgs = {}
         for node in nodes:
@@ -274,14 +225,17 @@ class CeloraFlowerStrategy(FlowerStrategy):
             msgs[node] = Message(content, dst_node_id=node, message_type="query.setup", group_id="0")
         replies = list(grid.send_and_receive(list(msgs.values()), timeout=self.round_timeout))
         summaries: dict[int, bytes] = {}
+        infos: dict[int, dict[str, Any]] = {}
         for rep in replies:
             if rep.has_error():
                 raise CeloraError(f"node {rep.metadata.src_node_id} failed the setup: {str(rep.error.reason)[:300]}")
-            i = int(number(config_of(rep.content), "partition-id"))
+            conf = config_of(rep.content)
+            i = int(number(conf, "partition-id"))
             if i in self.node_of:
                 raise CeloraError(f"two SuperNodes claim partition-id {i}")
             self.node_of[i] = rep.metadata.src_node_id
             self.client_of[rep.metadata.src_node_id] = i
+            infos[i] = json.loads(str(conf["info"]))
             if wants_summary:
                 rec = arrays_of(rep.content, "summary")
                 summaries[i] = record_blob(rec)
@@ -290,31 +244,32 @@ class CeloraFlowerStrategy(FlowerStrategy):
         missing = sorted(set(range(self.n)) - set(self.node_of))
         if missing:
             raise CeloraError(f"no SuperNode answered for partition-id {missing} within {self.round_timeout:g}s")
-        self.setup_up = self.sim.server_setup(summaries if wants_summary else None)
+        ordered = [infos[i] for i in range(self.n)]
+        bench = prepare_model(cfg, len(ordered[0]["label_names"]))  # names and shapes only: no data
+        self._core = ServerCore(cfg, bench, ordered, observer=self.obs, folder=self.folder)
+        self.folder.start(cfg, partition_report(ordered, ordered[0].get("meta", {})), fresh=False)
+        self.core.setup(summaries if wants_summary else None)
 
     # ----------------------------------------------------------------- Flower Strategy interface
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
         """One fresh message per node: its pending C̄_i (if any) and whether to train this round."""
-        rnd = server_round
-        self.t0[rnd] = time.perf_counter()
-        self.switching = self.sim.strategy_for(rnd) is not self.sim.strategy
-        pending = {i for i in self.outbox if self.out_version[i] > self.recv_version[i]} if self.switching else set()
-        sampled = sorted(int(i) for i in self.rng.choice(self.n, size=self.cfg.sampled_per_round, replace=False))
-        self.sampled[rnd] = sampled
-        self.records[rnd] = {}
-        self.sim.obs.on_round_start(rnd, sampled)
+        rnd, core = server_round, self.core
+        switching = core.switches(rnd)
+        pending = set(core.pending_clients()) if switching else set()
+        rs = core.new_round(rnd)
+        self.rounds[rnd] = rs
         self.inflight = {}
         self.sent_msgs = {}
         msgs: list[Message] = []
         layout_round = rnd - 1  # messages in flight were made by the strategy of the previous round
-        for i in sorted(set(sampled) | self.pending_eval | pending):
+        for i in sorted(set(rs.sampled) | self.pending_eval | pending):
             if i in self.lost:
                 continue
-            d = self._delivery_for(i, rnd, i in sampled)
+            d = self._delivery_for(i, rnd, i in rs.sampled, switching)
             self.inflight[i] = d
-            conf = ConfigRecord({"round": rnd, "fit": i in sampled, "deliver": d.how, "of_round": d.round})
+            conf = ConfigRecord({"round": rnd, "fit": i in rs.sampled, "deliver": d.how, "of_round": d.round})
             conf["layout"] = layout_round
             content = RecordDict({"celora": conf})
             if d.how != "none":
@@ -323,71 +278,57 @@ class CeloraFlowerStrategy(FlowerStrategy):
             self._log_message("down", rnd, "train", i, msg, deliver=d.how, of_round=d.round, digest=digest(d.blob))
             msgs.append(msg)
             self.sent_msgs[i] = msg
-        if self.switching:
-            self.outbox.clear()
-            self.sim.activate(self.sim.strategy_for(rnd))
+        if switching:
+            core.enter_phase(rnd)
         return msgs
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Close round t−1 with the confirmed deliveries, then combine round t's uploads."""
-        rnd = server_round
+        rnd, core = server_round, self.core
+        rs = self.rounds[rnd]
         got = self._replies(rnd, "train", self.sent_msgs, replies)
         # deliveries of round t−1's messages → its row is complete
         for i, d in self.inflight.items():
             if d.how == "eval":
-                self._received(i, d, got.get(i))
+                self._account_eval(i, d, got.get(i))
+            elif d.how == "missed" and i not in rs.sampled:  # flushed at the end of a warm-up
+                nbytes = self._received(i, d, got.get(i))
+                if nbytes:
+                    rs.flushed[i] = nbytes
         if rnd > 1:
             self._finalize(rnd - 1)
-        uploads: dict[int, Tensors] = {}
-        started: dict[int, Tensors] = {}
-        for i in self.sampled[rnd]:
+        for i in rs.sampled:
             rep = got.get(i)
             if rep is None:
                 continue
             d = self.inflight[i]
             m = metrics_of(rep.content)
-            nan = float("nan")
-            rec = ClientRound(
-                i,
-                int(self.sim.n_train[i]),
-                True,
-                number(m, "acc"),
-                number(m, "loss"),
-                nan,
-                nan,
-                number(m, "train_loss"),
-            )
-            self.records[rnd][i] = rec
+            rec = ClientRound.started(i, int(core.n_train[i]))
+            rec.acc, rec.loss, rec.train_loss = number(m, "acc"), number(m, "loss"), number(m, "train_loss")
             if d.how == "missed":
-                self._received(i, d, rep)
-            started[i] = {k: self.held[i][k] for k in self.sim.up_layout.names}
-            if "up" not in rep.content:
-                continue
-            blob = record_blob(arrays_of(rep.content, "up"))
-            rec.bytes_up = len(blob)
-            accepted = self.sim.server_accept(rnd, i, blob)
-            if isinstance(accepted, str):
-                rec.rejected = accepted
-            else:
-                uploads[i] = accepted
-                self.held[i] = {**self.held[i], **accepted}  # what the client holds until a message replaces it
-            self.sim.obs.on_client_done(rnd, i, rec)
-        ctx = RoundContext(rnd=rnd, num_clients=self.n, n_train=self.sim.n_train, sent=started)
-        messages = self.sim.server_aggregate(ctx, uploads) if uploads else {}
-        for i, msg in messages.items():
-            self.outbox[i] = msg
-            self.out_version[i] = rnd
-        live = self.sim.strategy.diagnostics  # snapshot now: the next aggregation overwrites it
-        self.diag[rnd] = (dict(live), uploads, started)
-        live["participants"] = None
-        self.pending_eval = {
-            i for i in self.records[rnd] if i in self.outbox and self.out_version[i] > self.recv_version[i]
-        }
-        self.wall[rnd] = time.perf_counter() - self.t0[rnd]
-        metrics = MetricRecord({"uploads": len(uploads), "lost": len(self.lost)})
+                rec.bytes_down += self._received(i, d, rep)
+            core.fit_started(rs, i)
+            core.add_record(rs, i, rec)
+            if "up" in rep.content:
+                core.accept(rs, i, record_blob(arrays_of(rep.content, "up")))
+            self.obs.on_client_done(rnd, i, rec)
+        core.aggregate(rs)
+        self.pending_eval = {i for i in rs.records if core.pending(i)}
+        rs.wall = time.perf_counter() - rs.t0
+        metrics = MetricRecord({"uploads": len(rs.uploads), "lost": len(self.lost)})
         return None, metrics
+
+    def _account_eval(self, i: int, d: _Delivery, rep: Message | None) -> None:
+        """A participant of round d.round received its message: bytes and "aggregated" metrics on that row."""
+        nbytes = self._received(i, d, rep)
+        if not nbytes or rep is None:
+            return
+        rec = self.rounds[d.round].records[i]
+        rec.bytes_down += nbytes
+        m = metrics_of(rep.content)
+        rec.acc_agg, rec.loss_agg = number(m, "acc_agg"), number(m, "loss_agg")
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -421,7 +362,8 @@ class CeloraFlowerStrategy(FlowerStrategy):
         rnd = server_round
         got = self._replies(rnd + 1, "evaluate", self.sent_msgs, replies)
         for i, d in self.inflight.items():
-            self._received(i, d, got.get(i))
+            if d.how == "eval":
+                self._account_eval(i, d, got.get(i))
         for i, rep in got.items():
             m, conf = metrics_of(rep.content), config_of(rep.content)
             self.global_acc[i] = number(m, "acc_global")
@@ -457,12 +399,10 @@ class CeloraFlowerStrategy(FlowerStrategy):
         return self.finish()
 
     def finish(self) -> dict[str, Any]:
-        """The run summary: the in-process engine's keys, plus a ``flower`` section (bytes, lost clients)."""
-        gidx = self.sim.p.split.global_test_idx
-        acc_global = float(np.mean(list(self.global_acc.values()))) if (len(gidx) and self.global_acc) else float("nan")
-        summary = self.sim.summary_dict(self.rows, self.totals, acc_global, time.perf_counter() - self.t_run)
-        summary["bytes_setup_up"] = int(sum(self.setup_up.values()))
-        summary["bytes_up_total"] += summary["bytes_setup_up"]
+        """The run summary: the in-process loop's keys, plus a ``flower`` section (bytes, lost clients)."""
+        accs = list(self.global_acc.values())
+        acc_global = float(np.mean(accs)) if accs else float("nan")
+        summary = self.core.summary(acc_global, time.perf_counter() - self.t_run)
         f = self.flower
         summary["flower"] = {
             "runtime": "flower",
@@ -477,6 +417,5 @@ class CeloraFlowerStrategy(FlowerStrategy):
             "acc_global_clients": len(self.global_acc),
             "adapters": {str(i): a for i, a in sorted(self.adapters.items())},
         }
-        if self.out is not None:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        self.folder.write_summary(summary)
         return summary

@@ -1,0 +1,139 @@
+"""What the client runtime and the server core share: the frozen model with adapters, and the round protocol's
+phases (which strategy runs in round t, what trains, what travels, in which layout).
+
+``Backbone``: the loaded model with injected adapters and its initial adapter view (A, B, C, head), identical
+on every client and on the server because A, B are drawn from the shared seed. The server uses it only for
+names and shapes (layouts); clients train on it.
+
+``Phases``: rounds 1..``aggregation.warmup_rounds`` run the warm-up method, later rounds the configured one.
+``Phase``: for one strategy, the upload/download layouts (``celora.fl.payload.Layout``), the FedAvg modules
+(a VLM's projector) and the factors that train.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from celora.adapters.inject import AdapterSpec, get_tensors, set_tensors, set_trainable, view_names
+from celora.config import ExperimentConfig
+from celora.data.tasks import Task
+from celora.fl.payload import Layout, WireDtype, expected_size
+from celora.fl.strategies import Strategy, Tensors, get_strategy
+from celora.models.zoo import LoadedModel
+
+
+def frozen_factors(cfg: ExperimentConfig) -> set[str]:
+    """Adapter factors the config freezes for every method (model.train_ab, model.train_c)."""
+    return (set() if cfg.model.train_ab else {"A", "B"}) | (set() if cfg.model.train_c else {"C"})
+
+
+@dataclass
+class Backbone:
+    """The frozen base with adapters, its adapter parameter names and their initial values."""
+
+    loaded: LoadedModel
+    spec: AdapterSpec
+    init_state: Tensors
+    all_names: list[str]
+    task: Task
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
+
+    def load(self, state: Tensors) -> None:
+        """Copy a client's adapter view into the shared model."""
+        set_tensors(self.loaded.model, state)
+
+    def snapshot(self) -> Tensors:
+        """The model's current adapter view (CPU float32 copies)."""
+        return get_tensors(self.loaded.model, self.all_names)
+
+    def fresh_state(self) -> Tensors:
+        """A copy of the initial adapter view (every client starts here)."""
+        return {k: v.clone() for k, v in self.init_state.items()}
+
+    @property
+    def feature_dim(self) -> int | None:
+        """Width of the pooled features the data summaries are fitted on (None when unknown)."""
+        model = self.loaded.model
+        config = getattr(model, "config", None)
+        return int(getattr(model, "feature_dim", 0) or getattr(config, "hidden_size", 0)) or None
+
+
+@dataclass
+class Phase:
+    """One strategy's protocol: what trains, what travels and in which layout."""
+
+    strategy: Strategy
+    up_layout: Layout
+    down_layout: Layout
+    fedavg_names: list[str]
+    trained: frozenset[str]
+    dtype: WireDtype
+    max_up: int  # uploads larger than this are rejected (payload.max_bytes_factor × expected)
+
+    @property
+    def shares(self) -> bool:
+        return bool(self.up_layout.entries)
+
+    def trainable(self, bench: Backbone) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """Set the freeze masks on the shared model; (trainable params, of which the head's)."""
+        model, heads = bench.loaded.model, bench.loaded.head_modules
+        params = set_trainable(model, self.trained, heads)
+        head_params = [p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] in heads]
+        return params, head_params
+
+
+class Phases:
+    """The strategy (and its ``Phase``) of every round: the warm-up method first, then the configured one.
+
+    The server keeps one ``Phases`` for the run (its strategies carry the aggregation state); every client
+    has its own, used only for what trains and travels.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, bench: Backbone) -> None:
+        agg = cfg.aggregation
+        self.cfg = cfg
+        self.bench = bench
+        self.main: Strategy = get_strategy(cfg.method, agg)
+        self.warmup: Strategy | None = get_strategy(agg.warmup_method, agg) if agg.warmup_rounds else None
+        self._phases: dict[int, Phase] = {}
+
+    def strategy_for(self, rnd: int) -> Strategy:
+        """The warm-up method for rounds 1..warmup_rounds, the configured method afterwards."""
+        if self.warmup is not None and rnd <= self.cfg.aggregation.warmup_rounds:
+            return self.warmup
+        return self.main
+
+    def strategies(self) -> list[Strategy]:
+        return [s for s in (self.warmup, self.main) if s is not None]
+
+    def phase(self, rnd: int) -> Phase:
+        """The protocol of round ``rnd`` (round 0 = round 1's)."""
+        strategy = self.strategy_for(max(1, rnd))
+        key = id(strategy)
+        if key not in self._phases:
+            self._phases[key] = self._build(strategy)
+        return self._phases[key]
+
+    def _build(self, strategy: Strategy) -> Phase:
+        bench, cfg = self.bench, self.cfg
+        model, heads = bench.loaded.model, bench.loaded.head_modules
+        shared = view_names(model, strategy.shared_factors, heads)
+        # modules every sharing method federates by FedAvg beside its own factors (a VLM's projector)
+        fedavg_names = view_names(model, {"head"}, bench.loaded.fedavg_modules) if shared else []
+        shared = [n for n in shared if n not in set(fedavg_names)] + fedavg_names
+        up = Layout.of(bench.init_state, shared)
+        dtype: WireDtype = cfg.payload.dtype
+        max_up = int(expected_size(up, dtype) * cfg.payload.max_bytes_factor) + 1024
+        trained = frozenset(set(strategy.trained_factors) - frozen_factors(cfg))
+        return Phase(strategy, up, up, fedavg_names, trained, dtype, max_up)
+
+
+def seeded(seed: int, rnd: int, salt: int) -> None:
+    """Seed torch for client ``salt``'s local work in round ``rnd`` (identical in every runtime)."""
+    torch.manual_seed(seed * 100_003 + rnd * 1_009 + salt)

@@ -1,0 +1,170 @@
+"""Loading a run: name checks, the frozen model with adapters (``prepare_model``), and today's data provider
+(one dataset partitioned by seed, ``prepare``).
+
+``prepare(cfg)`` loads the whole dataset once, partitions it into clients, tokenizes once and builds the
+model: the in-process default, where every client's ``ClientData`` indexes one shared ``TaskData``.
+The server core needs only ``prepare_model`` (names and shapes, never rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from celora.adapters.inject import AdapterSpec, get_tensors, inject_adapters, view_names
+from celora.config import ExperimentConfig
+from celora.data.partition import FederatedSplit, make_federated_split
+from celora.data.sources import Dataset, load_dataset
+from celora.data.tasks import Task, TaskData, get_task
+from celora.errors import CeloraError
+from celora.fl.backbone import Backbone, frozen_factors
+from celora.fl.client import PartitionedData
+from celora.fl.strategies import Tensors, get_strategy
+from celora.models.vlm import VisionLanguageModel
+from celora.models.zoo import LoadedModel, load_model
+
+__all__ = ["Prepared", "check_names", "frozen_factors", "prepare", "prepare_model"]
+
+
+@dataclass
+class Prepared:
+    """Everything loaded once per run: data, split, tokenized inputs, model with adapters."""
+
+    dataset: Dataset
+    split: FederatedSplit
+    encoded: TaskData
+    loaded: LoadedModel
+    spec: AdapterSpec
+    init_state: Tensors
+    all_names: list[str]
+    task: Task
+    task_setup_bytes: int = 0  # per client, once (Task.setup)
+
+    @property
+    def bench(self) -> Backbone:
+        return Backbone(self.loaded, self.spec, self.init_state, self.all_names, self.task)
+
+    def provider(self) -> PartitionedData:
+        """Today's data provider: every client indexes the one encoded dataset."""
+        return PartitionedData(self.dataset, self.split, self.encoded)
+
+
+def check_names(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Fail fast (CeloraError naming the field) on an unknown method, model or dataset; return the config
+    with method-imposed settings applied (e.g. Fed-SB's SVD basis)."""
+    from celora.data.sources import DATASETS
+    from celora.models.zoo import ZOO, default_task, has_lm
+
+    strategy = get_strategy(cfg.method)
+    if strategy.basis is not None and cfg.model.basis != strategy.basis:
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"basis": strategy.basis})})
+    phases = [("method", strategy)]
+    if cfg.aggregation.warmup_rounds:
+        phases.append(("aggregation.warmup_method", get_strategy(cfg.aggregation.warmup_method)))
+    for field_name, strat in phases:
+        if cfg.model.basis == "svd" and "C" not in strat.trains:
+            raise CeloraError(f"{field_name} '{strat.name}' keeps C frozen, but model.basis = 'svd' starts C at 0")
+        trains = set(strat.trains) - frozen_factors(cfg)
+        if not trains:
+            raise CeloraError(f"model.train_ab/train_c leave {field_name} '{strat.name}' nothing to train")
+        if cfg.model.basis == "svd" and not cfg.model.train_c:
+            raise CeloraError("model.train_c = false with model.basis = 'svd' keeps C at 0: the adapter is off")
+    if cfg.model.name not in ZOO and not (Path(cfg.model.name) / "config.json").is_file():
+        known = ", ".join(sorted(ZOO))
+        raise CeloraError(f"unknown model.name '{cfg.model.name}' (known: {known}, or a local HF folder)")
+    task = get_task(cfg.data.task or default_task(cfg.model.name))
+    kind = ZOO[cfg.model.name].kind if cfg.model.name in ZOO else None
+    if (kind is not None and kind not in task.model_kinds) or (task.head == "lm" and not has_lm(cfg.model.name)):
+        raise CeloraError(
+            f"data.task '{task.name}' needs a {' or '.join(sorted(task.model_kinds))} model"
+            + (" with a causal-LM form" if task.head == "lm" else "")
+            + f"; model.name '{cfg.model.name}' is {kind or 'a local folder'}"
+        )
+    if cfg.data.task != task.name:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"task": task.name})})
+    if cfg.data.path is None and cfg.data.name not in DATASETS:
+        known = ", ".join(sorted(DATASETS))
+        raise CeloraError(f"unknown data.name '{cfg.data.name}' (known: {known}; or set data.path)")
+    if cfg.data.path is not None and not Path(cfg.data.path).is_file():
+        raise CeloraError(f"data.path: file not found: {cfg.data.path}")
+    return cfg
+
+
+def load_backbone(cfg: ExperimentConfig, num_labels: int) -> tuple[LoadedModel, AdapterSpec, Task]:
+    """The frozen base for ``num_labels`` classes with adapters injected (no data needed)."""
+    task = get_task(cfg.data.task or "classify")
+    loaded = load_model(cfg.model.name, num_labels=num_labels, seed=cfg.seed, head=task.head)  # type: ignore[arg-type]
+    m = cfg.model
+    if m.projector_hidden is not None:
+        if not isinstance(loaded.model, VisionLanguageModel):
+            raise CeloraError(f"model.projector_hidden: only for a vision-language model, not '{m.name}'")
+        loaded.model.set_projector_width(m.projector_hidden, cfg.seed)
+    spec = AdapterSpec(
+        rank=m.rank,
+        alpha=m.alpha if m.alpha is not None else float(m.rank),
+        targets=tuple(m.targets or loaded.default_targets),
+        dropout=m.dropout,
+        init=m.init,
+        basis=m.basis,
+        seed=cfg.seed,
+    )
+    try:
+        inject_adapters(loaded.model, spec)
+    except ValueError as err:
+        raise CeloraError(f"model.rank: {err}") from None
+    return loaded, spec, task
+
+
+def backbone_of(loaded: LoadedModel, spec: AdapterSpec, task: Task) -> Backbone:
+    """Freeze the adapter view as it is now (the initial state every client starts from)."""
+    all_names = view_names(loaded.model, {"A", "B", "C", "head"}, loaded.head_modules)
+    return Backbone(loaded, spec, get_tensors(loaded.model, all_names), all_names, task)
+
+
+def prepare_model(cfg: ExperimentConfig, num_labels: int) -> Backbone:
+    """The model side alone (what a server needs for layouts): base + adapters for ``num_labels`` classes.
+
+    Tasks with a one-time federated set-up (``Task.setup``, e.g. a VLM's projector statistics) change the
+    initial state; their server must apply the same set-up before taking this backbone's ``init_state``."""
+    cfg = check_names(cfg)
+    return backbone_of(*load_backbone(cfg, num_labels))
+
+
+def prepare(cfg: ExperimentConfig) -> Prepared:
+    """Load data, partition it, tokenize once, build the frozen model and inject adapters."""
+    cfg = check_names(cfg)
+    d = cfg.data
+    dataset = load_dataset(
+        None if d.path else d.name,
+        path=d.path,
+        text_column=d.text_column,
+        label_column=d.label_column,
+        column=d.column,
+        max_samples=d.max_samples,
+        seed=cfg.seed,
+        image_column=d.image_column,
+        image_size=d.image_size,
+    )
+    column_values = dataset.columns.get(d.column) if d.column else None
+    split = make_federated_split(
+        dataset.labels,
+        cfg.num_clients,
+        d.partition,
+        alpha=d.alpha,
+        classes_per_client=d.classes_per_client,
+        column_values=column_values,
+        seed=cfg.seed,
+        test_fraction=d.test_fraction,
+        global_test_fraction=d.global_test_fraction,
+        train_per_client=d.train_per_client,
+        test_per_client=d.test_per_client,
+    )
+    if d.instruction is not None or d.verbalizers is not None:
+        dataset = replace(
+            dataset, instruction=d.instruction or dataset.instruction, verbalizers=d.verbalizers or dataset.verbalizers
+        )
+    loaded, spec, task = load_backbone(cfg, len(dataset.label_names))
+    encoded = task.build(dataset, loaded.tokenizer, cfg.model.max_length)
+    setup_bytes = task.setup(loaded.model, encoded, [c.train_idx for c in split.clients])
+    bench = backbone_of(loaded, spec, task)
+    return Prepared(dataset, split, encoded, loaded, spec, bench.init_state, bench.all_names, task, setup_bytes)
