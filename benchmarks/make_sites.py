@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> None:
                 for _ in range(min(int(n), len(pools[c]))):
                     i = pools[c].pop()
                     out.writerow([ds.texts[i], ds.label_names[c]])
-        print(f"{path}: {int(counts.sum())} rows, " + ", ".join(f"{ds.label_names[c]} {n}" for c, n in enumerate(counts)))
+        print(
+            f"{path}: {int(counts.sum())} rows, " + ", ".join(f"{ds.label_names[c]} {n}" for c, n in enumerate(counts))
+        )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import numpy as np
 from celora.config import ExperimentConfig, apply_overrides, build_config
 from celora.errors import CeloraError
 from celora.fl.simulation import Observer, Prepared, Simulation, check_names, prepare
+from celora.fl.sites import SitesPrepared
 
 CELL_KEYS = (
     "method",
@@ -130,7 +131,7 @@ def run_comparison(
     known = dict(variants or {})
     cols = [known.get(m, Variant(m, m)) for m in methods]
     cells = [(v.label, s, cell_config(base, v.method, s, v.overrides)) for s in seeds for v in cols]  # validate all
-    prepared: dict[str, Prepared] = {}
+    prepared: dict[str, Prepared | SitesPrepared] = {}
     rows: list[dict[str, Any]] = []
     for method, seed, cfg in cells:
         cell_dir = out / method / f"seed_{seed}"

@@ -29,10 +29,13 @@ TINY = [
 class MemoryGrid(Grid):
     """Delivers each message to the ClientApp of its node in this process (one Context per node).
 
-    ``dead`` maps a node id to the first group id (round) from which that node no longer answers.
+    ``dead`` maps a node id to the first group id (round) from which that node no longer answers;
+    ``node_config`` adds keys to node i's node config (e.g. its ``site-path``).
     """
 
-    def __init__(self, num_nodes: int, dead: dict[int, int] | None = None) -> None:
+    def __init__(
+        self, num_nodes: int, dead: dict[int, int] | None = None, node_config: list[dict[str, Any]] | None = None
+    ) -> None:
         from flwr.supercore.task_identity import TaskIdentity
 
         from celora.fl.flower.client_app import app
@@ -44,7 +47,7 @@ class MemoryGrid(Grid):
             node: Context(
                 run_id=1,
                 node_id=node,
-                node_config={"partition-id": i, "num-partitions": num_nodes},
+                node_config={"partition-id": i, "num-partitions": num_nodes, **(node_config or [{}] * num_nodes)[i]},
                 state=RecordDict(),
                 run_config={},
             )

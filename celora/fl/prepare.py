@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from celora.adapters.inject import AdapterSpec, get_tensors, inject_adapters, view_names
 from celora.config import ExperimentConfig
@@ -22,6 +23,9 @@ from celora.fl.client import PartitionedData
 from celora.fl.strategies import Tensors, get_strategy
 from celora.models.vlm import VisionLanguageModel
 from celora.models.zoo import LoadedModel, load_model
+
+if TYPE_CHECKING:
+    from celora.fl.sites import SitesPrepared
 
 __all__ = ["Prepared", "check_names", "frozen_factors", "prepare", "prepare_model"]
 
@@ -43,6 +47,11 @@ class Prepared:
     @property
     def bench(self) -> Backbone:
         return Backbone(self.loaded, self.spec, self.init_state, self.all_names, self.task)
+
+    @property
+    def setup_bytes_up(self) -> int:
+        """One-time bytes all clients uploaded for the task's set-up."""
+        return self.task_setup_bytes * len(self.split.clients)
 
     def provider(self) -> PartitionedData:
         """Today's data provider: every client indexes the one encoded dataset."""
@@ -82,7 +91,7 @@ def check_names(cfg: ExperimentConfig) -> ExperimentConfig:
         )
     if cfg.data.task != task.name:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"task": task.name})})
-    if cfg.data.path is None and cfg.data.name not in DATASETS:
+    if cfg.data.sites is None and cfg.data.path is None and cfg.data.name not in DATASETS:
         known = ", ".join(sorted(DATASETS))
         raise CeloraError(f"unknown data.name '{cfg.data.name}' (known: {known}; or set data.path)")
     if cfg.data.path is not None and not Path(cfg.data.path).is_file():
@@ -130,9 +139,14 @@ def prepare_model(cfg: ExperimentConfig, num_labels: int) -> Backbone:
     return backbone_of(*load_backbone(cfg, num_labels))
 
 
-def prepare(cfg: ExperimentConfig) -> Prepared:
-    """Load data, partition it, tokenize once, build the frozen model and inject adapters."""
+def prepare(cfg: ExperimentConfig) -> Prepared | SitesPrepared:
+    """Load data, partition it, tokenize once, build the frozen model and inject adapters; with
+    ``data.sites`` every site loads its own file instead (``celora.fl.sites.prepare_sites``)."""
     cfg = check_names(cfg)
+    if cfg.data.sites is not None:
+        from celora.fl.sites import prepare_sites
+
+        return prepare_sites(cfg)
     d = cfg.data
     dataset = load_dataset(
         None if d.path else d.name,

@@ -32,6 +32,7 @@ from celora.fl.prepare import Prepared, check_names, frozen_factors, prepare
 from celora.fl.records import ClientRound, Observer, Silent
 from celora.fl.run_folder import RunFolder
 from celora.fl.server import RoundState, ServerCore
+from celora.fl.sites import SitesPrepared
 from celora.fl.strategies import Tensors
 
 __all__ = [
@@ -67,7 +68,7 @@ class Simulation:
         *,
         observer: Observer | None = None,
         wire_hook: WireHook | None = None,
-        prepared: Prepared | None = None,
+        prepared: Prepared | SitesPrepared | None = None,
         export_adapters: bool = True,
     ) -> None:
         cfg = check_names(cfg)
@@ -197,7 +198,7 @@ class Simulation:
     def _finish(self, wall: float) -> dict[str, Any]:
         g_accs = [c.evaluate_global() for c in self.clients]
         acc_global = float(np.mean(g_accs)) if len(self.clients[0].data.global_idx) else float("nan")
-        summary = self.server.summary(acc_global, wall, self.p.task_setup_bytes * self.cfg.num_clients)
+        summary = self.server.summary(acc_global, wall, self.p.setup_bytes_up)
         if self.out is not None and self.export_adapters:
             from celora.adapters.export import PeftExporter  # peft is heavy: imported only to export
 
