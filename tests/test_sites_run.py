@@ -101,7 +101,9 @@ def test_flower_server_never_needs_the_site_files(tmp_path, sites, inprocess):
     assert summary["bytes_up_total"] == ref.summary["bytes_up_total"]
     assert load_config(out / "config.toml").data.labels == ["money", "sport", "tech"]
     labels = [x for x in read_jsonl(out / "flower" / "messages.jsonl") if x["type"] == "query.labels"]
-    assert sorted(x["client"] for x in labels) == [0, 1, 2] and all(x["records"] == {"celora": "ConfigRecord"} for x in labels)
+    assert sorted(x["client"] for x in labels) == [0, 1, 2] and all(
+        x["records"] == {"celora": "ConfigRecord"} for x in labels
+    )
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "unknown_label", "wrong_column"])

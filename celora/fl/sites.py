@@ -185,14 +185,6 @@ class SitesPrepared:
         return self.bench.task
 
     @property
-    def init_state(self) -> Tensors:
-        return self.bench.init_state
-
-    @property
-    def all_names(self) -> list[str]:
-        return self.bench.all_names
-
-    @property
     def setup_bytes_up(self) -> int:
         """One-time bytes every site uploaded for the set-up (label names, task statistics)."""
         return self.setup.totals()["up"]
