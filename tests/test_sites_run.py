@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flower_helpers import MemoryGrid, read_jsonl
 from test_sites import write_site
 
@@ -80,6 +81,7 @@ def test_inprocess_one_client_per_site_file(sites, inprocess):
     _check_own_files(res.rounds, partition, sites)
     assert set(partition["clients"][1]["label_hist"]) == {"money", "sport", "tech"}  # the agreed label space
     assert res.summary["num_clients"] == 3 and res.summary["bytes_setup_up"] > 0
+    assert load_config(out / "config.toml").data.labels == ["money", "sport", "tech"]  # the agreed space
 
 
 def test_flower_server_never_needs_the_site_files(tmp_path, sites, inprocess):
@@ -158,3 +160,59 @@ def test_real_supernodes_each_with_its_own_file(tmp_path, sites, inprocess):
     logs = "\n".join((out / "flower" / f"supernode-{k}.log").read_text(errors="replace") for k in range(3))
     assert "Traceback" not in logs
     assert np.isnan(res.summary["acc_global"])  # no global test file given
+
+
+def test_global_test_file_is_every_site_s_global_rows(tmp_path, sites):
+    from celora.fl.sites import prepare_sites
+
+    g = write_site(tmp_path / "global.csv", {"tech": 4, "sport": 3}, seed=9)
+    p = prepare_sites(_cfg(sites, f"data.global_test_path={json.dumps(g)}"))
+    for i, data in p.datas.items():
+        assert len(data.global_idx) == 7 and len(data.data) == len(_rows_of(sites[i])) + 7
+        assert sorted(data.labels[data.global_idx].tolist()) == [1, 1, 1, 2, 2, 2, 2]  # sport, tech
+
+
+def test_vlm_statistics_come_from_each_site_and_combine_to_the_pooled_ones(tmp_path):
+    """Image sites for the VLM: each site sends (n, mean, mean square) of its own ViT tokens; the projector's
+    μ, σ equal those of all training rows pooled, and the bytes are counted per site."""
+    from PIL import Image
+
+    from celora.data.images import ImagePromptData
+    from celora.fl.prepare import prepare
+    from celora.fl.sites import SitesPrepared
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for k, n in enumerate((6, 9)):
+        (tmp_path / f"s{k}").mkdir()
+        lines = ["file,y"]
+        for r in range(n):
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / f"s{k}" / f"{r}.png")
+            lines.append(f"{r}.png,{'ab'[(r + k) % 2]}")
+        (tmp_path / f"s{k}" / "site.csv").write_text("\n".join(lines) + "\n")
+        paths.append(str(tmp_path / f"s{k}" / "site.csv"))
+    cfg = load_config(
+        None,
+        [
+            "model.name=tiny-vlm",
+            "model.rank=2",
+            "model.max_length=160",
+            "data.image_column=file",
+            "data.label_column=y",
+            "data.image_size=28",
+            f"data.sites={json.dumps(paths)}",
+        ],
+    )
+    p = prepare(cfg)
+    assert isinstance(p, SitesPrepared)
+    model = p.loaded.model
+    feats = []
+    with torch.no_grad():
+        for data in p.datas.values():
+            assert isinstance(data.data, ImagePromptData)
+            pix = data.data.images.batch(data.train_idx)["pixel_values"]
+            feats.append(model.vision(pixel_values=pix).last_hidden_state.flatten(0, 1).double())
+    pooled = torch.cat(feats)
+    torch.testing.assert_close(model.projector.input_mean, pooled.mean(0).float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.projector.input_std, pooled.std(0, unbiased=False).float(), atol=1e-4, rtol=1e-4)
+    assert all(p.setup.up[i] > 4 * (2 * 32 + 1) for i in (0, 1)) and p.setup.down[0] == p.setup.down[1] > 0

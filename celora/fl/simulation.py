@@ -72,8 +72,10 @@ class Simulation:
         export_adapters: bool = True,
     ) -> None:
         cfg = check_names(cfg)
-        self.cfg = cfg
         self.p = prepared or prepare(cfg)
+        if isinstance(self.p, SitesPrepared):
+            cfg = self.p.cfg  # data.sites: with the label space the sites agreed on (data.labels)
+        self.cfg = cfg
         self.bench = self.p.bench
         self.folder = RunFolder(out_dir)
         self.out = self.folder.path

@@ -18,6 +18,7 @@ import numpy as np
 from celora.config import ExperimentConfig, dump_config
 from celora.errors import CeloraError
 from celora.fl.flower.deploy import LocalDeployment, write_app
+from celora.fl.flower.server_app import ERROR_FILE
 from celora.fl.simulation import Observer, RunResult, check_names
 
 
@@ -47,6 +48,7 @@ def run_flower(
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)
+    (out / ERROR_FILE).unlink(missing_ok=True)
     work = out / "flower"
     app_dir = write_app(work / "app", dump_config(cfg))
     dep = LocalDeployment(work, cfg.num_clients, tls=tls, auth=auth, sites=sites or cfg.data.sites)
@@ -75,6 +77,8 @@ def run_flower(
             seen = max(seen, len(rows))
             time.sleep(1.0)
         if not (out / "summary.json").is_file():
+            if (out / ERROR_FILE).is_file():
+                raise CeloraError((out / ERROR_FILE).read_text(encoding="utf-8").strip())
             tail = dep.procs["flwr-run"].tail(15)
             raise CeloraError(f"flower run ended without a summary (logs in {work}): {tail[-600:]}")
     finally:
