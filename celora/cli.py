@@ -1,4 +1,4 @@
-"""`celora` command line: run | compare | comm | report | config | models | datasets."""
+"""`celora` command line: run | compare | comm | report | config | models | datasets | flower-sim."""
 
 from __future__ import annotations
 
@@ -71,6 +71,10 @@ def run(
             help="inprocess (one process) | flower (local SuperLink + SuperNodes on loopback, see docs/flower.md)",
         ),
     ] = "inprocess",
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="continue RUN_DIR from its last complete checkpoint, with its own config.toml"),
+    ] = None,
 ) -> None:
     """Run one federated experiment (in-process engine, or a local Flower deployment) and write its run folder."""
     from celora.config import load_config
@@ -81,11 +85,25 @@ def run(
 
     if runtime not in ("inprocess", "flower"):
         raise CeloraError(f"--runtime must be inprocess or flower, got {runtime!r}")
+    if resume is not None:
+        if config is not None or set_ or out is not None:
+            raise CeloraError("--resume RUN_DIR uses the run's own config.toml and folder: drop CONFIG, --set, --out")
+        if runtime != "inprocess":
+            raise CeloraError("--resume: only the in-process runtime resumes from the CLI (Flower: see docs/flower.md)")
+        if not (resume / "config.toml").is_file():
+            raise CeloraError(f"--resume: {resume / 'config.toml'} not found (not a run folder)")
+        if (resume / "summary.json").is_file():
+            raise CeloraError(f"--resume: {resume} already finished (summary.json exists)")
+        from celora.fl.run_folder import load_checkpoint
+
+        if load_checkpoint(resume) is None:
+            raise CeloraError(f"--resume: {resume}: no complete checkpoint to resume from (checkpoints/ckpt-*.json)")
+        config = resume / "config.toml"
     cfg = load_config(config, set_ or [])
     for line in unused_keys(cfg):
         err_console.print(f"warning: {line}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     cfg = check_names(cfg)
-    out_dir = out or _default_out(config, cfg.method)
+    out_dir = resume or out or _default_out(config, cfg.method)
     console.print(
         f"[bold]celora[/bold] {cfg.method} · model {cfg.model.name} · {cfg.num_clients} clients · "
         f"{cfg.rounds} rounds · data {cfg.data.path or cfg.data.name} ({cfg.data.partition}) · runtime {runtime}"
@@ -114,6 +132,7 @@ def run(
             observer=RichObserver(progress, cfg.rounds),
             prepared=prepared,
             export_adapters=not no_export,
+            resume=resume is not None,
         )
         console.print(format_partition_table(partition_report(sim.infos, sim.clients[0].data.meta)))
         with progress:
@@ -172,15 +191,15 @@ def compare(
 ) -> None:
     """Run methods × seeds on identical partitions (resumable) and print the comparison table."""
     from celora.compare import (
-        TABLE_COLUMNS,
         aggregate_rows,
+        comparison_frame,
         parse_list,
         parse_seeds,
         parse_variants,
         run_comparison,
-        table_cells,
     )
     from celora.config import load_config
+    from celora.tables import frame_rich
 
     base = load_config(config, set_ or [])
     variants = parse_variants(variant or [])
@@ -215,12 +234,8 @@ def compare(
             base, method_list, seed_list, out_dir, observer_for=observer_for, on_skip=on_skip, variants=variants
         )
     agg = aggregate_rows(rows, method_list)
-    t = Table(title=f"comparison: {len(seed_list)} seeds, identical partitions per seed")
-    for col in TABLE_COLUMNS:
-        t.add_column(col, justify="right")
-    for a in agg:
-        t.add_row(*table_cells(a))
-    console.print(t)
+    title = f"comparison: {len(seed_list)} seeds, identical partitions per seed"
+    console.print(frame_rich(comparison_frame(agg), title=title))
     console.print(f"wrote {out_dir}/compare.csv, compare.md, compare.png")
 
 
@@ -276,8 +291,13 @@ def report(
     if html:
         console.print(f"wrote {write_html_report(folder)}")
         return
-    if (folder / "compare.md").is_file():
-        console.print((folder / "compare.md").read_text(encoding="utf-8"))
+    if any(folder.glob("*/seed_*/cell.json")):
+        from celora.compare import aggregate_rows, comparison_frame, read_cells
+        from celora.tables import frame_rich
+
+        cells = read_cells(folder)
+        agg = aggregate_rows(cells, list(dict.fromkeys(c["method"] for c in cells)))
+        console.print(frame_rich(comparison_frame(agg), title=f"comparison {folder.name}"))
         return
     if not (folder / "metrics.jsonl").is_file():
         raise CeloraError(f"{folder}: not a run folder (no metrics.jsonl)")
@@ -298,7 +318,8 @@ def config_cmd(
     import json
 
     from celora.config import ExperimentConfig
-    from celora.report import config_frame, config_markdown, frame_rich
+    from celora.report import config_frame, config_markdown
+    from celora.tables import frame_rich
 
     if as_json:
         print(json.dumps(ExperimentConfig.model_json_schema(), indent=2, ensure_ascii=False))
@@ -330,9 +351,24 @@ def datasets() -> None:
         console.print(name)
 
 
+@app.command(
+    "flower-sim",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def flower_sim(ctx: typer.Context) -> None:
+    """`flwr run [APP] [ARGS…]` in Flower's simulation engine (APP default "."), with this environment's Flower
+    binaries on PATH and runtime dependency installation off, e.g.
+    `celora flower-sim . --federation-config "num-supernodes=4" --stream` (docs/flower.md)."""
+    from celora.fl.flower.deploy import flwr_run
+
+    raise typer.Exit(flwr_run(ctx.args))
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2, without a traceback."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console_log = logging.StreamHandler()
+    console_log.setLevel(logging.WARNING)  # a run's INFO lines go to its celora.log, not the terminal
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", handlers=[console_log])
     try:
         app(standalone_mode=False)
     except CeloraError as err:

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from celora.config import ExperimentConfig, apply_overrides, build_config
 from celora.errors import CeloraError
 from celora.fl.simulation import Observer, Prepared, Simulation, check_names, prepare
 from celora.fl.sites import SitesPrepared
+from celora.tables import frame_markdown
 
 CELL_KEYS = (
     "method",
@@ -235,11 +237,15 @@ def table_cells(a: dict[str, Any]) -> list[str]:
     ]
 
 
+def comparison_frame(agg: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """The comparison (accuracy mean ± std over seeds, paired Δ to local, bytes) as one frame of display strings:
+    the CLI, compare.md and report.html render this same frame."""
+    return pd.DataFrame([table_cells(a) for a in agg], columns=list(TABLE_COLUMNS))
+
+
 def markdown_table(agg: Sequence[dict[str, Any]]) -> str:
-    """The comparison as a Markdown table (accuracy mean ± std over seeds, paired Δ to local, bytes)."""
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(table_cells(a)) + " |" for a in agg]
-    return "\n".join(lines) + "\n"
+    """The comparison as a Markdown table."""
+    return frame_markdown(comparison_frame(agg)) + "\n"
 
 
 def _plot_on(ax: Any, agg: Sequence[dict[str, Any]], title: str) -> None:
@@ -260,8 +266,6 @@ def _plot_on(ax: Any, agg: Sequence[dict[str, Any]], title: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("total MB on the wire (up + down, all clients, all rounds)")
     ax.grid(alpha=0.3, which="both")
-    if agg:
-        ax.legend(fontsize=7, loc="best")
     ax.set_title(title)
 
 
@@ -270,18 +274,29 @@ def plot_comparison(agg: Sequence[dict[str, Any]], path: str | Path, title: str 
     return plot_panels({title: agg}, path)
 
 
-def plot_panels(panels: Mapping[str, Sequence[dict[str, Any]]], path: str | Path) -> Path:
-    """One accuracy-vs-bytes panel per comparison (e.g. one per Dirichlet α), side by side, shared y axis."""
+def panels_figure(panels: Mapping[str, Sequence[dict[str, Any]]]) -> Any:
+    """One accuracy-vs-bytes panel per comparison (e.g. one per Dirichlet α), side by side, shared y axis; one
+    legend, right of the last panel (it never covers a point)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels) + 1.8, 4.2), sharey=True, squeeze=False)
     for ax, (title, agg) in zip(axes[0], panels.items(), strict=True):
         _plot_on(ax, agg, title)
     axes[0][0].set_ylabel("personalized accuracy (mean over clients)")
+    if any(panels.values()):
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
+    return fig
+
+
+def plot_panels(panels: Mapping[str, Sequence[dict[str, Any]]], path: str | Path) -> Path:
+    """``panels_figure`` saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = panels_figure(panels)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

@@ -5,13 +5,23 @@ Every error is one line that names the field (``data.alpha: ...``) or the file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from celora.errors import CeloraError
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device_name(name: str) -> str:
+    """Validate the spelling of ``train.device`` (whether the device exists is checked when a run starts)."""
+    if not DEVICE_PATTERN.match(name):
+        raise ValueError(f"'{name}' is not a device: expected auto, cpu, cuda, cuda:N or mps")
+    return name
 
 
 class _Section(BaseModel):
@@ -116,6 +126,21 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps per client and round")
     eval_batch_size: int = Field(64, ge=1, description="batch size for evaluation")
     threads: int | None = Field(None, ge=1, description="torch threads; default = all cores")
+    device: str = Field(
+        "auto",
+        description="where the frozen base runs: auto (CUDA if available, else CPU) | cpu | cuda | cuda:N | mps",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="fp32 | bf16 | fp16 (autocast; fp16 with a GradScaler; adapters, head and optimizer state stay "
+        "fp32) | auto (CPU: fp32, bf16 weights for SmolLM2 only where the CPU has native bf16; CUDA: bf16 where "
+        "supported, else fp32; MPS: fp32)",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return check_device_name(value)
 
 
 class AggregationConfig(_Section):
@@ -130,6 +155,15 @@ class AggregationConfig(_Section):
     )
     warmup_rounds: int = Field(0, ge=0, description="first k rounds run warmup_method (e.g. FedIT to align A, B)")
     warmup_method: str = Field("fedit", description="method of the warm-up rounds (aggregation.warmup_rounds > 0)")
+    max_norm_ratio: float | None = Field(
+        None,
+        ge=1,
+        description="reject an upload whose update norm ‖x_i − x_i^sent‖ exceeds k × the round's median (logged, "
+        "counted as rejected); default off",
+    )
+    clip_norm: float | None = Field(
+        None, gt=0, description="clip every update x_i − x_i^sent to this L2 norm before combining; default off"
+    )
 
 
 class PayloadConfig(_Section):
@@ -161,6 +195,21 @@ class ExperimentConfig(_Section):
     )
     payload: PayloadConfig = Field(default_factory=PayloadConfig, description="what travels on the wire")
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="privacy of the data summaries")
+    checkpoint_every: int = Field(
+        1,
+        ge=0,
+        description="write an atomic checkpoint to <run>/checkpoints every k rounds (0 = never); "
+        "`celora run --resume RUN_DIR` continues from the last complete one",
+    )
+    dropout: float = Field(
+        0.0, ge=0, le=1, description="probability that a sampled client fails after local training (upload lost)"
+    )
+    dropout_before: float = Field(
+        0.0, ge=0, le=1, description="probability that a sampled client fails before local training"
+    )
+    min_clients: int | None = Field(
+        None, ge=1, description="Flower: start once this many SuperNodes are connected (default: all num_clients)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -181,6 +230,11 @@ class ExperimentConfig(_Section):
     def _check(self) -> ExperimentConfig:
         if self.clients_per_round is not None and self.clients_per_round > self.num_clients:
             raise ValueError(f"clients_per_round ({self.clients_per_round}) > num_clients ({self.num_clients})")
+        if self.min_clients is not None and self.min_clients > self.num_clients:
+            raise ValueError(f"min_clients ({self.min_clients}) > num_clients ({self.num_clients})")
+        for key in ("dropout", "dropout_before"):
+            if getattr(self, key) >= 1.0:
+                raise ValueError(f"{key} = 1.0: every sampled client fails, nobody would ever upload (use < 1)")
         return self
 
     @property

@@ -11,31 +11,8 @@ from typing import Any
 
 import pandas as pd
 from rich.table import Table
-from rich.text import Text
 
-
-def frame_rich(frame: pd.DataFrame, title: str | None = None, left: int = 1) -> Table:
-    """A rich table of ``frame`` (the first ``left`` columns left-aligned, the rest right-aligned)."""
-    t = Table(title=title)
-    for k, col in enumerate(frame.columns):
-        t.add_column(str(col), justify="left" if k < left else "right")
-    for row in frame.itertuples(index=False):
-        t.add_row(*(Text(str(c)) for c in row))  # cells are text, never rich markup ("list[str]")
-    return t
-
-
-def frame_markdown(frame: pd.DataFrame, left: int = 1) -> str:
-    """A GitHub Markdown table of ``frame`` ('|' in cells escaped)."""
-
-    def cell(x: Any) -> str:
-        return str(x).replace("|", "\\|").replace("\n", " ")
-
-    cols = [cell(c) for c in frame.columns]
-    align = ["---" if k < left else "---:" for k in range(len(cols))]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
-
+from celora.tables import frame_html, frame_markdown, frame_rich
 
 REGENERATE_CONFIG_DOC = "celora config --markdown > docs/configuration.md"
 
@@ -104,42 +81,63 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def rounds_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """One line per round: personalized accuracy (local step and after aggregation), bytes, time."""
+    return pd.DataFrame(
+        [
+            {
+                "round": str(r["round"]),
+                "acc mean": f"{r['acc_mean']:.3f}",
+                "acc weighted": f"{r['acc_weighted']:.3f}",
+                "worst 10%": f"{r['acc_worst10']:.3f}",
+                "acc after agg.": f"{r['acc_mean_agg']:.3f}",
+                "up": fmt_bytes(r["bytes_up"]),
+                "down": fmt_bytes(r["bytes_down"]),
+                "time": f"{r['wall_s']:.1f}s",
+            }
+            for r in rows
+        ],
+        columns=["round", "acc mean", "acc weighted", "worst 10%", "acc after agg.", "up", "down", "time"],
+    )
+
+
+def clients_frame(row: dict[str, Any]) -> pd.DataFrame:
+    """Per-client results of one round."""
+    return pd.DataFrame(
+        [
+            {
+                "client": str(c["id"]),
+                "n_train": str(c["n_train"]),
+                "acc": f"{c['acc']:.3f}",
+                "acc after agg.": f"{c['acc_agg']:.3f}",
+                "loss": f"{c['loss']:.3f}",
+                "up": fmt_bytes(c["bytes_up"]),
+                "down": fmt_bytes(c["bytes_down"]),
+                "note": client_note(c),
+            }
+            for c in row["clients"]
+        ],
+        columns=["client", "n_train", "acc", "acc after agg.", "loss", "up", "down", "note"],
+    )
+
+
 def rounds_table(rows: list[dict[str, Any]], title: str = "Results per round") -> Table:
-    """One line per round: personalized accuracy (local step and aggregated), bytes, time."""
-    t = Table(title=title)
-    for col in ("round", "acc mean", "acc weighted", "worst 10%", "acc after agg.", "up", "down", "time"):
-        t.add_column(col, justify="right")
-    for r in rows:
-        t.add_row(
-            str(r["round"]),
-            f"{r['acc_mean']:.3f}",
-            f"{r['acc_weighted']:.3f}",
-            f"{r['acc_worst10']:.3f}",
-            f"{r['acc_mean_agg']:.3f}",
-            fmt_bytes(r["bytes_up"]),
-            fmt_bytes(r["bytes_down"]),
-            f"{r['wall_s']:.1f}s",
-        )
-    return t
+    """The rounds as a rich table."""
+    return frame_rich(rounds_frame(rows), title=title)
 
 
 def clients_table(row: dict[str, Any]) -> Table:
-    """Per-client results of one round."""
-    t = Table(title=f"Clients after round {row['round']}")
-    for col in ("client", "n_train", "acc", "acc after agg.", "loss", "up", "down", "note"):
-        t.add_column(col, justify="right")
-    for c in row["clients"]:
-        t.add_row(
-            str(c["id"]),
-            str(c["n_train"]),
-            f"{c['acc']:.3f}",
-            f"{c['acc_agg']:.3f}",
-            f"{c['loss']:.3f}",
-            fmt_bytes(c["bytes_up"]),
-            fmt_bytes(c["bytes_down"]),
-            ("rejected: " + c["rejected"]) if c.get("rejected") else ("" if c["participated"] else "not sampled"),
-        )
-    return t
+    """The clients of one round as a rich table."""
+    return frame_rich(clients_frame(row), title=f"Clients after round {row['round']}")
+
+
+def client_note(c: dict[str, Any]) -> str:
+    """Why a client's line is special: a rejected upload, a dropout, or not sampled."""
+    if c.get("rejected"):
+        return "rejected: " + c["rejected"]
+    if c.get("dropped"):
+        return f"dropped ({c['dropped']} training)"
+    return "" if c["participated"] else "not sampled"
 
 
 def plot_accuracy(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -202,18 +200,29 @@ def plot_weights(weights: Any, path: str | Path, title: str = "aggregation weigh
 
 # ------------------------------------------------------------------------------------------ HTML report
 _CSS = (
-    "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
-    "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}"
-    "td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}"
+    "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1250px;color:#222;padding:0 1em}"
+    "h1{margin-bottom:.2em}.sub{color:#555;margin-top:0}table{border-collapse:collapse;margin:.8em 0;font-size:.9em}"
+    "th,td{border:1px solid #ddd;padding:4px 10px;text-align:right;font-variant-numeric:tabular-nums}"
+    "th{background:#f4f5f7}td{white-space:nowrap}.l{text-align:left}img{max-width:100%}"
+    ".cards{display:flex;flex-wrap:wrap;gap:.8em;margin:1em 0}.card{border:1px solid #ddd;border-radius:6px;"
+    "padding:.6em 1em;min-width:9em}.card b{display:block;font-size:1.4em}.card span{color:#555;font-size:.85em}"
+    ".grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(480px,1fr));gap:1em}"
+    "details pre{background:#f7f7f7;padding:1em;overflow:auto}"
 )
 
 
-def _html_table(header: list[str], rows: list[list[Any]]) -> str:
-    from html import escape
+def _png(fig: Any) -> str:
+    """A matplotlib figure as an embedded <img> (the page stays one self-contained file)."""
+    import base64
+    import io
 
-    head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
 def _img(path: Path) -> str:
@@ -221,111 +230,197 @@ def _img(path: Path) -> str:
 
     if not path.is_file():
         return ""
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<p><img alt="{path.name}" src="data:image/png;base64,{data}"></p>'
+    return f'<img alt="{path.name}" src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
+
+
+def _figure(w: float = 6.0, h: float = 3.6) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(w, h))
+
+
+def plot_label_distribution(partition: dict[str, Any]) -> Any:
+    """The partition as the standard FL picture: one stacked bar per client, one colour per label."""
+    clients = partition["clients"]
+    labels = sorted({k for c in clients for k in c["label_hist"]}, key=lambda k: (len(k), k))
+    fig, ax = _figure()
+    bottom = [0] * len(clients)
+    cmap = __import__("matplotlib").colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    for n, label in enumerate(labels):
+        counts = [c["label_hist"].get(label, 0) for c in clients]
+        ax.bar([str(c["id"]) for c in clients], counts, bottom=bottom, label=label, color=cmap(n % cmap.N))
+        bottom = [b + x for b, x in zip(bottom, counts, strict=True)]
+    ax.set_xlabel("client")
+    ax.set_ylabel("training examples")
+    ax.set_title(f"label distribution per client ({partition.get('scheme', '')})")
+    ax.legend(title="label", fontsize=7, ncol=2 if len(labels) > 6 else 1, bbox_to_anchor=(1.01, 1), loc="upper left")
+    return fig
+
+
+def plot_client_accuracy(row: dict[str, Any]) -> Any:
+    """Per-client accuracy of one round: after local training vs after receiving the server's message."""
+    import numpy as np
+
+    clients = row["clients"]
+    x = np.arange(len(clients))
+    fig, ax = _figure()
+    ax.bar(x - 0.2, [c["acc"] for c in clients], 0.4, label="after local training")
+    ax.bar(x + 0.2, [c["acc_agg"] for c in clients], 0.4, label="after aggregation")
+    ax.set_xticks(x, [str(c["id"]) for c in clients])
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("client")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"per-client accuracy, round {row['round']}")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    return fig
+
+
+def plot_bytes(rows: list[dict[str, Any]]) -> Any:
+    """Bytes on the wire per round (all clients), up and down."""
+    import numpy as np
+
+    x = np.arange(len(rows))
+    fig, ax = _figure()
+    ax.bar(x - 0.2, [r["bytes_up"] / 1e3 for r in rows], 0.4, label="up (clients → server)")
+    ax.bar(x + 0.2, [r["bytes_down"] / 1e3 for r in rows], 0.4, label="down (server → clients)")
+    ax.set_xticks(x, [str(r["round"]) for r in rows])
+    ax.set_xlabel("round")
+    ax.set_ylabel("KB (all clients)")
+    ax.set_title("bytes per round")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    return fig
+
+
+def _card(value: str, label: str) -> str:
+    from html import escape
+
+    return f"<div class=card><b>{escape(value)}</b><span>{escape(label)}</span></div>"
 
 
 def _run_html(d: Path) -> str:
+    from html import escape
+
+    import tomllib
+
     summary = json.loads((d / "summary.json").read_text(encoding="utf-8"))
     rows = read_metrics(d)
-    parts = [f"<h1>celora run: {summary['method']}</h1>"]
-    keys = [
-        "acc_mean",
-        "acc_weighted",
-        "acc_worst10",
-        "acc_mean_agg",
-        "acc_global",
-        "bytes_up_total",
-        "bytes_down_total",
-        "rounds",
-        "wall_s",
+    config_text = (d / "config.toml").read_text(encoding="utf-8") if (d / "config.toml").is_file() else ""
+    cfg = tomllib.loads(config_text) if config_text else {}
+    model, data = cfg.get("model", {}), cfg.get("data", {})
+    bpcr = summary.get("bytes_per_client_round", {"up": 0, "down": 0})
+    facts = [
+        f"model {model.get('name', '?')} (rank {model.get('rank', '?')})",
+        f"data {data.get('path') or data.get('name', '?')} ({data.get('partition', '?')}"
+        + (f", α = {data['alpha']}" if data.get("partition") == "dirichlet" and "alpha" in data else "")
+        + ")",
+        f"{summary.get('num_clients', cfg.get('num_clients', '?'))} clients",
+        f"{summary.get('rounds', len(rows))} rounds",
+        f"seed {summary.get('seed', cfg.get('seed', '?'))}",
     ]
-    parts.append(
-        _html_table(
-            ["metric", "value"],
-            [[k, summary.get(k)] for k in keys]
-            + [
-                [
-                    "bytes per client-round (up / down)",
-                    f"{summary['bytes_per_client_round']['up']:.0f} / {summary['bytes_per_client_round']['down']:.0f}",
-                ]
-            ],
-        )
-    )
-    parts.append("<h2>Rounds</h2>")
-    parts.append(
-        _html_table(
-            ["round", "acc mean", "acc weighted", "worst 10%", "acc after agg.", "bytes up", "bytes down", "wall s"],
-            [
-                [
-                    r["round"],
-                    f"{r['acc_mean']:.3f}",
-                    f"{r['acc_weighted']:.3f}",
-                    f"{r['acc_worst10']:.3f}",
-                    f"{r['acc_mean_agg']:.3f}",
-                    r["bytes_up"],
-                    r["bytes_down"],
-                    r["wall_s"],
-                ]
-                for r in rows
-            ],
-        )
-    )
+    if summary.get("payload"):
+        facts.append("travels: " + ", ".join(summary["payload"].get("shared_factors", [])) or "nothing")
+    parts = [
+        f"<h1>celora run: {escape(str(summary['method']))}</h1>",
+        f"<p class=sub>{escape(' · '.join(facts))} · folder {escape(d.name)}</p>",
+        "<div class=cards>",
+        _card(f"{summary['acc_mean']:.3f}", "accuracy, mean over clients (local step)"),
+        _card(f"{summary.get('acc_mean_agg', float('nan')):.3f}", "after aggregation"),
+        _card(f"{summary['acc_worst10']:.3f}", "worst 10 % of clients"),
+        _card(f"{summary['acc_global']:.3f}", "global test set"),
+    ]
+    if "acc_majority" in summary:
+        parts.append(_card(f"{summary['acc_majority']:.3f}", "majority-label baseline"))
+    parts += [
+        _card(f"{fmt_bytes(bpcr['up'])} / {fmt_bytes(bpcr['down'])}", "per client-round, up / down"),
+        _card(f"{fmt_bytes(summary['bytes_up_total'] + summary['bytes_down_total'])}", "total on the wire"),
+        _card(f"{summary['wall_s']:.0f} s", "wall time"),
+        "</div>",
+        "<p class=sub>Accuracy is personalized test accuracy: each client's model on its own test split, after its"
+        " local training (the model it deploys) and after it receives the server's message.</p>",
+        f"<details><summary>resolved configuration (config.toml)</summary><pre>{escape(config_text)}</pre></details>",
+        "<h2>Training</h2><div class=grid>",
+        _img(d / "accuracy.png"),
+        _png(plot_bytes(rows)) if rows else "",
+        "</div>",
+    ]
     if rows:
-        parts.append(f"<h2>Clients after round {rows[-1]['round']}</h2>")
-        parts.append(
-            _html_table(
-                ["client", "n_train", "acc", "acc after agg.", "loss", "bytes up", "bytes down", "note"],
-                [
-                    [
-                        c["id"],
-                        c["n_train"],
-                        f"{c['acc']:.3f}",
-                        f"{c['acc_agg']:.3f}",
-                        f"{c['loss']:.3f}",
-                        c["bytes_up"],
-                        c["bytes_down"],
-                        c.get("rejected") or "",
-                    ]
-                    for c in rows[-1]["clients"]
-                ],
-            )
-        )
-    parts += [_img(d / "accuracy.png"), _img(d / "weights.png")]
+        parts += ["<h2>Rounds</h2>", frame_html(rounds_frame(rows), left=0)]
+    parts.append("<h2>Clients</h2><div class=grid>")
+    if (d / "partition.json").is_file():
+        parts.append(_png(plot_label_distribution(json.loads((d / "partition.json").read_text(encoding="utf-8")))))
+    if rows:
+        parts.append(_png(plot_client_accuracy(rows[-1])))
+    parts.append("</div>")
+    if rows:
+        parts += [f"<h3>After round {rows[-1]['round']}</h3>", frame_html(clients_frame(rows[-1]), left=0)]
+    if (d / "weights.png").is_file():
+        parts += ["<h2>Aggregation weights w_ij (last round)</h2>", _img(d / "weights.png")]
     return "".join(parts)
 
 
 def _compare_html(d: Path) -> str:
-    import csv
+    from html import escape
 
-    with (d / "compare.csv").open(encoding="utf-8") as fh:
-        cells = list(csv.DictReader(fh))
-    parts = [f"<h1>celora comparison: {d.name}</h1>", "<h2>Summary (mean ± std over seeds)</h2>"]
-    md = (d / "compare.md").read_text(encoding="utf-8").splitlines()
-    header = [c.strip() for c in md[0].strip("|").split("|")]
-    body = [[c.strip() for c in line.strip("|").split("|")] for line in md[2:] if line.strip()]
-    parts.append(_html_table(header, body))
-    parts.append(_img(d / "compare.png"))
-    parts.append("<h2>Cells</h2>")
-    if cells:
-        parts.append(_html_table(list(cells[0]), [list(c.values()) for c in cells]))
-    return "".join(parts)
+    from celora.compare import aggregate_rows, comparison_frame, panels_figure, read_cells
+
+    cells = read_cells(d)
+    order = [c["method"] for c in cells]
+    if (d / "compare.csv").is_file():  # the order the comparison ran its methods in
+        order = list(pd.read_csv(d / "compare.csv")["method"].astype(str)) + order
+    present = {c["method"] for c in cells}
+    methods = [m for m in dict.fromkeys(order) if m in present]
+    cells.sort(key=lambda c: (methods.index(c["method"]), c["seed"]))
+    agg = aggregate_rows(cells, methods)
+    seeds = sorted({c["seed"] for c in cells})
+    cell_frame = pd.DataFrame(
+        [
+            {
+                "method": c["method"],
+                "seed": str(c["seed"]),
+                "acc mean": f"{c['acc_mean']:.3f}",
+                "acc after agg.": f"{c['acc_mean_agg']:.3f}",
+                "worst 10%": f"{c['acc_worst10']:.3f}",
+                "global acc": f"{c['acc_global']:.3f}",
+                "up / client-round": fmt_bytes(c["bytes_up_per_client_round"]),
+                "total": fmt_bytes(c["bytes_total"]),
+                "wall": f"{c['wall_s']:.0f} s",
+            }
+            for c in cells
+        ]
+    )
+    return "".join(
+        [
+            f"<h1>celora comparison: {escape(d.name)}</h1>",
+            f"<p class=sub>{len(methods)} methods × {len(seeds)} seeds ({', '.join(map(str, seeds))}), identical"
+            " partitions per seed; accuracy is personalized test accuracy, mean over clients; Δ vs local is the"
+            " paired difference per seed (mean ± std).</p>",
+            "<h2>Accuracy vs bytes</h2>",
+            _png(panels_figure({d.name: agg})),
+            "<h2>Summary (mean ± std over seeds)</h2>",
+            frame_html(comparison_frame(agg)),
+            "<h2>Cells</h2>",
+            frame_html(cell_frame, left=2),
+        ]
+    )
 
 
 def write_html_report(run_or_compare_dir: str | Path) -> Path:
-    """report.html: one self-contained page (tables + embedded PNGs) for a run or a comparison folder."""
+    """report.html: one self-contained page (header, formatted tables, embedded plots) for a run or a comparison."""
     from celora.errors import CeloraError
 
     d = Path(run_or_compare_dir)
-    if (d / "compare.csv").is_file() and (d / "compare.md").is_file():
-        body = _compare_html(d)
+    if any(d.glob("*/seed_*/cell.json")):
+        body, title = _compare_html(d), f"celora comparison {d.name}"
     elif (d / "summary.json").is_file() and (d / "metrics.jsonl").is_file():
-        body = _run_html(d)
+        body, title = _run_html(d), f"celora run {d.name}"
     else:
-        raise CeloraError(f"{d}: not a run folder (summary.json, metrics.jsonl) or a comparison (compare.csv)")
+        raise CeloraError(f"{d}: not a run folder (summary.json, metrics.jsonl) or a comparison (*/seed_*/cell.json)")
     out = d / "report.html"
     out.write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>celora report</title>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
         f"<style>{_CSS}</style></head><body>{body}</body></html>",
         encoding="utf-8",
     )

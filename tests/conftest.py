@@ -15,3 +15,27 @@ def tiny_bert():
     from celora.models.zoo import load_model
 
     return load_model("tiny-bert", num_labels=3, seed=0)
+
+
+TINY = (
+    "model.name=tiny-bert",
+    "model.rank=4",
+    "model.max_length=48",
+    "num_clients=3",
+    "rounds=2",
+    "data.max_samples=150",
+    "train.batch_size=16",
+    "train.threads=1",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """The tiny experiment every engine test starts from (random tiny-bert, 3 clients, 2 rounds, 150 BBC
+    articles): ``tiny_config("method=fedit", "rounds=1")`` adds a test's own overrides."""
+    from celora.config import load_config
+
+    def make(*overrides: str):
+        return load_config(None, [*TINY, *overrides])
+
+    return make

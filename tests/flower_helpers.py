@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,23 @@ class MemoryGrid(Grid):
     """Delivers each message to the ClientApp of its node in this process (one Context per node).
 
     ``dead`` maps a node id to the first group id (round) from which that node no longer answers;
-    ``node_config`` adds keys to node i's node config (e.g. its ``site-path``).
+    ``joins`` maps a node id to (partition id, the first group id from which it is connected);
+    ``crash_at``: the server process "dies" (RuntimeError) when it sends that group's messages;
+    ``node_config``: extra keys of every node's config (e.g. ``state-dir``); ``node_configs``: of the node
+    serving partition i (e.g. its ``site-path``);
+    ``tamper(msg, reply)`` may rewrite a reply before the server sees it.
     """
 
     def __init__(
-        self, num_nodes: int, dead: dict[int, int] | None = None, node_config: list[dict[str, Any]] | None = None
+        self,
+        num_nodes: int,
+        dead: dict[int, int] | None = None,
+        *,
+        joins: dict[int, tuple[int, int]] | None = None,
+        crash_at: int | None = None,
+        node_config: dict[str, Any] | None = None,
+        node_configs: list[dict[str, Any]] | None = None,
+        tamper: Callable[[Message, Message], Message] | None = None,
     ) -> None:
         from flwr.supercore.task_identity import TaskIdentity
 
@@ -42,18 +54,30 @@ class MemoryGrid(Grid):
 
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # what a ServerApp process has
         self.app = app
-        self.nodes = [1000 + i for i in range(num_nodes)]
+        self.joins = dict(joins or {})
+        parts = {1000 + i: i for i in range(num_nodes) if 1000 + i not in self.joins}
+        parts.update({node: part for node, (part, _) in self.joins.items()})
+        self.nodes = [node for node in parts if node not in self.joins]
+        total = num_nodes
         self.contexts = {
             node: Context(
                 run_id=1,
                 node_id=node,
-                node_config={"partition-id": i, "num-partitions": num_nodes, **(node_config or [{}] * num_nodes)[i]},
+                node_config={
+                    "partition-id": part,
+                    "num-partitions": total,
+                    **(node_config or {}),
+                    **(node_configs[part] if node_configs else {}),
+                },
                 state=RecordDict(),
                 run_config={},
             )
-            for i, node in enumerate(self.nodes)
+            for node, part in parts.items()
         }
         self.dead = dead or {}
+        self.crash_at = crash_at
+        self.tamper = tamper
+        self.group = 0
         self.sent: list[Message] = []
 
     def set_run(self, run: Any) -> None:  # pragma: no cover - not used
@@ -67,7 +91,8 @@ class MemoryGrid(Grid):
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
+        late = [node for node, (_, start) in self.joins.items() if self.group + 1 >= start]
+        return list(self.nodes) + late
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover - not used
         raise NotImplementedError
@@ -78,11 +103,16 @@ class MemoryGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
         for msg in messages:
+            group = int(msg.metadata.group_id)
+            if self.crash_at is not None and group >= self.crash_at:
+                raise RuntimeError(f"server crashed in round {group}")
+            self.group = max(self.group, group)
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
-            if node in self.dead and int(msg.metadata.group_id) >= self.dead[node]:
+            if node in self.dead and group >= self.dead[node]:
                 continue
-            replies.append(self.app(msg, self.contexts[node]))
+            reply = self.app(msg, self.contexts[node])
+            replies.append(self.tamper(msg, reply) if self.tamper else reply)
         return replies
 
 

@@ -19,7 +19,7 @@ from celora import cli  # noqa: E402
 from celora.config import load_config  # noqa: E402
 from celora.errors import CeloraError  # noqa: E402
 from celora.fl.flower.server import CeloraFlowerStrategy  # noqa: E402
-from celora.fl.flower.wire import KEY, blob_record, digest, record_blob  # noqa: E402
+from celora.fl.flower.wire import KEY, blob_record, digest, number, record_blob  # noqa: E402
 from celora.fl.payload import PayloadError, decode  # noqa: E402
 from celora.fl.simulation import Simulation, prepare  # noqa: E402
 
@@ -165,6 +165,7 @@ def test_flower_runtime_three_supernodes_on_loopback(tmp_path, inprocess):
     assert summary == res.summary and summary["flower"]["lost_clients"] == {}
     assert abs(summary["acc_global"] - inprocess.summary["acc_global"]) <= 1e-6
     check_message_log(read_jsonl(out / "flower" / "messages.jsonl"), 3, 2)
+    assert len(list((out / "flower" / "nodes").glob("node_*/*-client_*/state-*.safetensors"))) == 3 * 3  # state-dir
     assert time.monotonic() - t0 < 420
 
 
@@ -229,3 +230,82 @@ def test_warmup_phase_switch_matches_inprocess(tmp_path):
     summary = strategy.run(MemoryGrid(3))
     _assert_same_accuracies(ref.rounds, read_jsonl(tmp_path / "run" / "metrics.jsonl"))
     assert summary["bytes_down_total"] == ref.summary["bytes_down_total"]
+
+
+# --------------------------------------------------------------------------- faults (in-memory grid)
+def test_server_crash_then_resume_with_node_state_on_disk(tmp_path, inprocess):
+    """The ServerApp dies in round 2; a new one resumes from the round-1 checkpoint, and every node — a fresh
+    Context, as after a SuperNode restart — restores its private A, B, head from its ``state-dir``: the run
+    ends with the uninterrupted run's per-client accuracies and bytes."""
+    out, nodes = tmp_path / "run", {"state-dir": str(tmp_path / "nodes")}
+    crashing = MemoryGrid(3, crash_at=2, node_config=nodes)
+    with pytest.raises(RuntimeError, match="crashed in round 2"):
+        CeloraFlowerStrategy(_cfg(), out, round_timeout=5, node_wait=1).run(crashing)
+    assert [r["round"] for r in read_jsonl(out / "metrics.jsonl")] == []  # round 1 closes only in round 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-000001.json", "ckpt-000001.safetensors"]
+    assert len(list((tmp_path / "nodes").glob("*-client_*/state-000001.safetensors"))) == 3
+    strategy = CeloraFlowerStrategy(_cfg(), out, round_timeout=5, node_wait=1, resume=True)
+    summary = strategy.run(MemoryGrid(3, node_config=nodes))
+    _assert_same_accuracies(inprocess.rounds, read_jsonl(out / "metrics.jsonl"))
+    assert summary["bytes_up_total"] == inprocess.summary["bytes_up_total"]
+    with pytest.raises(CeloraError, match="no complete checkpoint"):
+        CeloraFlowerStrategy(_cfg(), tmp_path / "empty", node_wait=1, resume=True).run(MemoryGrid(3))
+
+
+def test_lost_node_rejoins_and_late_node_joins(tmp_path):
+    """Client 2's node dies in round 2 and is restarted (a new node id, same state-dir) in round 3: it rejoins.
+    With min_clients=2, a run whose third SuperNode connects only in round 2 starts without it."""
+    nodes = {"state-dir": str(tmp_path / "nodes")}
+    grid = MemoryGrid(3, dead={1002: 2}, joins={1003: (2, 3)}, node_config=nodes)
+    CeloraFlowerStrategy(_cfg("rounds=3"), tmp_path / "a", round_timeout=5, node_wait=1, export=False).run(grid)
+    rows = read_jsonl(tmp_path / "a" / "metrics.jsonl")
+    assert [r["lost"] for r in rows] == [[], [2], []]
+    assert rows[1]["clients"][2]["rejected"].startswith("lost") and rows[2]["clients"][2]["participated"]
+    grid = MemoryGrid(3, joins={1002: (2, 2)})
+    summary = CeloraFlowerStrategy(
+        _cfg("rounds=2", "min_clients=2"), tmp_path / "b", round_timeout=5, node_wait=1, export=False
+    ).run(grid)
+    rows = read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert rows[0]["lost"] == [2] and not rows[0]["clients"][2]["participated"]
+    assert rows[1]["lost"] == [] and rows[1]["clients"][2]["participated"]
+    assert (tmp_path / "b" / "similarity_data.npy").is_file()  # S^data once the last summary arrived
+    assert summary["flower"]["nodes"]["2"] == 1002 and summary["flower"]["joined_late"] == {"2": 2}
+    with pytest.raises(CeloraError, match="only 2 of 3 SuperNodes"):
+        CeloraFlowerStrategy(_cfg(), None, node_wait=1).run(MemoryGrid(3, joins={1002: (2, 2)}))
+
+
+def test_dropout_and_outlier_rejection_match_inprocess(tmp_path):
+    """Simulated dropouts and a 100× update rejected by max_norm_ratio: the Flower strategy and the in-process
+    loop give the same rows (the server core draws the dropouts and screens the updates in both)."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    extra = ("rounds=3", "dropout=0.3", "dropout_before=0.1", "aggregation.max_norm_ratio=5")
+
+    def scale(blob: bytes) -> bytes:
+        return st_save({k: v * 100 for k, v in st_load(blob).items()}, metadata={"wire": "fp32"})
+
+    target: dict[str, int] = {}
+
+    def hook(rnd: int, client: int, blob: bytes) -> bytes:  # the first upload that reaches the server in round 1
+        if rnd == 1:
+            target.setdefault("client", client)
+        return scale(blob) if (rnd, client) == (1, target["client"]) else blob
+
+    def tamper(msg, reply):  # type: ignore[no-untyped-def]
+        if msg.metadata.message_type == "train" and msg.metadata.group_id == "1" and "up" in reply.content:
+            if number(reply.content["celora"], "partition-id") == target["client"]:
+                reply.content["up"] = blob_record(scale(record_blob(reply.content["up"])))
+        return reply
+
+    cfg = _cfg(*extra)
+    ref = Simulation(cfg, prepared=prepare(cfg), export_adapters=False, wire_hook=hook).run()
+    assert any(r["dropped"] for r in ref.rounds) and ref.rounds[0]["rejected"] >= 1
+    out = tmp_path / "run"
+    CeloraFlowerStrategy(_cfg(*extra), out, round_timeout=5, node_wait=1, export=False).run(
+        MemoryGrid(3, tamper=tamper)
+    )
+    rows = read_jsonl(out / "metrics.jsonl")
+    _assert_same_accuracies(ref.rounds, rows)
+    assert [r["dropped"] for r in rows] == [r["dropped"] for r in ref.rounds]
+    assert [r["rejected"] for r in rows] == [r["rejected"] for r in ref.rounds]

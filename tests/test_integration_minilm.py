@@ -36,7 +36,7 @@ def test_minilm_bbc_run_folder_and_peft_export(tmp_path):
     assert len(rows) == 2 and all(c["bytes_up"] > 0 for c in rows[0]["clients"])
     # the exported PEFT adapter of client 0 reproduces its tri-matrix model
     p = sim.p
-    sim._load(res.states[0])
+    sim.bench.load(res.states[0])
     batch = p.loaded.tokenizer(
         ["Shares rose sharply in London.", "The striker scored twice."], padding=True, return_tensors="pt"
     )

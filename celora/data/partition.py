@@ -14,6 +14,7 @@ import numpy as np
 from rich.table import Table
 
 from celora.errors import CeloraError
+from celora.registry import Registry
 
 DIRICHLET_MAX_TRIES = 1000
 
@@ -34,7 +35,7 @@ class Partitioner(Protocol):
     ) -> list[np.ndarray]: ...
 
 
-PARTITIONERS: dict[str, Partitioner] = {}
+PARTITIONERS: Registry[Partitioner] = Registry("partitioner", "data.partition")
 
 
 def register_partitioner(name: str) -> Callable[[Partitioner], Partitioner]:

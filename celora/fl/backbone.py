@@ -22,6 +22,7 @@ from celora.config import ExperimentConfig
 from celora.data.tasks import Task
 from celora.fl.payload import Layout, WireDtype, expected_size
 from celora.fl.strategies import Strategy, Tensors, get_strategy
+from celora.models.device import CPU, Placement
 from celora.models.zoo import LoadedModel
 
 
@@ -39,6 +40,7 @@ class Backbone:
     init_state: Tensors
     all_names: list[str]
     task: Task
+    placement: Placement = CPU  # train.device / train.precision: where the model lives, autocast
 
     @property
     def model(self) -> nn.Module:
@@ -53,8 +55,9 @@ class Backbone:
         return get_tensors(self.loaded.model, self.all_names)
 
     def fresh_state(self) -> Tensors:
-        """A copy of the initial adapter view (every client starts here)."""
-        return {k: v.clone() for k, v in self.init_state.items()}
+        """The initial adapter view every client starts from. Its tensors are the shared ``init_state``'s (a
+        state is replaced, never changed in place), so an untouched client costs nothing to keep or checkpoint."""
+        return dict(self.init_state)
 
     @property
     def feature_dim(self) -> int | None:

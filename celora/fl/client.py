@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from celora.config import ExperimentConfig
-from celora.data.tasks import TASKS, Encoded, Task, TaskData, encode_texts
+from celora.data.tasks import TASKS, Batch, Encoded, Task, TaskData, encode_texts
 from celora.eval import majority_baseline
 from celora.fl.backbone import Backbone, Phase, Phases, seeded
 from celora.fl.payload import decode, encode, encode_named
@@ -50,6 +50,7 @@ from celora.fl.similarity import (
     summary_to_tensors,
 )
 from celora.fl.strategies import Tensors
+from celora.models.device import CPU, Placement, model_device, to_device
 
 __all__ = [
     "ClientData",
@@ -65,6 +66,11 @@ __all__ = [
     "train_local",
 ]
 CLASSIFY = TASKS["classify"]
+
+
+def batch_on(model: nn.Module, data: TaskData, idx: np.ndarray) -> Batch:
+    """Rows ``idx`` of the task data, moved to the model's device once."""
+    return to_device(data.batch(idx), model_device(model))
 
 
 @dataclass
@@ -88,16 +94,19 @@ def train_local(
     weight_decay: float = 0.0,
     max_steps: int | None = None,
     seed: int = 0,
+    placement: Placement = CPU,
 ) -> TrainResult:
     """AdamW on ``params`` (head at ``head_lr``) for ``epochs`` passes over the client's rows.
 
-    Minimises the task's batch loss (classification: L = −(1/|b|) Σ log softmax(f(x))_y).
+    Minimises the task's batch loss (classification: L = −(1/|b|) Σ log softmax(f(x))_y), forward passes
+    under the placement's autocast; with fp16 the loss is scaled by a GradScaler.
     """
     head_ids = {id(p) for p in head_params}
     groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": lr}]
     if head_params:
         groups.append({"params": list(head_params), "lr": head_lr or lr})
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    scaler = placement.grad_scaler()
     gen = np.random.default_rng(seed)
     model.train()
     losses: list[float] = []
@@ -105,10 +114,16 @@ def train_local(
     for _ in range(epochs):
         order = gen.permutation(idx)
         for start in range(0, len(order), batch_size):
-            loss = task.loss(model, data.batch(order[start : start + batch_size]))
+            with placement.autocast():
+                loss = task.loss(model, batch_on(model, data, order[start : start + batch_size]))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             losses.append(float(loss.detach()))
             steps += 1
             if max_steps is not None and steps >= max_steps:
@@ -130,14 +145,14 @@ def evaluate_metrics(
     extras: bool = False,
 ) -> dict[str, float]:
     """``acc`` = correct / n, ``loss`` = Σ per-example loss / n on rows ``idx``; with ``extras`` also the
-    task's extra metrics (each Σ / n, e.g. exact_match)."""
+    task's extra metrics (each Σ / n, e.g. exact_match). Run it under ``Placement.autocast()`` for bf16/fp16."""
     if len(idx) == 0:
         return {"acc": float("nan"), "loss": float("nan")}
     model.eval()
     correct, loss_sum = 0, 0.0
     more: dict[str, float] = {}
     for start in range(0, len(idx), batch_size):
-        batch = data.batch(idx[start : start + batch_size])
+        batch = batch_on(model, data, idx[start : start + batch_size])
         c, s = task.score(model, batch)
         correct, loss_sum = correct + c, loss_sum + s
         if extras:
@@ -161,7 +176,8 @@ def pooled_features(
     """One vector per example from the task (encoder: masked mean of the last hidden states), (n, hidden)."""
     model.eval()
     out = [
-        task.features(model, data.batch(idx[start : start + batch_size])) for start in range(0, len(idx), batch_size)
+        task.features(model, batch_on(model, data, idx[start : start + batch_size]))
+        for start in range(0, len(idx), batch_size)
     ]
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
@@ -280,10 +296,9 @@ class ClientRuntime:
 
     # ----------------------------------------------------------------- local work
     def _metrics(self, idx: np.ndarray, extras: bool) -> dict[str, float]:
-        bench = self.bench
-        return evaluate_metrics(
-            bench.model, self.data.data, idx, self.cfg.train.eval_batch_size, task=bench.task, extras=extras
-        )
+        bench, bs = self.bench, self.cfg.train.eval_batch_size
+        with bench.placement.autocast():
+            return evaluate_metrics(bench.model, self.data.data, idx, bs, task=bench.task, extras=extras)
 
     def evaluate_test(self, extras: bool = False) -> dict[str, float]:
         """acc, loss (and extras) of the state this client holds, on its own test rows."""
@@ -323,6 +338,7 @@ class ClientRuntime:
             weight_decay=t.weight_decay,
             max_steps=t.max_steps,
             seed=cfg.seed * 7919 + rnd * 31 + salt,
+            placement=self.bench.placement,
         )
 
     def transform_upload(self, rnd: int, shared: Tensors) -> Tensors:
@@ -364,7 +380,8 @@ class ClientRuntime:
         """Pooled frozen-backbone features of the training rows → per-class diagonal GMMs (optionally DP)."""
         cfg, bench, d = self.cfg, self.bench, self.data
         bench.load(bench.init_state)  # ΔW = 0 at init: the frozen backbone's features
-        feats = pooled_features(bench.model, d.data, d.train_idx, cfg.train.eval_batch_size, task=bench.task)
+        with bench.placement.autocast():
+            feats = pooled_features(bench.model, d.data, d.train_idx, cfg.train.eval_batch_size, task=bench.task)
         labels = d.labels[d.train_idx]
         pr = cfg.privacy
         if pr.summary_epsilon is None:

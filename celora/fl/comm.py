@@ -15,10 +15,11 @@ import torch
 from transformers import AutoConfig, AutoModel, LlamaConfig, PretrainedConfig
 
 from celora.adapters.inject import AdapterSpec, inject_adapters, view_names
+from celora.assets import package_dir
 from celora.errors import CeloraError
 from celora.fl.payload import Layout, WireDtype, encode
 from celora.fl.strategies import STRATEGIES, get_strategy
-from celora.models.zoo import ZOO, package_dir
+from celora.models.zoo import ZOO, default_targets
 
 # Shapes of models whose weights are not shipped: enough to count bytes.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -89,8 +90,7 @@ def comm_table(
     cfg = model_config(name)
     with torch.device("meta"):
         backbone = AutoModel.from_config(cfg)
-    names = {n.rpartition(".")[2] for n, m in backbone.named_modules() if isinstance(m, torch.nn.Linear)}
-    tg = tuple(targets) if targets else (("q_proj", "v_proj") if "q_proj" in names else ("query", "value"))
+    tg = tuple(targets) if targets else default_targets(backbone)
     inject_adapters(backbone, AdapterSpec(rank=rank, alpha=float(rank), targets=tg))
     shapes = {n: tuple(p.shape) for n, p in backbone.named_parameters()}
     rows = []

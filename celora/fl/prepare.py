@@ -21,8 +21,9 @@ from celora.errors import CeloraError
 from celora.fl.backbone import Backbone, frozen_factors
 from celora.fl.client import PartitionedData
 from celora.fl.strategies import Tensors, get_strategy
+from celora.models.device import CPU, Placement, place_model, resolve_device, resolve_placement
 from celora.models.vlm import VisionLanguageModel
-from celora.models.zoo import LoadedModel, load_model
+from celora.models.zoo import LoadedModel, bf16_on_cpu, load_model
 
 if TYPE_CHECKING:
     from celora.fl.sites import SitesPrepared
@@ -43,10 +44,11 @@ class Prepared:
     all_names: list[str]
     task: Task
     task_setup_bytes: int = 0  # per client, once (Task.setup)
+    placement: Placement = CPU  # train.device / train.precision, resolved
 
     @property
     def bench(self) -> Backbone:
-        return Backbone(self.loaded, self.spec, self.init_state, self.all_names, self.task)
+        return Backbone(self.loaded, self.spec, self.init_state, self.all_names, self.task, self.placement)
 
     @property
     def setup_bytes_up(self) -> int:
@@ -96,13 +98,28 @@ def check_names(cfg: ExperimentConfig) -> ExperimentConfig:
         raise CeloraError(f"unknown data.name '{cfg.data.name}' (known: {known}; or set data.path)")
     if cfg.data.path is not None and not Path(cfg.data.path).is_file():
         raise CeloraError(f"data.path: file not found: {cfg.data.path}")
+    resolve_device(cfg.train.device)  # one line naming train.device when it is not on this machine
     return cfg
 
 
-def load_backbone(cfg: ExperimentConfig, num_labels: int) -> tuple[LoadedModel, AdapterSpec, Task]:
-    """The frozen base for ``num_labels`` classes with adapters injected (no data needed)."""
+def placement_of(cfg: ExperimentConfig) -> Placement:
+    """train.device / train.precision resolved on this machine."""
+    return resolve_placement(cfg.train.device, cfg.train.precision, bf16_on_cpu=bf16_on_cpu(cfg.model.name))
+
+
+def load_backbone(
+    cfg: ExperimentConfig, num_labels: int, placement: Placement = CPU
+) -> tuple[LoadedModel, AdapterSpec, Task]:
+    """The frozen base for ``num_labels`` classes with adapters injected (no data needed), in the placement's
+    weight dtype (``place_model`` moves it to its device)."""
     task = get_task(cfg.data.task or "classify")
-    loaded = load_model(cfg.model.name, num_labels=num_labels, seed=cfg.seed, head=task.head)  # type: ignore[arg-type]
+    loaded = load_model(
+        cfg.model.name,
+        num_labels=num_labels,
+        seed=cfg.seed,
+        head=task.head,  # type: ignore[arg-type]
+        dtype=placement.weights,
+    )
     m = cfg.model
     if m.projector_hidden is not None:
         if not isinstance(loaded.model, VisionLanguageModel):
@@ -124,10 +141,10 @@ def load_backbone(cfg: ExperimentConfig, num_labels: int) -> tuple[LoadedModel, 
     return loaded, spec, task
 
 
-def backbone_of(loaded: LoadedModel, spec: AdapterSpec, task: Task) -> Backbone:
+def backbone_of(loaded: LoadedModel, spec: AdapterSpec, task: Task, placement: Placement = CPU) -> Backbone:
     """Freeze the adapter view as it is now (the initial state every client starts from)."""
     all_names = view_names(loaded.model, {"A", "B", "C", "head"}, loaded.head_modules)
-    return Backbone(loaded, spec, get_tensors(loaded.model, all_names), all_names, task)
+    return Backbone(loaded, spec, get_tensors(loaded.model, all_names), all_names, task, placement)
 
 
 def prepare_model(cfg: ExperimentConfig, num_labels: int) -> Backbone:
@@ -136,7 +153,8 @@ def prepare_model(cfg: ExperimentConfig, num_labels: int) -> Backbone:
     Tasks with a one-time federated set-up (``Task.setup``, e.g. a VLM's projector statistics) change the
     initial state; their server must apply the same set-up before taking this backbone's ``init_state``."""
     cfg = check_names(cfg)
-    return backbone_of(*load_backbone(cfg, num_labels))
+    placement = placement_of(cfg)
+    return backbone_of(*load_backbone(cfg, num_labels, placement), placement)
 
 
 def prepare(cfg: ExperimentConfig) -> Prepared | SitesPrepared:
@@ -147,6 +165,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared | SitesPrepared:
         from celora.fl.sites import prepare_sites
 
         return prepare_sites(cfg)
+    placement = placement_of(cfg)
     d = cfg.data
     dataset = load_dataset(
         None if d.path else d.name,
@@ -177,8 +196,12 @@ def prepare(cfg: ExperimentConfig) -> Prepared | SitesPrepared:
         dataset = replace(
             dataset, instruction=d.instruction or dataset.instruction, verbalizers=d.verbalizers or dataset.verbalizers
         )
-    loaded, spec, task = load_backbone(cfg, len(dataset.label_names))
+    loaded, spec, task = load_backbone(cfg, len(dataset.label_names), placement)
+    place_model(loaded.model, placement, (*loaded.head_modules, *loaded.fedavg_modules))  # once: the base stays there
     encoded = task.build(dataset, loaded.tokenizer, cfg.model.max_length)
-    setup_bytes = task.setup(loaded.model, encoded, [c.train_idx for c in split.clients])
-    bench = backbone_of(loaded, spec, task)
-    return Prepared(dataset, split, encoded, loaded, spec, bench.init_state, bench.all_names, task, setup_bytes)
+    with placement.autocast():
+        setup_bytes = task.setup(loaded.model, encoded, [c.train_idx for c in split.clients])
+    bench = backbone_of(loaded, spec, task, placement)
+    return Prepared(
+        dataset, split, encoded, loaded, spec, bench.init_state, bench.all_names, task, setup_bytes, placement
+    )

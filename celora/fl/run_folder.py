@@ -8,22 +8,39 @@ Layout of ``<out>/``:
   similarity_data.npy, weights_round_<t>.npy   the personalized strategy's S^data and w_ij
   zero_shot.json       the un-adapted model, for tasks where that is meaningful
   adapters/client_<i>/ PEFT exports of every client's final adapter
-  checkpoints/         see ``celora.fl.checkpoint``
+  checkpoints/ckpt-<t>.safetensors + ckpt-<t>.json   the state after round t (``save_checkpoint``)
 
 A ``RunFolder(None)`` writes nothing (runs without a folder, e.g. in tests and comparisons' memory).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from celora.config import ExperimentConfig, dump_config
+
+log = logging.getLogger("celora")
+LOG_FILE = "celora.log"
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+class _RunLog(logging.FileHandler):
+    """The run's celora.log: the "celora" logger at INFO (round lines, rejections, checkpoints, warnings)."""
+
+
+CHECKPOINT_FORMAT = 1
 
 
 class RunFolder:
@@ -42,9 +59,39 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         if fresh or not (self.path / "metrics.jsonl").is_file():
             (self.path / "metrics.jsonl").write_text("", encoding="utf-8")
+        self.open_log(fresh)
+        log.info(
+            "run %s: method %s, model %s, %d clients, %d rounds, data %s (%s), seed %d",
+            "started" if fresh else "resumed",
+            cfg.method,
+            cfg.model.name,
+            cfg.num_clients,
+            cfg.rounds,
+            cfg.data.path or cfg.data.name,
+            cfg.data.partition,
+            cfg.seed,
+        )
         self.write_text("config.toml", dump_config(cfg))
         if partition is not None:
             self.write_json("partition.json", partition)
+
+    def open_log(self, fresh: bool = True) -> None:
+        """Send the "celora" logger's records (INFO and up) to ``celora.log`` in the folder until ``close_log``."""
+        self.close_log()  # one run log at a time in a process
+        if self.path is None:
+            return
+        handler = _RunLog(self.path / LOG_FILE, mode="w" if fresh else "a", encoding="utf-8")
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+        log.addHandler(handler)
+        if log.getEffectiveLevel() > logging.INFO:
+            log.setLevel(logging.INFO)  # records reach the file; console handlers keep their own levels
+
+    @staticmethod
+    def close_log() -> None:
+        for handler in [h for h in log.handlers if isinstance(h, _RunLog)]:
+            log.removeHandler(handler)
+            handler.close()
 
     def write_text(self, name: str, text: str) -> None:
         if self.path is not None:
@@ -60,7 +107,20 @@ class RunFolder:
             np.save(self.path / name, arr)
 
     def append_row(self, row: dict[str, Any]) -> None:
-        """Append one round's row to metrics.jsonl."""
+        """Append one round's row to metrics.jsonl (and its headline to celora.log)."""
+        log.info(
+            "round %d: acc mean %.3f (after agg. %.3f), worst-10%% %.3f, %d participants, %d rejected, "
+            "up %d B, down %d B, %.1fs",
+            row["round"],
+            row["acc_mean"],
+            row["acc_mean_agg"],
+            row["acc_worst10"],
+            row.get("participants", 0),
+            row.get("rejected", 0),
+            row["bytes_up"],
+            row["bytes_down"],
+            row["wall_s"],
+        )
         if self.path is not None:
             with (self.path / "metrics.jsonl").open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -71,13 +131,154 @@ class RunFolder:
             self.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        """summary.json, the final line of celora.log; the run log closes."""
         self.write_json("summary.json", summary)
+        log.info(
+            "final: acc mean %.3f, global %.3f, %.0f B up / %.0f B down per client-round, %.0fs",
+            summary["acc_mean"],
+            summary.get("acc_global", float("nan")),
+            summary["bytes_per_client_round"]["up"],
+            summary["bytes_per_client_round"]["down"],
+            summary["wall_s"],
+        )
+        self.close_log()
 
     def export_adapters(self, exporter: Any, states: Mapping[int, dict[str, torch.Tensor]]) -> None:
         """Every client's final adapter as a PEFT folder (``exporter``: ``celora.adapters.export.PeftExporter``)."""
         if self.path is not None:
             for i, st in states.items():
                 exporter.save(st, self.path / "adapters" / f"client_{i}")
+
+
+@dataclass
+class Checkpoint:
+    """A run's state after round ``round``: ``state`` is JSON-able with the tensors restored in place."""
+
+    round: int
+    state: dict[str, Any]
+    path: Path
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary name in the same folder, fsync it, rename it over ``path``, fsync the folder:
+    a reader sees the old file or the whole new one, never a half-written one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # e.g. a platform without folder handles
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pack(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
+    """JSON-able form of ``obj`` with every tensor / array moved into ``tensors`` (keyed by its path).
+
+    Dicts with non-string keys become ``{"__items__": [[key, value], …]}``; arrays ``{"__np__": key}``."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().to("cpu").clone().contiguous()
+        return {"__t__": path}
+    if isinstance(obj, np.ndarray):
+        tensors[path] = torch.from_numpy(np.array(obj, copy=True))
+        return {"__np__": path}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: pack(v, tensors, f"{path}/{k}") for k, v in obj.items()}
+        return {"__items__": [[k, pack(v, tensors, f"{path}/{k}")] for k, v in obj.items()]}
+    if isinstance(obj, list | tuple):
+        return [pack(v, tensors, f"{path}/{k}") for k, v in enumerate(obj)]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def unpack(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of ``pack``."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__t__"}:
+            return tensors[obj["__t__"]]
+        if set(obj) == {"__np__"}:
+            return tensors[obj["__np__"]].numpy()
+        if set(obj) == {"__items__"}:
+            return {k: unpack(v, tensors) for k, v in obj["__items__"]}
+        return {k: unpack(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unpack(v, tensors) for v in obj]
+    return obj
+
+
+def _checkpoint_dir(run: Path) -> Path:
+    return run / "checkpoints"
+
+
+def save_checkpoint(run: Path, rnd: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Atomically write the state after round ``rnd``: tensors as safetensors, the rest (and the tensors'
+    sha256) as JSON, written last — the JSON is the commit marker. Older checkpoints beyond ``keep`` go."""
+    folder = _checkpoint_dir(run)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    meta = pack(state, tensors)
+    blob = st_save(tensors)
+    name = f"ckpt-{rnd:06d}"
+    atomic_write(folder / f"{name}.safetensors", blob)
+    marker = {"format": CHECKPOINT_FORMAT, "round": rnd, "sha256": hashlib.sha256(blob).hexdigest(), "state": meta}
+    atomic_write(folder / f"{name}.json", json.dumps(marker).encode("utf-8"))
+    for old in sorted(folder.glob("ckpt-*.json"))[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".safetensors").unlink(missing_ok=True)
+    return folder / f"{name}.json"
+
+
+def _read_checkpoint(marker: Path) -> Checkpoint:
+    meta = json.loads(marker.read_text(encoding="utf-8"))
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"unknown checkpoint format {meta.get('format')!r}")
+    blob = marker.with_suffix(".safetensors").read_bytes()
+    if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+        raise ValueError("checksum mismatch (damaged or half-written tensors)")
+    return Checkpoint(int(meta["round"]), unpack(meta["state"], st_load(blob)), marker)
+
+
+def load_checkpoint(run: Path) -> Checkpoint | None:
+    """The newest complete checkpoint of ``run`` (a damaged one is logged and the previous one used)."""
+    for marker in sorted(_checkpoint_dir(run).glob("ckpt-*.json"), reverse=True):
+        try:
+            return _read_checkpoint(marker)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("checkpoint %s is unusable (%s): trying the previous one", marker.name, err)
+    return None
+
+
+def save_client_state(folder: Path, rnd: int, state: Mapping[str, torch.Tensor], keep: int = 3) -> Path:
+    """A client's private state after round ``rnd``, on its own disk: ``<folder>/state-<t>.safetensors``
+    (atomic; the last ``keep`` are kept so that a server resuming an earlier round finds its match)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
+    path = folder / f"state-{rnd:06d}.safetensors"
+    atomic_write(path, st_save(tensors, metadata={"round": str(rnd)}))
+    for old in sorted(folder.glob("state-*.safetensors"))[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_client_state(folder: Path, upto: int) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """The newest readable state saved after a round ≤ ``upto`` (a damaged file is skipped), or None."""
+    for path in sorted(folder.glob("state-*.safetensors"), reverse=True):
+        rnd = int(path.stem.removeprefix("state-"))
+        if rnd > upto:
+            continue
+        try:
+            return rnd, dict(st_load(path.read_bytes()))
+        except Exception as err:  # noqa: BLE001  (safetensors raises its own error type on a damaged file)
+            log.warning("client state %s is unusable (%s): trying the previous one", path, err)
+    return None
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,7 @@ from celora.fl.backbone import Backbone, Phase, Phases
 from celora.fl.payload import Layout, PayloadError, decode, decode_named, encode, expected_size
 from celora.fl.records import ClientRound, Observer, Silent, round_row, summary_dict
 from celora.fl.run_folder import RunFolder
-from celora.fl.similarity import ClientSummary, summary_from_tensors
+from celora.fl.similarity import ClientSummary, summary_from_tensors, update_cosine
 from celora.fl.strategies import RoundContext, Strategy, Tensors
 from celora.fl.strategies.fedavg_modules import aggregate_with_fedavg
 
@@ -55,9 +55,16 @@ class RoundState:
     uploads: dict[int, Tensors] = field(default_factory=dict)
     sent: dict[int, Tensors] = field(default_factory=dict)  # what each participant held when it started
     flushed: dict[int, int] = field(default_factory=dict)  # bytes of messages flushed to non-participants
+    fails: dict[int, str] = field(default_factory=dict)  # simulated dropouts: client → "before" | "after"
     diag: dict[str, Any] = field(default_factory=dict)  # the strategy's diagnostics right after aggregation
     t0: float = field(default_factory=time.perf_counter)
     wall: float | None = None
+
+
+def update_norm(upload: Tensors, sent: Tensors) -> float:
+    """‖x − x^{sent}‖₂ over every tensor of an upload."""
+    squares = [((v - sent[k]).double() ** 2).sum() for k, v in upload.items()]
+    return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
 
 
 class ServerCore:
@@ -89,10 +96,12 @@ class ServerCore:
         self.out_version = dict.fromkeys(range(self.n), 0)
         self.recv_version = dict.fromkeys(range(self.n), 0)
         self.rng = np.random.default_rng(cfg.seed)
+        self.fail_rng = np.random.default_rng([cfg.seed, 0xD5])  # dropout draws: a stream of their own
         self.last: dict[int, ClientRound] = {}
         self.rows: list[dict[str, Any]] = []
         self.totals = {"up": 0, "down": 0}
         self.setup_up: dict[int, int] = {}
+        self.summary_blobs: dict[int, bytes] = {}
 
     @property
     def strategy(self) -> Strategy:
@@ -100,31 +109,44 @@ class ServerCore:
 
     # ----------------------------------------------------------------- setup (once)
     def setup(self, blobs: dict[int, bytes] | None) -> dict[int, int]:
-        """Validate the clients' data summaries and set the strategies up; bytes per client."""
+        """Validate the clients' data summaries and set the strategies up; bytes per client. Summaries may
+        arrive in parts (clients joining late): S^data is computed once every client's is in."""
         if self.phases.warmup is not None:
             self.phases.warmup.setup(self.n_train)
         if blobs is None:
             self.main_strategy.setup(self.n_train)
             return {}
-        summaries: list[ClientSummary] = []
-        for i in range(self.n):
-            if i not in blobs:
-                raise CeloraError(f"client {i}: no data summary received")
+        for i, blob in blobs.items():
             try:
-                tensors = decode_named(blobs[i], max_bytes=SUMMARY_MAX_BYTES)
-                summaries.append(summary_from_tensors(tensors, feature_dim=self.bench.feature_dim))
+                tensors = decode_named(blob, max_bytes=SUMMARY_MAX_BYTES)
+                summary_from_tensors(tensors, feature_dim=self.bench.feature_dim)
             except CeloraError as err:
                 raise CeloraError(f"client {i}: data summary rejected: {err}") from None
+            self.summary_blobs[i] = blob
+            self.setup_up[i] = len(blob)
+        if len(self.summary_blobs) < self.n:
+            self.main_strategy.setup(self.n_train)
+            self.obs.on_message(f"data summaries from {len(self.summary_blobs)} of {self.n} clients: S^data waits")
+            return {i: len(b) for i, b in blobs.items()}
+        summaries: list[ClientSummary] = [
+            summary_from_tensors(decode_named(self.summary_blobs[i], max_bytes=SUMMARY_MAX_BYTES))
+            for i in range(self.n)
+        ]
         self.main_strategy.setup(self.n_train, summaries)
         sim = self.main_strategy.diagnostics.get("similarity_data")
         if sim is not None:
             self.folder.save_npy("similarity_data.npy", sim)
-        nbytes = {i: len(b) for i, b in blobs.items()}
-        self.setup_up = nbytes
-        self.obs.on_message(
-            f"data summaries: {sum(nbytes.values())} B uploaded once ({sum(nbytes.values()) // len(nbytes)} B/client)"
-        )
-        return nbytes
+        total = sum(self.setup_up.values())
+        self.obs.on_message(f"data summaries: {total} B uploaded once ({total // self.n} B/client)")
+        return {i: len(b) for i, b in blobs.items()}
+
+    def join(self, i: int, info: dict[str, Any], summary: bytes | None) -> None:
+        """Client i connected after the setup (late, or restarted): its counts, and its data summary if the
+        strategy still waits for it."""
+        self.infos[i] = info
+        self.n_train[i] = int(info["n_train"])
+        if summary is not None and i not in self.summary_blobs and self.main_strategy.uses_data_summaries:
+            self.setup({i: summary})
 
     # ----------------------------------------------------------------- outbox
     def switches(self, rnd: int) -> bool:
@@ -159,11 +181,31 @@ class ServerCore:
 
     # ----------------------------------------------------------------- one round
     def new_round(self, rnd: int) -> RoundState:
-        """Sample S_t (the run's seeded RNG) and open round ``rnd``."""
+        """Sample S_t (the run's seeded RNG), draw the simulated dropouts, open round ``rnd``."""
         size = self.cfg.sampled_per_round
         sampled = sorted(int(i) for i in self.rng.choice(self.n, size=size, replace=False))
         self.obs.on_round_start(rnd, sampled)
-        return RoundState(rnd, sampled)
+        return RoundState(rnd, sampled, fails=self.failures(sampled))
+
+    def failures(self, sampled: list[int]) -> dict[int, str]:
+        """Which sampled clients fail this round (``dropout_before``: before training; ``dropout``: after it,
+        the upload lost). Two draws per client whatever the settings, so the stream is the same for all."""
+        out: dict[int, str] = {}
+        for i in sampled:
+            before, after = self.fail_rng.random(2)
+            if before < self.cfg.dropout_before:
+                out[i] = "before"
+            elif after < self.cfg.dropout:
+                out[i] = "after"
+        return out
+
+    def dropped(self, rs: RoundState, i: int, missed: int = 0) -> ClientRound:
+        """The record of a sampled client that failed (``rs.fails[i]``): it keeps its last metrics, uploads
+        nothing; ``missed`` = bytes of a message it had picked up before failing."""
+        rec = ClientRound.absent(i, int(self.n_train[i]), self.last.get(i))
+        rec.dropped, rec.bytes_down = rs.fails[i], missed
+        rs.records[i] = rec
+        return rec
 
     def fit_started(self, rs: RoundState, i: int) -> None:
         """Client i starts local training from what the server last knew it to hold."""
@@ -191,14 +233,42 @@ class ServerCore:
         self.obs.on_message(f"round {rs.rnd}: rejected the update of client {i}: {reason}")
         log.warning("round %d: rejected the update of client %d: %s", rs.rnd, i, reason)
 
+    def screen(self, rs: RoundState) -> dict[int, Tensors]:
+        """Outlier updates, for every method: with u_i = x_i − x_i^{sent} over everything uploaded,
+        reject i if ‖u_i‖ > k · median_j ‖u_j‖ (``aggregation.max_norm_ratio`` = k), then clip the rest to
+        x_i^{sent} + u_i · min(1, c / ‖u_i‖) (``aggregation.clip_norm`` = c). Returns what gets combined."""
+        agg = self.cfg.aggregation
+        if not rs.uploads or (agg.max_norm_ratio is None and agg.clip_norm is None):
+            return rs.uploads
+        norms = {i: update_norm(up, rs.sent[i]) for i, up in rs.uploads.items()}
+        if agg.max_norm_ratio is not None and len(norms) > 1:
+            median = float(np.median(list(norms.values())))
+            for i, norm in norms.items():
+                if norm > agg.max_norm_ratio * median:
+                    self.reject(
+                        rs,
+                        i,
+                        f"outlier: update norm {norm:.4g} > {agg.max_norm_ratio:g} × the round's median {median:.4g} "
+                        "(aggregation.max_norm_ratio)",
+                    )
+        if agg.clip_norm is None:
+            return rs.uploads
+        out: dict[int, Tensors] = {}
+        for i, up in rs.uploads.items():
+            scale = min(1.0, agg.clip_norm / norms[i]) if norms[i] > 0 else 1.0
+            out[i] = {k: rs.sent[i][k] + (v - rs.sent[i][k]) * scale for k, v in up.items()} if scale < 1 else up
+        return out
+
     def aggregate(self, rs: RoundState) -> dict[int, Tensors]:
-        """Combine the accepted uploads; each addressed client's message goes to its outbox (version t)."""
+        """Screen and combine the accepted uploads; each addressed client's message goes to its outbox
+        (version t)."""
+        combined = self.screen(rs)
         for i, up in rs.uploads.items():  # what the client holds until a message replaces it
             self.held[i] = {**self.held[i], **up}
         if not rs.uploads:
             return {}
         ctx = RoundContext(rnd=rs.rnd, num_clients=self.n, n_train=self.n_train, sent=rs.sent)
-        messages = aggregate_with_fedavg(self.strategy, ctx, rs.uploads, self.phase.fedavg_names)
+        messages = aggregate_with_fedavg(self.strategy, ctx, combined, self.phase.fedavg_names)
         for i, msg in messages.items():
             self.outbox[i] = msg
             self.out_version[i] = rs.rnd
@@ -241,9 +311,8 @@ class ServerCore:
         if len(ids) > 1:
             names = list(uploads[ids[0]])
             u = torch.stack([torch.cat([(uploads[i][n] - sent[i][n]).reshape(-1) for n in names]) for i in ids])
-            unit = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            cos = unit @ unit.T
-            out["update_cosine_mean"] = float(cos[~torch.eye(len(ids), dtype=torch.bool)].mean())
+            cos = update_cosine(u.double().cpu().numpy())
+            out["update_cosine_mean"] = float(cos[~np.eye(len(ids), dtype=bool)].mean())
         diag = rs.diag
         if "weights" in diag and diag.get("participants") is not None:
             self.folder.save_npy(f"weights_round_{rs.rnd}.npy", diag["weights"])
@@ -251,6 +320,47 @@ class ServerCore:
             out["effective_collaborators"] = eff
             out["effective_collaborators_mean"] = float(np.mean(list(eff.values()))) if eff else float("nan")
         row["diag"] = out
+
+    # ----------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the server carries between rounds: what each client holds (where it differs from the
+        shared init), the outbox and its versions (personalized C̄_i), the strategies' state (S^data, last
+        w_ij), the sampling RNG, the rows and totals so far."""
+        init = self.bench.init_state
+        return {
+            "held": {i: {k: v for k, v in h.items() if v is not init.get(k)} for i, h in self.held.items()},
+            "outbox": self.outbox,
+            "out_version": self.out_version,
+            "recv_version": self.recv_version,
+            "last": {i: asdict(r) for i, r in self.last.items()},
+            "rows": self.rows,
+            "totals": self.totals,
+            "setup_up": self.setup_up,
+            "summary_blobs": {i: np.frombuffer(b, dtype=np.uint8) for i, b in self.summary_blobs.items()},
+            "n_train": self.n_train,
+            "rng": self.rng.bit_generator.state,
+            "fail_rng": self.fail_rng.bit_generator.state,
+            "strategies": [s.state_dict() for s in self.phases.strategies()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any], rnd: int) -> None:
+        """Restore ``state_dict`` taken after round ``rnd``."""
+        init = self.bench.init_state
+        self.held = {i: {**init, **state["held"].get(i, {})} for i in range(self.n)}
+        self.outbox = dict(state["outbox"])
+        self.out_version = dict(state["out_version"])
+        self.recv_version = dict(state["recv_version"])
+        self.last = {i: ClientRound.from_dict(r) for i, r in state["last"].items()}
+        self.rows = list(state["rows"])
+        self.totals = dict(state["totals"])
+        self.setup_up = dict(state["setup_up"])
+        self.summary_blobs = {i: np.asarray(a, dtype=np.uint8).tobytes() for i, a in state["summary_blobs"].items()}
+        self.n_train = np.asarray(state["n_train"]).copy()
+        self.rng.bit_generator.state = state["rng"]
+        self.fail_rng.bit_generator.state = state["fail_rng"]
+        for strategy, st in zip(self.phases.strategies(), state["strategies"], strict=True):
+            strategy.load_state_dict(st)
+        self.phase = self.phases.phase(rnd)
 
     # ----------------------------------------------------------------- summary
     def acc_majority(self) -> float:

@@ -341,7 +341,7 @@ def _sq_dists(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
-def _emd2(a: np.ndarray, b: np.ndarray, cost: np.ndarray) -> float:
+def exact_ot_cost(a: np.ndarray, b: np.ndarray, cost: np.ndarray) -> float:
     """Exact OT cost ``min <P, cost>`` s.t. ``P 1 = a, P^T 1 = b`` (POT network simplex, no Python-side checks).
 
     Callers pass float64 C-contiguous arrays with ``sum(a) == sum(b) == 1``.
@@ -395,7 +395,7 @@ def _inner_costs(cost: np.ndarray, a: np.ndarray, b: np.ndarray, pool: ThreadPoo
     if g == 1:
         return cost[:, 0, 0].copy()
     if g > 3:
-        return np.array([_emd2(a[t], b[t], cost[t]) for t in range(n)])
+        return np.array([exact_ot_cost(a[t], b[t], cost[t]) for t in range(n)])
     if g == 2:  # pad to 3x3 with a zero-weight copy of row/column 0
         cost = np.concatenate([cost, cost[:, :1, :]], axis=1)
         cost = np.concatenate([cost, cost[:, :, :1]], axis=2)
@@ -464,7 +464,7 @@ def _distance_fast(pk: _Packed, threads: int) -> np.ndarray:
                 for j in range(i + 1, n):
                     kj = n_classes[j]
                     c = row[j - i0] if ki == k and kj == k else np.ascontiguousarray(row[j - i0, :ki, :kj])
-                    dist[i, j] = _emd2(qs[i], qs[j], c)
+                    dist[i, j] = exact_ot_cost(qs[i], qs[j], c)
     finally:
         if pool is not None:
             pool.shutdown()
@@ -528,8 +528,8 @@ def data_similarity(distance: np.ndarray) -> np.ndarray:
     return s
 
 
-def param_similarity(updates: np.ndarray) -> np.ndarray:
-    """``S_ij = (1 + cos(u_i, u_j)) / 2`` for updates (N, P); a zero update has cos 0 with all others; diagonal 1."""
+def update_cosine(updates: np.ndarray) -> np.ndarray:
+    """``cos(u_i, u_j)`` for updates (N, P), in [-1, 1]; a zero update has cos 0 with every update."""
     u = np.asarray(updates, dtype=np.float64)
     if u.ndim != 2:
         raise CeloraError(f"similarity.updates must be an (N, P) array, got shape {u.shape}")
@@ -537,7 +537,11 @@ def param_similarity(updates: np.ndarray) -> np.ndarray:
         raise CeloraError("similarity.updates contains NaN or inf")
     norms = np.linalg.norm(u, axis=1, keepdims=True)
     unit = np.divide(u, norms, out=np.zeros_like(u), where=norms > 0)
-    cos = np.clip(unit @ unit.T, -1.0, 1.0)
-    s = (1.0 + cos) / 2.0
+    return np.clip(unit @ unit.T, -1.0, 1.0)
+
+
+def param_similarity(updates: np.ndarray) -> np.ndarray:
+    """``S_ij = (1 + cos(u_i, u_j)) / 2`` for updates (N, P); a zero update has cos 0 with all others; diagonal 1."""
+    s = (1.0 + update_cosine(updates)) / 2.0
     np.fill_diagonal(s, 1.0)
     return s

@@ -9,6 +9,12 @@ is evaluated ("local step") and uploads what its method shares as one serialized
 and validates every blob (a bad one is logged and left out of this round), the strategy combines the
 accepted ones, and each participant receives its message (bytes counted on the blob) and is evaluated
 again ("aggregated").
+
+Faults: a sampled client fails before training with probability ``dropout_before`` or after training
+(its upload lost) with probability ``dropout``, drawn from a seeded RNG of their own; it keeps its state and
+picks up what it missed when next sampled. Every ``checkpoint_every`` rounds the whole run state (clients'
+private states, the server core's, RNGs, rows) is checkpointed atomically (``celora.fl.run_folder``);
+``Simulation(cfg, run_dir, resume=True)`` continues from the newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from celora.fl.client import ClientRuntime, partition_report
 from celora.fl.payload import Layout
 from celora.fl.prepare import Prepared, check_names, frozen_factors, prepare
 from celora.fl.records import ClientRound, Observer, Silent
-from celora.fl.run_folder import RunFolder
+from celora.fl.run_folder import Checkpoint, RunFolder, load_checkpoint, save_checkpoint
 from celora.fl.server import RoundState, ServerCore
 from celora.fl.sites import SitesPrepared
 from celora.fl.strategies import Tensors
@@ -70,6 +76,7 @@ class Simulation:
         wire_hook: WireHook | None = None,
         prepared: Prepared | SitesPrepared | None = None,
         export_adapters: bool = True,
+        resume: bool = False,
     ) -> None:
         cfg = check_names(cfg)
         self.p = prepared or prepare(cfg)
@@ -87,6 +94,15 @@ class Simulation:
         self.clients = [ClientRuntime(cfg, self.bench, provider.client(i), phases) for i in range(cfg.num_clients)]
         self.infos = [c.info() for c in self.clients]
         self.server = ServerCore(cfg, self.bench, self.infos, observer=self.obs, folder=self.folder)
+        self.zero_shot_summary: dict[str, Any] | None = None
+        self.wall_before = 0.0  # seconds spent before a resume
+        self.checkpoint: Checkpoint | None = None
+        if resume:
+            if self.out is None:
+                raise CeloraError("resume needs a run folder")
+            self.checkpoint = load_checkpoint(self.out)
+            if self.checkpoint is None:
+                raise CeloraError(f"{self.out}: no complete checkpoint to resume from (checkpoints/ckpt-*.json)")
 
     # ----------------------------------------------------------------- what travels (tests, benchmarks)
     @property
@@ -120,21 +136,59 @@ class Simulation:
         cfg, p, server = self.cfg, self.p, self.server
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.folder.start(cfg, partition_report(self.infos, self.clients[0].data.meta))
-        zero_shot = self.zero_shot() if p.task.zero_shot else None
-        if zero_shot is not None:
-            self.folder.write_json("zero_shot.json", zero_shot)
-        wants = server.main_strategy.uses_data_summaries
-        server.setup({c.id: c.summary_blob() for c in self.clients} if wants else None)
         t_run = time.perf_counter()
-        for rnd in range(1, cfg.rounds + 1):
+        if self.checkpoint is not None:
+            first = self.restore(self.checkpoint) + 1
+        else:
+            first = 1
+            self.folder.start(cfg, partition_report(self.infos, self.clients[0].data.meta))
+            zero_shot = self.zero_shot() if p.task.zero_shot else None
+            if zero_shot is not None:
+                self.folder.write_json("zero_shot.json", zero_shot)
+                self.zero_shot_summary = {k: v for k, v in zero_shot.items() if k != "clients"}
+            wants = server.main_strategy.uses_data_summaries
+            server.setup({c.id: c.summary_blob() for c in self.clients} if wants else None)
+        for rnd in range(first, cfg.rounds + 1):
             self.round(rnd)
-        summary = self._finish(time.perf_counter() - t_run)
-        if zero_shot is not None:
-            summary["zero_shot"] = {k: v for k, v in zero_shot.items() if k != "clients"}
+            every = cfg.checkpoint_every
+            if self.out is not None and every and (rnd % every == 0 or rnd == cfg.rounds):
+                save_checkpoint(self.out, rnd, self.state_dict(self.wall_before + time.perf_counter() - t_run))
+        summary = self._finish(self.wall_before + time.perf_counter() - t_run)
+        if self.zero_shot_summary is not None:
+            summary["zero_shot"] = self.zero_shot_summary
         self.folder.write_summary(summary)
         states = {c.id: c.state for c in self.clients}
         return RunResult(summary, list(server.rows), states, dict(server.main_strategy.diagnostics))
+
+    # ----------------------------------------------------------------- checkpoint / resume
+    def state_dict(self, wall: float) -> dict[str, Any]:
+        """The run's state between rounds: every client's private state, the server core's, the RNGs."""
+        return {
+            "clients": {c.id: self.changed(c.state) for c in self.clients},
+            "server": self.server.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "zero_shot": self.zero_shot_summary,
+            "wall_s": wall,
+        }
+
+    def changed(self, state: Tensors) -> Tensors:
+        """The tensors of a client state that are not the shared initial ones (what a checkpoint stores)."""
+        init = self.bench.init_state
+        return {k: v for k, v in state.items() if v is not init.get(k)}
+
+    def restore(self, ckpt: Checkpoint) -> int:
+        """Load a checkpoint; metrics.jsonl is cut back to its rows. Returns the round it was taken after."""
+        st = ckpt.state
+        for c in self.clients:
+            c.state = {**self.bench.init_state, **st["clients"].get(c.id, {})}
+        self.server.load_state_dict(st["server"], ckpt.round)
+        torch.set_rng_state(st["torch_rng"])
+        self.zero_shot_summary = st["zero_shot"]
+        self.wall_before = float(st["wall_s"])
+        self.folder.rewrite_rows(self.server.rows)
+        self.folder.open_log(fresh=False)
+        self.obs.on_message(f"resumed from {ckpt.path.name}: round {ckpt.round} of {self.cfg.rounds} done")
+        return ckpt.round
 
     def _deliver(self, rnd: int, i: int, *, evaluate: bool) -> tuple[int, float, float]:
         """Hand client i its pending message: (bytes, acc, loss after it — NaN unless ``evaluate``)."""
@@ -161,19 +215,26 @@ class Simulation:
         server.aggregate(rs)
         for i in rs.sampled:  # participants are online: deliver now and evaluate what they hold
             rec = rs.records[i]
-            if server.pending(i):
+            if rec.participated and server.pending(i):
                 nbytes, rec.acc_agg, rec.loss_agg = self._deliver(rnd, i, evaluate=True)
                 rec.bytes_down += nbytes
         return server.close_round(rs)
 
     def _client_round(self, rs: RoundState, i: int) -> None:
         server, rnd = self.server, rs.rnd
+        fails = rs.fails.get(i)
+        if fails == "before":  # offline this round: no message, no training
+            server.dropped(rs, i)
+            return
         missed = 0
         if server.pending(i):  # a message it missed while not sampled
             missed = self._deliver(rnd, i, evaluate=False)[0]
         server.fit_started(rs, i)
         up, rec = self.clients[i].fit(rnd)
         rec.bytes_down += missed
+        if fails == "after":  # trained (and keeps its state), but the upload never arrives
+            server.dropped(rs, i, missed)
+            return
         server.add_record(rs, i, rec)
         if up is not None:
             if self.wire_hook is not None:

@@ -41,6 +41,7 @@ from celora.fl.backbone import Backbone
 from celora.fl.client import ClientData
 from celora.fl.payload import PayloadError, decode_named, encode_named
 from celora.fl.strategies import Tensors
+from celora.models.device import Placement, place_model
 from celora.models.zoo import LoadedModel
 
 SETUP_MAX_BYTES = 64 * 1024 * 1024
@@ -193,10 +194,20 @@ class SitesPrepared:
         return SiteProvider(self.cfg.num_clients, self.datas)
 
 
+def _site_model(cfg: ExperimentConfig, num_labels: int) -> tuple[LoadedModel, AdapterSpec, Task, Placement]:
+    """The frozen base with adapters for ``num_labels`` classes, placed on ``train.device`` (every site alike)."""
+    from celora.fl.prepare import load_backbone, placement_of
+
+    placement = placement_of(cfg)
+    loaded, spec, task = load_backbone(cfg, num_labels, placement)
+    place_model(loaded.model, placement, (*loaded.head_modules, *loaded.fedavg_modules))
+    return loaded, spec, task, placement
+
+
 def prepare_sites(cfg: ExperimentConfig) -> SitesPrepared:
     """In-process: every site loads its own file with its own ``SiteLoader``; the server side only sees
     the label names and the task statistics (steps 1-3 of the module docstring, bytes counted)."""
-    from celora.fl.prepare import backbone_of, load_backbone
+    from celora.fl.prepare import backbone_of
 
     book = SetupBytes()
     loaders = {i: SiteLoader(cfg, i) for i in range(cfg.num_clients)}
@@ -207,26 +218,27 @@ def prepare_sites(cfg: ExperimentConfig) -> SitesPrepared:
             book.add("up", i, len(msg))
         cfg = with_labels(cfg, labels)
     labels = list(cfg.data.labels or [])
-    loaded, spec, task = load_backbone(cfg, len(labels))
+    loaded, spec, task, placement = _site_model(cfg, len(labels))
     datas = {i: loader.client_data(labels, task, loaded) for i, loader in loaders.items()}
-    blobs = {i: statistics_blob(task, loaded, data) for i, data in datas.items()}
+    with placement.autocast():
+        blobs = {i: statistics_blob(task, loaded, data) for i, data in datas.items()}
     combined = combine_setup(task, blobs)
     for i, blob in blobs.items():
         book.add("up", i, len(blob))
         book.add("down", i, len(combined))
     apply_setup_blob(task, loaded, combined)
-    return SitesPrepared(cfg, backbone_of(loaded, spec, task), datas, book)
+    return SitesPrepared(cfg, backbone_of(loaded, spec, task, placement), datas, book)
 
 
 def prepare_site(cfg: ExperimentConfig, index: int, path: str | None = None) -> SitesPrepared:
     """On a SuperNode: site ``index`` loads only its own file (``path``: the node's ``site-path``), in the
     label space the server sent (``data.labels``); the task set-up is applied later (:func:`apply_setup_blob`)."""
-    from celora.fl.prepare import backbone_of, load_backbone
+    from celora.fl.prepare import backbone_of
 
     labels = cfg.data.labels
     if labels is None:
         raise CeloraError("data.sites: the setup message carries no label space (data.labels)")
     loader = SiteLoader(cfg, index, path)
-    loaded, spec, task = load_backbone(cfg, len(labels))
+    loaded, spec, task, placement = _site_model(cfg, len(labels))
     data = loader.client_data(list(labels), task, loaded)
-    return SitesPrepared(cfg, backbone_of(loaded, spec, task), {index: data})
+    return SitesPrepared(cfg, backbone_of(loaded, spec, task, placement), {index: data})

@@ -154,4 +154,4 @@ class PixelProcessor:
         x = images.float() / 255.0
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        return (x - self.mean) / self.std
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)

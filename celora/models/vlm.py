@@ -53,7 +53,7 @@ class Projector(nn.Module):
         self.fc1 = nn.Linear(vision_hidden, width)
         self.fc2 = nn.Linear(width, lm_hidden)
         with torch.no_grad():  # E[a²] of the hidden activation for unit-variance (layer-normed) inputs
-            a = nn.functional.gelu(self.fc1(torch.randn(256, vision_hidden)))
+            a = nn.functional.gelu(self.fc1(torch.randn(256, vision_hidden, device=self.fc1.weight.device)))
             sigma = out_std / (float(a.pow(2).mean().sqrt()) * width**0.5)
             self.fc2.weight.normal_(0.0, sigma)
             self.fc2.bias.zero_()
@@ -82,8 +82,8 @@ class _ImageConditionedDecoder(nn.Module):
         at, n = vlm.image_position, image.shape[1]
         embeds = torch.cat([text[:, :at], image, text[:, at:]], dim=1)
         if attention_mask is None:
-            attention_mask = torch.ones(input_ids.shape, dtype=torch.long)
-        ones = torch.ones(image.shape[:2], dtype=attention_mask.dtype)
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
+        ones = torch.ones(image.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
         mask = torch.cat([attention_mask[:, :at], ones, attention_mask[:, at:]], dim=1)
         hidden = vlm.lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         return BaseModelOutput(last_hidden_state=torch.cat([hidden[:, :at], hidden[:, at + n :]], dim=1))

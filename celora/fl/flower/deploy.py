@@ -7,6 +7,7 @@ ClientApp processes detach into sessions of their own), by process id.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -18,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+import psutil
 
 from celora.errors import CeloraError
 from celora.fl.flower.certs import TlsFiles, make_node_key, make_tls
@@ -48,6 +51,7 @@ out = ""
 round-timeout = 600.0
 node-wait = 120.0
 export = true
+resume = false
 """
 
 
@@ -69,32 +73,50 @@ def _bin(name: str) -> str:
     return found
 
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        kids.setdefault(ppid, []).append(int(entry.name))
-    return kids
+def flower_env(home: Path | None = None) -> dict[str, str]:
+    """This process's environment for Flower's binaries: this environment's bin folder first on PATH (``flwr``
+    launches ``flower-superlink`` and ``flwr-simulation`` by name), runtime dependency installation and update
+    checks off, the hub offline; ``FLWR_HOME`` = ``home`` when given."""
+    env = dict(os.environ)
+    if home is not None:
+        env["FLWR_HOME"] = str(home)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
 
 
-def descendants(pid: int) -> list[int]:
-    """Process ids below ``pid`` (Linux /proc; empty elsewhere)."""
-    if not Path("/proc").is_dir():
+def flwr_run(args: Sequence[str]) -> int:
+    """``flwr run [APP] ARGS…`` (APP defaults to ".") with :func:`flower_env`, in the foreground; its exit code."""
+    args = list(args)
+    if not args or args[0].startswith("-"):
+        args = [".", *args]
+    return subprocess.call([_bin("flwr"), "run", *args], env=flower_env())
+
+
+def stop_local_superlink(control_port: int) -> list[int]:
+    """End the managed local SuperLink that ``flwr run`` started with ``FLWR_LOCAL_CONTROL_API_PORT=control_port``
+    (it outlives the run), and every process below it (psutil); the ids ended."""
+    ended: list[int] = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info.get("cmdline") or [])
+        if "flower-superlink" in cmd and f"127.0.0.1:{control_port} " in cmd + " ":
+            for p in [*descendants(proc.pid), proc]:
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                    p.kill()
+                    ended.append(p.pid)
+    return ended
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """The processes below ``pid`` (children, grandchildren, …; empty when ``pid`` is gone)."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
         return []
-    kids = _children()
-    out: list[int] = []
-    todo = list(kids.get(pid, []))
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += kids.get(p, [])
-    return out
 
 
 @dataclass
@@ -124,30 +146,27 @@ class Proc:
         return self.popen.poll() is None
 
     def stop(self, grace: float = 10.0, sig: int = signal.SIGTERM) -> None:
-        """End the process, its group and all its descendants; SIGKILL whatever outlives ``grace``."""
-        pids = [self.popen.pid, *descendants(self.popen.pid)] if self.alive() else descendants(self.popen.pid)
-        for p in pids:
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
-        try:
-            os.killpg(self.popen.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        """End the process, its session and all its descendants; SIGKILL whatever outlives ``grace``."""
+        below = descendants(self.popen.pid)
+        if self.alive():
+            self.popen.send_signal(sig)
+        for p in below:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(sig)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, sig)  # the session also holds processes re-parented away from us
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and (self.alive() or any(_exists(p) for p in pids[1:])):
-            time.sleep(0.2)
-        for p in [self.popen.pid, *pids[1:]]:
-            if _exists(p):
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
         try:
-            self.popen.wait(timeout=5)
+            self.popen.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            pass
+            self.popen.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout=5)
+        _, alive = psutil.wait_procs(below, timeout=max(0.0, deadline - time.monotonic()))
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(alive, timeout=5)
         if self._fh is not None:
             self._fh.close()
             self._fh = None
@@ -157,14 +176,6 @@ class Proc:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
-
-
-def _exists(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone for our purposes
 
 
 @dataclass
@@ -203,15 +214,7 @@ class LocalDeployment:
         return f"127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["FLWR_HOME"] = str(self.home)
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-        env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-        env.setdefault("HF_HUB_OFFLINE", "1")
-        env.setdefault("TRANSFORMERS_OFFLINE", "1")
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        return env
+        return flower_env(self.home)
 
     def write_connection(self) -> None:
         """FLWR_HOME/config.toml with a ``celora`` connection to this SuperLink (the default)."""
@@ -283,7 +286,9 @@ class LocalDeployment:
         """SuperNode ``i`` serving ``partition`` (default i) of ``num_nodes``; ``key`` = authenticate."""
         part = i if partition is None else partition
         cmd = [_bin("flower-supernode"), "--superlink", self.address, "--host", "127.0.0.1"]
-        cmd += ["--port", str(free_port()), "--node-config", node_config(part, self.num_nodes, self.sites)]
+        state = self.folder / "nodes" / f"node_{part}"  # the node's private state survives a restart (state-dir)
+        config = node_config(part, self.num_nodes, self.sites, state_dir=state)
+        cmd += ["--port", str(free_port()), "--node-config", config]
         cmd += ["--max-retries", "20", "--max-wait-time", "60"]
         if self.tls_files is not None:
             cmd += ["--root-certificates", str(self.tls_files.ca_cert)]
@@ -334,16 +339,26 @@ class LocalDeployment:
         return proc.popen
 
 
-def node_config(partition: int, num_partitions: int, sites: Sequence[str] | None = None) -> str:
-    """A SuperNode's ``--node-config``: its partition, and with ``sites`` its own file as ``site-path``
-    (absolute, a TOML string: ``partition-id=0 num-partitions=3 site-path="/data/a.csv"``)."""
+def _toml_path(path: Path, what: str) -> str:
+    """``path`` absolute, as a TOML string for a node config (no quote or backslash inside)."""
+    text = str(path.expanduser().resolve())
+    if '"' in text or "\\" in text:
+        raise CeloraError(f"{what}: the path must not contain '\"' or '\\'")
+    return f'"{text}"'
+
+
+def node_config(
+    partition: int, num_partitions: int, sites: Sequence[str] | None = None, *, state_dir: Path | None = None
+) -> str:
+    """A SuperNode's ``--node-config``: its partition, its ``state-dir`` (private state on its disk) and,
+    with ``sites``, its own file as ``site-path`` (absolute TOML strings:
+    ``partition-id=0 num-partitions=3 site-path="/data/a.csv"``)."""
     text = f"partition-id={partition} num-partitions={num_partitions}"
-    if sites is None:
-        return text
-    path = str(Path(sites[partition]).expanduser().resolve())
-    if '"' in path or "\\" in path:
-        raise CeloraError(f"site {partition} ('{sites[partition]}'): the path must not contain '\"' or '\\'")
-    return f'{text} site-path="{path}"'
+    if state_dir is not None:
+        text += f" state-dir={_toml_path(state_dir, f'node {partition} state-dir')}"
+    if sites is not None:
+        text += f" site-path={_toml_path(Path(sites[partition]), f'site {partition} ({sites[partition]!r})')}"
+    return text
 
 
 def write_app(folder: Path, experiment_toml: str) -> Path:

@@ -16,7 +16,16 @@ The server never loads raw data: clients report counts at setup, and the model i
 
 The data summaries of ``celora`` travel once, in the dedicated setup message before round 1.
 A node that does not answer within the round timeout (or answers with an error) is reported as
-lost in the metrics row (``rejected`` reason ``lost: …``) and in the summary, and is not contacted again.
+lost in the metrics row (``rejected`` reason ``lost: …``) and in the summary, and is not contacted again
+— until a SuperNode with its ``partition-id`` connects anew (a restarted node): it gets the setup message
+with ``resume-round`` (restoring its on-disk state) and rejoins at the next round. The run starts once all
+``num_clients`` nodes are connected, or after ``node-wait`` seconds with at least ``min_clients``: a
+missing client joins the same way; its data summary completes S^data when it arrives.
+
+Checkpoints: after every ``checkpoint_every`` rounds the server core's state and the open round (its
+records, uploads, the deliveries still due) go to ``<out>/checkpoints`` atomically; ``resume=True``
+restores the newest complete one and re-runs the setup with ``resume-round`` so that every node
+restores its own private state from its disk (node config ``state-dir``).
 Bytes: celora's own count (the blob) and Flower's (``ArrayRecord.count_bytes()``) side by side.
 """
 
@@ -26,7 +35,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +61,7 @@ from celora.fl.flower.wire import (
 )
 from celora.fl.prepare import check_names, prepare_model
 from celora.fl.records import ClientRound, Observer, Silent
-from celora.fl.run_folder import RunFolder
+from celora.fl.run_folder import RunFolder, load_checkpoint, save_checkpoint
 from celora.fl.server import RoundState, ServerCore
 from celora.fl.sites import SetupBytes, agree_label_space, combine_setup, with_labels
 from celora.fl.strategies import Tensors, get_strategy
@@ -97,6 +106,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
         node_wait: float = 120.0,
         export: bool = True,
         observer: Observer | None = None,
+        resume: bool = False,
     ) -> None:
         self.cfg = check_names(cfg)
         agg = self.cfg.aggregation
@@ -114,7 +124,9 @@ class CeloraFlowerStrategy(FlowerStrategy):
         self.client_of: dict[int, int] = {}
         self.lost: dict[int, str] = {}
         self.lost_round: dict[int, int] = {}
+        self.joined: dict[int, int] = {}  # client → the round it (re)joined after the setup
         self.rounds: dict[int, RoundState] = {}
+        self.lost_at: dict[int, dict[int, str]] = {}  # round → the lost clients (and why) when it was aggregated
         self.flower = {"arrays_up": 0, "arrays_down": 0, "control_up": 0, "control_down": 0, "setup_up": 0}
         self.sent_msgs: dict[int, Message] = {}  # client → the message of the current round
         self.inflight: dict[int, _Delivery] = {}  # client → delivery carried by the current round's message
@@ -125,6 +137,9 @@ class CeloraFlowerStrategy(FlowerStrategy):
         self.site_stats: dict[int, bytes] = {}
         self.label_bytes = 0
         self.t_run = time.perf_counter()
+        self.resume = resume
+        self.done = 0  # last round whose uploads were aggregated
+        self.wall_before = 0.0
 
     @property
     def core(self) -> ServerCore:
@@ -206,13 +221,13 @@ class CeloraFlowerStrategy(FlowerStrategy):
     def _finalize(self, rnd: int) -> None:
         """Complete round ``rnd``'s metrics row (same keys as the in-process loop) and write it."""
         rs = self.rounds.pop(rnd)
+        lost = self.lost_at.pop(rnd, dict(self.lost))  # as it stood when the round's uploads were in
         for i in rs.sampled:
-            if i not in rs.records and i in self.lost:
+            if i not in rs.records and i in lost:
                 rec = ClientRound.absent(i, int(self.core.n_train[i]), self.core.last.get(i))
-                rec.rejected = self.lost[i]
+                rec.rejected = lost[i]
                 rs.records[i] = rec
-        lost = sorted(i for i, r in self.lost_round.items() if r <= rnd)
-        self.core.close_round(rs, {"lost": lost})
+        self.core.close_round(rs, {"lost": sorted(lost)})
 
     # ----------------------------------------------------------------- setup (before round 1)
     def _query_all(self, grid: Grid, nodes: list[int], kind: str, records: dict[str, Any]) -> list[Message]:
@@ -244,6 +259,12 @@ class CeloraFlowerStrategy(FlowerStrategy):
             self.site_bytes.add("up", i, len(messages[i]))
             self.label_bytes += len(messages[i])
             self._log_message("up", 0, "query.labels", i, rep)
+        missing = sorted(set(range(self.n)) - set(messages))
+        if missing:
+            raise CeloraError(
+                f"data.sites: site(s) {missing} not connected for the label agreement; "
+                "declare data.labels to start without them"
+            )
         return with_labels(cfg, agree_label_space(cfg, messages))
 
     def _site_task_setup(self, grid: Grid, task: Any) -> None:
@@ -253,65 +274,154 @@ class CeloraFlowerStrategy(FlowerStrategy):
         combined = combine_setup(task, self.site_stats)
         if not combined:
             return
-        nodes = [self.node_of[i] for i in range(self.n)]
+        nodes = [self.node_of[i] for i in sorted(self.node_of)]
         for rep in self._query_all(grid, nodes, "task_setup", {"setup": blob_record(combined)}):
             i = self.client_of[rep.metadata.src_node_id]
             if config_of(rep.content).get("received") != digest(combined):
                 raise CeloraError(f"client {i} confirmed a different task set-up than the one sent")
             self.site_bytes.add("down", i, len(combined))
 
+    def _query_setup(self, grid: Grid, nodes: list[int], resume_round: int, summary: bool) -> list[Message]:
+        """Send the setup message (config, whether to upload a data summary, the round to restore) to ``nodes``."""
+        msgs = []
+        toml_text = dump_config(self.cfg)
+        for node in nodes:
+            conf = ConfigRecord({"config": toml_text, "summary": summary, "resume-round": resume_round})
+            content = RecordDict({"celora": conf})
+            msgs.append(Message(content, dst_node_id=node, message_type="query.setup", group_id="0"))
+        return list(grid.send_and_receive(msgs, timeout=self.round_timeout))
+
+    def _claim(self, rep: Message, rnd: int) -> tuple[int, dict[str, Any], bytes | None]:
+        """Map the node of a setup reply to its partition; (client id, its info, its data summary or None)."""
+        conf = config_of(rep.content)
+        i = int(number(conf, "partition-id"))
+        node = rep.metadata.src_node_id
+        self.node_of[i] = node
+        self.client_of[node] = i
+        summary = None
+        if "summary" in rep.content:
+            rec = arrays_of(rep.content, "summary")
+            summary = record_blob(rec)
+            self.flower["setup_up"] += rec.count_bytes()
+        self._log_message("up", rnd, "query.setup", i, rep, state_round=conf.get("state-round"))
+        return i, json.loads(str(conf["info"])), summary
+
     def setup(self, grid: Grid) -> None:
-        """Map nodes to clients, collect their counts and data summaries once, build the server core."""
+        """Map nodes to clients, collect their counts and data summaries once, build the server core
+        (and, with ``resume``, restore the newest checkpoint: every node restores its own state)."""
         cfg = self.cfg
+        ckpt = load_checkpoint(self.out) if (self.resume and self.out is not None) else None
+        if self.resume and ckpt is None:
+            raise CeloraError(f"{self.out}: no complete checkpoint to resume from (checkpoints/ckpt-*.json)")
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "metrics.jsonl").write_text("", encoding="utf-8")
             (self.out / "flower").mkdir(exist_ok=True)
-            (self.out / "flower" / "messages.jsonl").write_text("", encoding="utf-8")
+            if ckpt is None:
+                (self.out / "metrics.jsonl").write_text("", encoding="utf-8")
+                (self.out / "flower" / "messages.jsonl").write_text("", encoding="utf-8")
+        need = cfg.min_clients or self.n
         deadline = time.monotonic() + self.node_wait
         nodes = list(grid.get_node_ids())
         while len(nodes) < self.n and time.monotonic() < deadline:
             time.sleep(1.0)
             nodes = list(grid.get_node_ids())
-        if len(nodes) < self.n:
-            raise CeloraError(f"only {len(nodes)} of {self.n} SuperNodes connected within {self.node_wait:g}s")
-        wants_summary = get_strategy(cfg.method).uses_data_summaries
+        if len(nodes) < need:
+            raise CeloraError(f"only {len(nodes)} of {need} SuperNodes connected within {self.node_wait:g}s")
+        wants_summary = get_strategy(cfg.method).uses_data_summaries and ckpt is None
         cfg = self.cfg = self._site_labels(grid, nodes)
-        toml_text = dump_config(cfg)
-        msgs = {}
-        for node in nodes:
-            conf = ConfigRecord({"config": toml_text, "summary": wants_summary})
-            content = RecordDict({"celora": conf})
-            msgs[node] = Message(content, dst_node_id=node, message_type="query.setup", group_id="0")
-        replies = list(grid.send_and_receive(list(msgs.values()), timeout=self.round_timeout))
+        replies = self._query_setup(grid, nodes, ckpt.round if ckpt else 0, wants_summary)
         summaries: dict[int, bytes] = {}
         infos: dict[int, dict[str, Any]] = {}
         for rep in replies:
             if rep.has_error():
                 raise CeloraError(node_failure(rep))
-            conf = config_of(rep.content)
-            i = int(number(conf, "partition-id"))
+            i = int(number(config_of(rep.content), "partition-id"))
             if "stats" in rep.content:  # a site's task statistics (data.sites)
                 self.site_stats[i] = record_blob(arrays_of(rep.content, "stats"))
             if i in self.node_of:
                 raise CeloraError(f"two SuperNodes claim partition-id {i}")
-            self.node_of[i] = rep.metadata.src_node_id
-            self.client_of[rep.metadata.src_node_id] = i
-            infos[i] = json.loads(str(conf["info"]))
-            if wants_summary:
-                rec = arrays_of(rep.content, "summary")
-                summaries[i] = record_blob(rec)
-                self.flower["setup_up"] += rec.count_bytes()
-            self._log_message("up", 0, "query.setup", i, rep)
-        missing = sorted(set(range(self.n)) - set(self.node_of))
-        if missing:
-            raise CeloraError(f"no SuperNode answered for partition-id {missing} within {self.round_timeout:g}s")
+            i, infos[i], blob = self._claim(rep, 0)
+            if blob is not None:
+                summaries[i] = blob
+        if len(infos) < need:
+            raise CeloraError(f"only {len(infos)} of {need} SuperNodes answered the setup ({self.round_timeout:g}s)")
+        missing = sorted(set(range(self.n)) - set(infos))
+        known = next(iter(infos.values()))
+        for i in missing:  # not connected yet: counts arrive when it joins
+            infos[i] = {"id": i, "n_train": 0, "n_test": 0, "label_hist": {}, "majority": float("nan")}
+            infos[i]["label_names"] = known["label_names"]
+            self._lose(i, 0, "lost: not connected at start")
         ordered = [infos[i] for i in range(self.n)]
-        bench = prepare_model(cfg, len(ordered[0]["label_names"]))  # names and shapes only: no data
+        bench = prepare_model(cfg, len(known["label_names"]))  # names and shapes only: no data
         self._site_task_setup(grid, bench.task)
         self._core = ServerCore(cfg, bench, ordered, observer=self.obs, folder=self.folder)
-        self.folder.start(cfg, partition_report(ordered, ordered[0].get("meta", {})), fresh=False)
-        self.core.setup(summaries if wants_summary else None)
+        self.folder.start(cfg, partition_report(ordered, known.get("meta", {})), fresh=False)
+        if ckpt is not None:
+            self.core.setup(None)
+            self._restore(ckpt.state, ckpt.round)
+        else:
+            self.core.setup(summaries if wants_summary else None)
+
+    def _join(self, grid: Grid, rnd: int) -> None:
+        """SuperNodes that connected since the setup (late, or restarted after being lost) join the run."""
+        core = self.core
+        fresh = [node for node in grid.get_node_ids() if node not in self.client_of]
+        if not fresh:
+            return
+        wants = core.main_strategy.uses_data_summaries
+        for rep in self._query_setup(grid, fresh, max(0, rnd - 1), wants):
+            if rep.has_error():
+                continue
+            i = int(number(config_of(rep.content), "partition-id"))
+            if i in self.node_of and i not in self.lost:
+                log.warning("node %d claims partition-id %d, which is live: ignored", rep.metadata.src_node_id, i)
+                continue
+            i, info, blob = self._claim(rep, rnd)
+            core.join(i, info, blob)
+            self.lost.pop(i, None)
+            self.lost_round.pop(i, None)
+            self.joined[i] = rnd
+            self.obs.on_message(f"round {rnd}: client {i} joined on node {self.node_of[i]}")
+
+    # ----------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """The server's state after ``self.done`` rounds (the open round's records, deliveries still due)."""
+        open_rounds = {
+            t: {
+                "sampled": rs.sampled,
+                "records": {i: asdict(r) for i, r in rs.records.items()},
+                "uploads": rs.uploads,
+                "sent": rs.sent,
+                "flushed": rs.flushed,
+                "diag": rs.diag,
+                "wall": rs.wall,
+            }
+            for t, rs in self.rounds.items()
+        }
+        return {
+            "core": self.core.state_dict(),
+            "rounds": open_rounds,
+            "pending_eval": sorted(self.pending_eval),
+            "lost_at": self.lost_at,
+            "flower": self.flower,
+            "wall_s": self.wall_before + time.perf_counter() - self.t_run,
+        }
+
+    def _restore(self, st: dict[str, Any], rnd: int) -> None:
+        self.core.load_state_dict(st["core"], rnd)
+        for t, r in st["rounds"].items():
+            rs = RoundState(int(t), list(r["sampled"]))
+            rs.records = {i: ClientRound.from_dict(d) for i, d in r["records"].items()}
+            rs.uploads, rs.sent, rs.flushed = dict(r["uploads"]), dict(r["sent"]), dict(r["flushed"])
+            rs.diag, rs.wall = r["diag"], r["wall"]
+            self.rounds[int(t)] = rs
+        self.pending_eval = set(st["pending_eval"]) - set(self.lost)
+        self.lost_at = {int(t): dict(v) for t, v in st["lost_at"].items()}
+        self.flower.update(st["flower"])
+        self.wall_before = float(st["wall_s"])
+        self.done = rnd
+        self.folder.rewrite_rows(self.core.rows)
+        self.obs.on_message(f"resumed from checkpoint round {rnd} of {self.cfg.rounds}")
 
     # ----------------------------------------------------------------- Flower Strategy interface
     def configure_train(
@@ -319,6 +429,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
     ) -> list[Message]:
         """One fresh message per node: its pending C̄_i (if any) and whether to train this round."""
         rnd, core = server_round, self.core
+        self._join(grid, rnd)
         switching = core.switches(rnd)
         pending = set(core.pending_clients()) if switching else set()
         rs = core.new_round(rnd)
@@ -330,9 +441,12 @@ class CeloraFlowerStrategy(FlowerStrategy):
         for i in sorted(set(rs.sampled) | self.pending_eval | pending):
             if i in self.lost:
                 continue
-            d = self._delivery_for(i, rnd, i in rs.sampled, switching)
+            fit = i in rs.sampled and rs.fails.get(i) != "before"  # a client failing before training is offline
+            d = self._delivery_for(i, rnd, fit, switching)
+            if d.how == "none" and not fit:
+                continue
             self.inflight[i] = d
-            conf = ConfigRecord({"round": rnd, "fit": i in rs.sampled, "deliver": d.how, "of_round": d.round})
+            conf = ConfigRecord({"round": rnd, "fit": fit, "deliver": d.how, "of_round": d.round})
             conf["layout"] = layout_round
             content = RecordDict({"celora": conf})
             if d.how != "none":
@@ -364,9 +478,16 @@ class CeloraFlowerStrategy(FlowerStrategy):
             self._finalize(rnd - 1)
         for i in rs.sampled:
             rep = got.get(i)
+            if rs.fails.get(i) == "before":
+                core.dropped(rs, i)
+                continue
             if rep is None:
                 continue
             d = self.inflight[i]
+            if rs.fails.get(i) == "after":  # trained on the node, upload discarded: a simulated dropout
+                core.fit_started(rs, i)
+                core.dropped(rs, i, self._received(i, d, rep) if d.how == "missed" else 0)
+                continue
             m = metrics_of(rep.content)
             rec = ClientRound.started(i, int(core.n_train[i]))
             rec.acc, rec.loss, rec.train_loss = number(m, "acc"), number(m, "loss"), number(m, "train_loss")
@@ -380,6 +501,11 @@ class CeloraFlowerStrategy(FlowerStrategy):
         core.aggregate(rs)
         self.pending_eval = {i for i in rs.records if core.pending(i)}
         rs.wall = time.perf_counter() - rs.t0
+        self.lost_at[rnd] = dict(self.lost)
+        self.done = rnd
+        every = self.cfg.checkpoint_every
+        if self.out is not None and every and (rnd % every == 0 or rnd == self.cfg.rounds):
+            save_checkpoint(self.out, rnd, self.state_dict())
         metrics = MetricRecord({"uploads": len(rs.uploads), "lost": len(self.lost)})
         return None, metrics
 
@@ -454,7 +580,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
             torch.set_num_threads(self.cfg.train.threads)
         self.summary()
         self.setup(grid)
-        for rnd in range(1, self.cfg.rounds + 1):
+        for rnd in range(self.done + 1, self.cfg.rounds + 1):
             msgs = self.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid)
             self.aggregate_train(rnd, grid.send_and_receive(msgs, timeout=self.round_timeout))
         final = self.configure_evaluate(self.cfg.rounds, ArrayRecord(), ConfigRecord(), grid)
@@ -465,7 +591,8 @@ class CeloraFlowerStrategy(FlowerStrategy):
         """The run summary: the in-process loop's keys, plus a ``flower`` section (bytes, lost clients)."""
         accs = list(self.global_acc.values())
         acc_global = float(np.mean(accs)) if accs else float("nan")
-        summary = self.core.summary(acc_global, time.perf_counter() - self.t_run, self.site_bytes.totals()["up"])
+        wall = self.wall_before + time.perf_counter() - self.t_run
+        summary = self.core.summary(acc_global, wall, self.site_bytes.totals()["up"])
         if self.cfg.data.sites is not None:
             summary["bytes_setup_down"] = self.site_bytes.totals()["down"]
         f = self.flower
@@ -480,6 +607,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
             "overhead_down": f["arrays_down"] - summary["bytes_down_total"],
             "nodes": {str(i): node for i, node in sorted(self.node_of.items())},
             "lost_clients": {str(i): {"round": self.lost_round[i], "reason": r} for i, r in sorted(self.lost.items())},
+            "joined_late": {str(i): rnd for i, rnd in sorted(self.joined.items())},
             "acc_global_clients": len(self.global_acc),
             "adapters": {str(i): a for i, a in sorted(self.adapters.items())},
         }

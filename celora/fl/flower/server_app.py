@@ -3,7 +3,8 @@
 Run config keys (``[tool.flwr.app.config]`` in pyproject.toml, override with ``flwr run --run-config``):
 ``config`` (experiment TOML; relative paths resolve against the app folder), ``set`` (space-separated
 ``key=value`` overrides as for ``celora run --set``), ``out`` (run folder; relative to the ServerApp's
-working directory), ``round-timeout`` and ``node-wait`` (seconds), ``export`` (adapters, bool).
+working directory), ``round-timeout`` and ``node-wait`` (seconds), ``export`` (adapters, bool), ``resume``
+(bool: continue ``out`` from its newest checkpoint; the nodes restore their state from their ``state-dir``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class FlowerOptions(BaseModel):
     round_timeout: float = Field(600.0, gt=0, alias="round-timeout")
     node_wait: float = Field(120.0, gt=0, alias="node-wait")
     export: bool = True
+    resume: bool = False
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, object]) -> FlowerOptions:
@@ -87,6 +89,7 @@ def main(grid: Grid, context: Context) -> None:
         round_timeout=opts.round_timeout,
         node_wait=opts.node_wait,
         export=opts.export,
+        resume=opts.resume,
     )
     try:
         summary = strategy.run(grid)

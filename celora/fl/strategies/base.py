@@ -12,12 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
 from celora.adapters.inject import HEAD
 from celora.config import AggregationConfig
-
-Tensors = dict[str, torch.Tensor]
+from celora.tensors import Tensors, weighted_mean
 
 
 @dataclass
@@ -65,16 +63,13 @@ class Strategy(ABC):
     def aggregate(self, ctx: RoundContext, updates: Mapping[int, Tensors]) -> dict[int, Tensors]:
         """Combine the participants' uploads; return the new message for each client it addresses."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the strategy carries from round to round (checkpointed): its diagnostics by default."""
+        return {"diagnostics": dict(self.diagnostics)}
 
-def weighted_mean(updates: Mapping[int, Tensors], weights: Mapping[int, float]) -> Tensors:
-    """x̄ = Σ_j w_j x_j / Σ_j w_j per tensor name."""
-    ids = list(updates)
-    w = torch.tensor([float(weights[i]) for i in ids], dtype=torch.float64)
-    w = w / w.sum()
-    names = list(updates[ids[0]])
-    return {
-        n: torch.einsum("j,j...->...", w, torch.stack([updates[i][n].double() for i in ids])).float() for n in names
-    }
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict``'s content (resume)."""
+        self.diagnostics = dict(state.get("diagnostics", {}))
 
 
 class FedAvgStrategy(Strategy, ABC):

@@ -56,6 +56,14 @@ class Celora(Strategy):
         self.diagnostics["distance_data"] = distance
         self.diagnostics["similarity_data"] = self.s_data
 
+    def state_dict(self) -> dict[str, Any]:
+        """Diagnostics (last w_ij, similarities) and S^data, computed once at setup."""
+        return {**super().state_dict(), "s_data": self.s_data}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.s_data = state.get("s_data")
+
     def aggregate(self, ctx: RoundContext, updates: Mapping[int, Tensors]) -> dict[int, Tensors]:
         ids = sorted(updates)
         if not ids:

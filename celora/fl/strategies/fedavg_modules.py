@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from celora.fl.strategies.base import RoundContext, Strategy, Tensors, weighted_mean
+from celora.fl.strategies.base import RoundContext, Strategy
+from celora.tensors import Tensors, weighted_mean
 
 
 def aggregate_with_fedavg(

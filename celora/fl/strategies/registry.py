@@ -5,26 +5,22 @@ from __future__ import annotations
 from typing import TypeVar
 
 from celora.config import AggregationConfig, ExperimentConfig
-from celora.errors import CeloraError
 from celora.fl.strategies.base import Strategy
+from celora.registry import Registry
 
-STRATEGIES: dict[str, type[Strategy]] = {}
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy", "method")
 S = TypeVar("S", bound=type[Strategy])
 
 
 def register_strategy(cls: S) -> S:
-    """Class decorator: make ``cls`` available under ``cls.name``."""
-    if cls.name in STRATEGIES:
-        raise ValueError(f"strategy {cls.name!r} registered twice")
-    STRATEGIES[cls.name] = cls
+    """Class decorator: make ``cls`` available under ``cls.name`` (a name registered twice is an error)."""
+    STRATEGIES.add(cls.name, cls)
     return cls
 
 
 def get_strategy(name: str, cfg: AggregationConfig | None = None) -> Strategy:
     """Instantiate a registered strategy (CeloraError naming ``method`` if unknown)."""
-    if name not in STRATEGIES:
-        raise CeloraError(f"unknown method '{name}' (known: {', '.join(sorted(STRATEGIES))})")
-    return STRATEGIES[name](cfg)
+    return STRATEGIES.lookup(name)(cfg)
 
 
 def key_users() -> dict[str, list[str]]:
