@@ -36,7 +36,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "smollm2": {
         "model": {"name": "smollm2", "rank": 8, "max_length": 96},
         "data": {"name": "clothing", "max_samples": 400, "train_per_client": 32, "test_per_client": 16},
-        "train": {"batch_size": 8, "lr": 1e-3, "eval_batch_size": 16},
+        "train": {"batch_size": 8, "lr": 1e-3},
+        "eval": {"batch_size": 16},
     },
     "tiny-bert": {  # CPU dry run of this script
         "model": {"name": "tiny-bert", "rank": 4, "max_length": 48},

@@ -5,6 +5,7 @@ Every error is one line that names the field (``data.alpha: ...``) or the file.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -124,7 +125,6 @@ class TrainConfig(_Section):
     head_lr: float | None = Field(None, gt=0, description="learning rate of the task head; default = lr")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps per client and round")
-    eval_batch_size: int = Field(64, ge=1, description="batch size for evaluation")
     threads: int | None = Field(None, ge=1, description="torch threads; default = all cores")
     device: str = Field(
         "auto",
@@ -181,6 +181,33 @@ class PrivacyConfig(_Section):
     summary_clip: float = Field(10.0, gt=0, description="clip radius R of the pooled features before summarising")
 
 
+class EvalConfig(_Section):
+    batch_size: int = Field(
+        64,
+        ge=1,
+        description="evaluation batch size, the largest that fits: a batch that runs out of memory is halved and "
+        "retried (was train.eval_batch_size, still read)",
+    )
+    every: int = Field(
+        1, ge=1, description="evaluate acc and acc_agg every k rounds (the final round always; other rounds: NaN)"
+    )
+    global_clients: int | None = Field(
+        None,
+        ge=1,
+        description="clients whose final model is evaluated on the global test set: a seeded sample; default "
+        "min(num_clients, 10) (summary.json: global_eval)",
+    )
+
+
+class EngineConfig(_Section):
+    state: Literal["memory", "disk"] = Field(
+        "memory",
+        description="where the in-process engine keeps each client's private adapter state between rounds: memory "
+        "| disk (one safetensors file per client in a temporary folder, inside the run folder if any: RAM does not "
+        "grow with num_clients)",
+    )
+
+
 class ExperimentConfig(_Section):
     method: str = Field("celora", description="federated method (see the methods table in the README)")
     seed: int = Field(0, description="seed of the partition, the shared adapter init and training")
@@ -210,6 +237,8 @@ class ExperimentConfig(_Section):
     min_clients: int | None = Field(
         None, ge=1, description="Flower: start once this many SuperNodes are connected (default: all num_clients)"
     )
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="what is evaluated, how often, in what batches")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="the in-process engine's resources")
 
     @model_validator(mode="before")
     @classmethod
@@ -235,6 +264,9 @@ class ExperimentConfig(_Section):
         for key in ("dropout", "dropout_before"):
             if getattr(self, key) >= 1.0:
                 raise ValueError(f"{key} = 1.0: every sampled client fails, nobody would ever upload (use < 1)")
+        k = self.eval.global_clients
+        if k is not None and k > self.num_clients:
+            raise ValueError(f"eval.global_clients ({k}) > num_clients ({self.num_clients})")
         return self
 
     @property
@@ -360,9 +392,29 @@ def _merge_adapter_section(data: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in data.items() if k != "adapter"}, "model": model}
 
 
+def _migrate_eval_batch_size(data: dict[str, Any]) -> dict[str, Any]:
+    """``train.eval_batch_size`` moved to ``eval.batch_size``: read it there (with a one-line warning)."""
+    train = data.get("train")
+    if not isinstance(train, dict) or "eval_batch_size" not in train:
+        return data
+    section = data.get("eval") or {}
+    if not isinstance(section, dict):
+        return data  # validation names the bad [eval] section
+    if "batch_size" in section:
+        raise CeloraError(
+            "invalid config: train.eval_batch_size and eval.batch_size are the same setting; give eval.batch_size"
+        )
+    value = train["eval_batch_size"]
+    logging.getLogger("celora").warning(
+        "train.eval_batch_size is now eval.batch_size (read as eval.batch_size = %s)", value
+    )
+    train = {k: v for k, v in train.items() if k != "eval_batch_size"}
+    return {**data, "train": train, "eval": {**section, "batch_size": value}}
+
+
 def build_config(data: dict[str, Any]) -> ExperimentConfig:
     """Validate a raw dict into an ExperimentConfig (CeloraError naming the field on failure)."""
-    data = _merge_adapter_section(data)
+    data = _migrate_eval_batch_size(_merge_adapter_section(data))
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:

@@ -45,3 +45,22 @@ def majority_baseline(labels: np.ndarray, train: Sequence[np.ndarray], test: Seq
         guess = np.bincount(labels[tr]).argmax()
         accs.append(float((labels[te] == guess).mean()))
     return float(np.mean(accs)) if accs else float("nan")
+
+
+GLOBAL_EVAL_DEFAULT = 10  # eval.global_clients unset: min(num_clients, 10)
+
+
+def global_eval_clients(num_clients: int, k: int | None, seed: int) -> list[int]:
+    """Clients whose final model is evaluated on the global test set: every client when k ≥ N, else a sample of
+    k without replacement, seeded by the run's seed (its own stream, so the round sampling is unchanged)."""
+    k = min(num_clients, GLOBAL_EVAL_DEFAULT) if k is None else k
+    if k >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng([seed, 0x6C0B])
+    return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))
+
+
+def global_eval_note(ids: Sequence[int], num_clients: int) -> dict[str, object]:
+    """summary.json's ``global_eval``: which clients' final models the global accuracy averages."""
+    how = "every client" if len(ids) == num_clients else "a seeded sample (eval.global_clients)"
+    return {"clients": len(ids), "of": num_clients, "ids": [int(i) for i in ids], "sampled": how}

@@ -101,6 +101,7 @@ def test_flower_server_never_needs_the_site_files(tmp_path, sites, inprocess):
     _check_own_files(rows, json.loads((out / "partition.json").read_text()), sites)
     assert summary["bytes_setup_up"] == ref.summary["bytes_setup_up"]  # label names + summaries, counted alike
     assert summary["bytes_up_total"] == ref.summary["bytes_up_total"]
+    assert summary["bytes_setup_down"] == ref.summary["bytes_setup_down"] == 0  # no task set-up for a classifier
     assert load_config(out / "config.toml").data.labels == ["money", "sport", "tech"]
     labels = [x for x in read_jsonl(out / "flower" / "messages.jsonl") if x["type"] == "query.labels"]
     assert sorted(x["client"] for x in labels) == [0, 1, 2] and all(

@@ -78,18 +78,20 @@ def test_a_local_hugging_face_folder_is_a_model_name(tmp_path, tiny_config):
     )  # the folder's default targets
 
 
-@pytest.mark.parametrize("dtype,ratio", [("fp16", 0.5), ("int8", 0.25)])
-def test_reduced_wire_precision_inside_a_run(tmp_path, tiny_config, dtype, ratio):
+def test_reduced_wire_precision_inside_a_run(tiny_config):
     overrides = ["method=celora", "aggregation.head=local", "rounds=2", "train.max_steps=2"]
     full = run_experiment(tiny_config(*overrides), None).summary
-    low = run_experiment(tiny_config(*overrides, f"payload.dtype={dtype}"), None).summary
-    tensor_bytes = full["payload"]["bytes_adapters"]
-    assert low["payload"]["dtype"] == dtype
-    # the C matrices on the wire shrink by the dtype's width (+ one fp32 scale per tensor for int8)
-    assert low["payload"]["bytes_adapters"] <= tensor_bytes * ratio + 4 * full["payload"]["tensors"]
-    assert low["bytes_per_client_round"]["up"] == low["payload"]["bytes_message"]
-    # the run trains through the quantised exchange: same accuracy to within a few points on the tiny task
-    assert abs(low["acc_mean_agg"] - full["acc_mean_agg"]) < 0.1
+    for dtype, ratio in (("fp16", 0.5), ("int8", 0.25)):
+        low = run_experiment(tiny_config(*overrides, f"payload.dtype={dtype}"), None).summary
+        assert low["payload"]["dtype"] == dtype
+        # the C matrices on the wire shrink by the dtype's width (+ one fp32 scale per tensor for int8)
+        assert (
+            low["payload"]["bytes_adapters"]
+            <= full["payload"]["bytes_adapters"] * ratio + 4 * full["payload"]["tensors"]
+        )
+        assert low["bytes_per_client_round"]["up"] == low["payload"]["bytes_message"]
+        # the run trains through the quantised exchange: the same accuracy to within a few points
+        assert abs(low["acc_mean_agg"] - full["acc_mean_agg"]) < 0.1
 
 
 def test_dp_summaries_inside_a_run(tmp_path, tiny_config):
@@ -133,3 +135,83 @@ def test_every_run_folder_has_its_log(tmp_path, tiny_config):
     assert "method local" in (tmp_path / "b" / "celora.log").read_text(encoding="utf-8")
     assert "method local" not in (tmp_path / "a" / "celora.log").read_text(encoding="utf-8")  # one log per run
     assert not [h for h in logging.getLogger("celora").handlers if isinstance(h, logging.FileHandler)]
+
+
+class WireTap:
+    """Every blob a Simulation actually puts on the wire: uploads (through its wire hook) and every download
+    (the server's message for a client, as delivered)."""
+
+    def __init__(self, sim):
+        self.up: list[tuple[int, int, bytes]] = []
+        self.down: list[tuple[int, bool, bytes]] = []
+        self.sim = sim
+        deliver = sim._deliver
+
+        def tapped(rnd, i, *, evaluate):
+            self.down.append((i, evaluate, sim.server.message_blob(i)))
+            return deliver(rnd, i, evaluate=evaluate)
+
+        sim._deliver = tapped
+
+    def hook(self, rnd, client, blob):
+        self.up.append((rnd, client, blob))
+        return blob
+
+    @staticmethod
+    def factors(blob: bytes) -> set[str]:
+        from safetensors.torch import load as st_load
+
+        return {key.split(":")[0] for key in st_load(blob)}
+
+
+@pytest.mark.parametrize(
+    "method,travels",
+    [("celora", {"C", "head"}), ("celora-global", {"C", "head"}), ("fedit", {"A", "B", "head"})],
+)
+def test_what_travels_is_what_the_messages_carry(tiny_config, method, travels):
+    """A and B never travel under celora: asserted on every blob sent, both ways (fedit: they do)."""
+    from celora.fl.simulation import Simulation
+
+    tap = WireTap.__new__(WireTap)
+    cfg = tiny_config(f"method={method}", "rounds=1", "train.max_steps=1")
+    sim = Simulation(cfg, wire_hook=lambda r, c, b: tap.hook(r, c, b))
+    WireTap.__init__(tap, sim)
+    sim.run()
+    assert len(tap.up) == 3 and len(tap.down) >= 3
+    for blob in [b for *_, b in tap.up] + [b for *_, b in tap.down]:
+        assert WireTap.factors(blob) == travels
+
+
+def test_a_missed_message_reaches_the_personalized_client(tmp_path, tiny_config):
+    """Under Flower, client 2's node is down when its personalized C̄_2 is due (round 2) and comes back in round 3:
+    it then receives exactly that message (its own, not another client's) before it trains, and confirms it."""
+    from flower_helpers import MemoryGrid, read_jsonl
+
+    from celora.fl.flower.server import CeloraFlowerStrategy
+
+    grid = MemoryGrid(3, dead={1002: 2}, joins={1003: (2, 3)}, node_config={"state-dir": str(tmp_path / "nodes")})
+    cfg = tiny_config("method=celora", "rounds=3", "train.max_steps=1")
+    CeloraFlowerStrategy(cfg, tmp_path / "run", round_timeout=5, node_wait=1, export=False).run(grid)
+    log = read_jsonl(tmp_path / "run" / "flower" / "messages.jsonl")
+    due = {x["client"]: x["digest"] for x in log if x["dir"] == "down" and x["round"] == 2}
+    assert len(set(due.values())) == 3  # personalized: three different C̄_i
+    late = next(x for x in log if x["dir"] == "down" and x["round"] == 3 and x["client"] == 2)
+    assert late["deliver"] == "missed" and late["digest"] == due[2]
+    reply = next(x for x in log if x["dir"] == "up" and x["round"] == 3 and x["client"] == 2 and x["type"] == "train")
+    assert reply["received"] == due[2]
+
+
+def test_a_rejected_upload_under_celora_is_left_out_of_the_mix(tmp_path, tiny_config):
+    from celora.fl.simulation import Simulation
+
+    def oversize(rnd, client, blob):
+        return blob + b"\0" * 100_000 if (rnd, client) == (1, 1) else blob
+
+    res = Simulation(tiny_config("method=celora", "train.max_steps=1"), tmp_path, wire_hook=oversize).run()
+    r1 = res.rounds[0]
+    assert r1["rejected"] == 1 and r1["clients"][1]["rejected"].startswith("payload oversize")
+    import numpy as np
+
+    w = np.load(tmp_path / "weights_round_1.npy")
+    assert (w[:, 1] == 0).all() and np.allclose(w[[0, 2]].sum(axis=1), 1.0)  # nobody mixes in client 1's C
+    assert res.rounds[1]["rejected"] == 0 and np.load(tmp_path / "weights_round_2.npy")[:, 1].any()

@@ -81,7 +81,8 @@ def _vlm_config(method: str = "celora", **data):
             "num_clients": 2,
             "model": {"name": "tiny-vlm", "rank": 2, "max_length": 160},
             "data": {"name": "digits", "max_samples": 40, "image_size": 28, "test_fraction": 0.3, **data},
-            "train": {"batch_size": 8, "max_steps": 2, "threads": 1, "eval_batch_size": 16},
+            "train": {"batch_size": 8, "max_steps": 2, "threads": 1},
+            "eval": {"batch_size": 16},
         }
     )
 

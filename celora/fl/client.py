@@ -19,9 +19,10 @@ every row and the label names. A ``DataProvider`` hands out one ``ClientData`` p
 - ``ClientRuntime.train``: one call of ``train_local`` per round; per-client optimizer moments kept across
   rounds would live on the runtime next to ``state`` (a fresh AdamW is built per round today).
 - ``ClientRuntime.state``: the private adapter view (A, B, C, head), read and written only through this
-  property, so a store that spills it to disk between rounds can replace ``_state``.
-- ``ClientRuntime.fit`` evaluates the local step; ``receive(..., evaluate=False)`` applies a message
-  without evaluating (evaluation frequency is decided by the caller).
+  property; in-process it lives in a ``StateStore`` (``engine.state``: memory, or one file per client on disk).
+- ``ClientRuntime.fit`` evaluates the local step and ``receive`` the aggregated model, both only in the rounds
+  ``evaluates(rnd)`` names (every ``eval.every`` rounds and the last); ``receive(..., evaluate=False)``
+  applies a message without evaluating.
 
 Training, evaluation and pooling are tasks' (``celora.data.tasks``); the default is text classification.
 """
@@ -49,8 +50,9 @@ from celora.fl.similarity import (
     privatize_summary,
     summary_to_tensors,
 )
+from celora.fl.states import StateStore
 from celora.fl.strategies import Tensors
-from celora.models.device import CPU, Placement, model_device, to_device
+from celora.models.device import CPU, BatchFit, Placement, model_device, to_device
 
 __all__ = [
     "ClientData",
@@ -134,35 +136,43 @@ def train_local(
     return TrainResult(float(np.mean(losses)) if losses else float("nan"), steps)
 
 
+def _fit(batch_size: int | BatchFit) -> BatchFit:
+    return batch_size if isinstance(batch_size, BatchFit) else BatchFit(batch_size)
+
+
 @torch.no_grad()
 def evaluate_metrics(
     model: nn.Module,
     data: TaskData,
     idx: np.ndarray,
-    batch_size: int = 64,
+    batch_size: int | BatchFit = 64,
     *,
     task: Task = CLASSIFY,
     extras: bool = False,
 ) -> dict[str, float]:
     """``acc`` = correct / n, ``loss`` = Σ per-example loss / n on rows ``idx``; with ``extras`` also the
-    task's extra metrics (each Σ / n, e.g. exact_match). Run it under ``Placement.autocast()`` for bf16/fp16."""
+    task's extra metrics (each Σ / n, e.g. exact_match). Batches of ``batch_size`` rows (a ``BatchFit``: halved
+    when one runs out of memory). Run it under ``Placement.autocast()`` for bf16/fp16."""
     if len(idx) == 0:
         return {"acc": float("nan"), "loss": float("nan")}
     model.eval()
+
+    def one(start: int, stop: int) -> tuple[int, float, dict[str, float]]:
+        batch = batch_on(model, data, idx[start:stop])
+        c, s = task.score(model, batch)
+        return c, s, task.extra_metrics(model, batch) if extras else {}
+
     correct, loss_sum = 0, 0.0
     more: dict[str, float] = {}
-    for start in range(0, len(idx), batch_size):
-        batch = batch_on(model, data, idx[start : start + batch_size])
-        c, s = task.score(model, batch)
+    for c, s, extra in _fit(batch_size).map(one, len(idx)):
         correct, loss_sum = correct + c, loss_sum + s
-        if extras:
-            for k, v in task.extra_metrics(model, batch).items():
-                more[k] = more.get(k, 0.0) + v
+        for k, v in extra.items():
+            more[k] = more.get(k, 0.0) + v
     return {"acc": correct / len(idx), "loss": loss_sum / len(idx), **{k: v / len(idx) for k, v in more.items()}}
 
 
 def evaluate(
-    model: nn.Module, data: TaskData, idx: np.ndarray, batch_size: int = 64, *, task: Task = CLASSIFY
+    model: nn.Module, data: TaskData, idx: np.ndarray, batch_size: int | BatchFit = 64, *, task: Task = CLASSIFY
 ) -> tuple[float, float]:
     """(accuracy, mean per-example loss) of the model on rows ``idx``."""
     m = evaluate_metrics(model, data, idx, batch_size, task=task)
@@ -171,14 +181,11 @@ def evaluate(
 
 @torch.no_grad()
 def pooled_features(
-    model: nn.Module, data: TaskData, idx: np.ndarray, batch_size: int = 64, *, task: Task = CLASSIFY
+    model: nn.Module, data: TaskData, idx: np.ndarray, batch_size: int | BatchFit = 64, *, task: Task = CLASSIFY
 ) -> np.ndarray:
     """One vector per example from the task (encoder: masked mean of the last hidden states), (n, hidden)."""
     model.eval()
-    out = [
-        task.features(model, batch_on(model, data, idx[start : start + batch_size]))
-        for start in range(0, len(idx), batch_size)
-    ]
+    out = _fit(batch_size).map(lambda a, b: task.features(model, batch_on(model, data, idx[a:b])), len(idx))
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -268,24 +275,40 @@ class ClientRuntime:
         data: ClientData,
         phases: Phases | None = None,
         state: Tensors | None = None,
+        *,
+        store: StateStore | None = None,
+        eval_fit: BatchFit | None = None,
     ) -> None:
         self.cfg = cfg
         self.bench = bench
         self.data = data
         self.id = data.client_id
         self.phases = phases or Phases(cfg, bench)
-        self._state: Tensors = state if state is not None else bench.fresh_state()
+        self.store = store
+        self._state: Tensors = {}
+        if store is None:
+            self._state = state if state is not None else bench.fresh_state()
+        elif state is not None:
+            store.put(self.id, state)
+        self.eval_fit = eval_fit or BatchFit(cfg.eval.batch_size)  # shared by the clients of one model
         self.round_start: Tensors = {}  # the shared tensors this client held when its last fit started
 
     # ----------------------------------------------------------------- state
     @property
     def state(self) -> Tensors:
         """The private adapter view (A, B, C, head) this client holds."""
-        return self._state
+        return self._state if self.store is None else self.store.get(self.id)
 
     @state.setter
     def state(self, value: Tensors) -> None:
-        self._state = value
+        if self.store is None:
+            self._state = value
+        else:
+            self.store.put(self.id, value)
+
+    def evaluates(self, rnd: int) -> bool:
+        """Whether round ``rnd`` evaluates acc / acc_agg: every ``eval.every`` rounds, and the final round."""
+        return rnd >= self.cfg.rounds or rnd % self.cfg.eval.every == 0
 
     @property
     def n_train(self) -> int:
@@ -296,9 +319,9 @@ class ClientRuntime:
 
     # ----------------------------------------------------------------- local work
     def _metrics(self, idx: np.ndarray, extras: bool) -> dict[str, float]:
-        bench, bs = self.bench, self.cfg.train.eval_batch_size
+        bench = self.bench
         with bench.placement.autocast():
-            return evaluate_metrics(bench.model, self.data.data, idx, bs, task=bench.task, extras=extras)
+            return evaluate_metrics(bench.model, self.data.data, idx, self.eval_fit, task=bench.task, extras=extras)
 
     def evaluate_test(self, extras: bool = False) -> dict[str, float]:
         """acc, loss (and extras) of the state this client holds, on its own test rows."""
@@ -355,8 +378,9 @@ class ClientRuntime:
         self.bench.load(self.state)
         res = self.train(rnd, phase)
         rec.train_loss = res.loss
-        rec.metrics = self._metrics(self.data.test_idx, extras=rnd == self.cfg.rounds)
-        rec.acc, rec.loss = rec.metrics.pop("acc"), rec.metrics.pop("loss")
+        if self.evaluates(rnd):
+            rec.metrics = self._metrics(self.data.test_idx, extras=rnd == self.cfg.rounds)
+            rec.acc, rec.loss = rec.metrics.pop("acc"), rec.metrics.pop("loss")
         self.state = self.bench.snapshot()
         if not phase.shares:
             return None, rec
@@ -367,10 +391,11 @@ class ClientRuntime:
 
     def receive(self, blob: bytes, layout_round: int, *, evaluate: bool = True) -> tuple[float, float]:
         """Decode a server message (in the layout of the round that made it) into the held state; with
-        ``evaluate``, (acc, loss) on the test rows afterwards ("aggregated"), else NaNs."""
+        ``evaluate`` (and in a round that ``evaluates``), (acc, loss) on the test rows afterwards ("aggregated"),
+        else NaNs."""
         phase = self.phases.phase(layout_round)
         self.state = {**self.state, **decode(blob, phase.down_layout, phase.dtype)}
-        if not evaluate:
+        if not evaluate or not self.evaluates(layout_round):
             return float("nan"), float("nan")
         m = self.evaluate_test()
         return m["acc"], m["loss"]
@@ -381,7 +406,7 @@ class ClientRuntime:
         cfg, bench, d = self.cfg, self.bench, self.data
         bench.load(bench.init_state)  # ΔW = 0 at init: the frozen backbone's features
         with bench.placement.autocast():
-            feats = pooled_features(bench.model, d.data, d.train_idx, cfg.train.eval_batch_size, task=bench.task)
+            feats = pooled_features(bench.model, d.data, d.train_idx, self.eval_fit, task=bench.task)
         labels = d.labels[d.train_idx]
         pr = cfg.privacy
         if pr.summary_epsilon is None:

@@ -230,6 +230,7 @@ def save_checkpoint(run: Path, rnd: int, state: dict[str, Any], keep: int = 2) -
     atomic_write(folder / f"{name}.safetensors", blob)
     marker = {"format": CHECKPOINT_FORMAT, "round": rnd, "sha256": hashlib.sha256(blob).hexdigest(), "state": meta}
     atomic_write(folder / f"{name}.json", json.dumps(marker).encode("utf-8"))
+    log.info("checkpoint after round %d: %s (%d B of tensors)", rnd, folder / f"{name}.json", len(blob))
     for old in sorted(folder.glob("ckpt-*.json"))[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
         old.with_suffix(".safetensors").unlink(missing_ok=True)

@@ -20,7 +20,7 @@ private states, the server core's, RNGs, rows) is checkpointed atomically (``cel
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ import torch
 
 from celora.config import ExperimentConfig
 from celora.errors import CeloraError
-from celora.eval import personalized_metrics
+from celora.eval import global_eval_clients, global_eval_note, personalized_metrics
 from celora.fl.backbone import Phases
 from celora.fl.client import ClientRuntime, partition_report
 from celora.fl.payload import Layout
@@ -39,7 +39,9 @@ from celora.fl.records import ClientRound, Observer, Silent
 from celora.fl.run_folder import Checkpoint, RunFolder, load_checkpoint, save_checkpoint
 from celora.fl.server import RoundState, ServerCore
 from celora.fl.sites import SitesPrepared
+from celora.fl.states import StatesView, make_store
 from celora.fl.strategies import Tensors
+from celora.models.device import BatchFit
 
 __all__ = [
     "ClientRound",
@@ -60,7 +62,7 @@ WireHook = Callable[[int, int, bytes], bytes]  # (round, client, blob) -> blob: 
 class RunResult:
     summary: dict[str, Any]
     rounds: list[dict[str, Any]] = field(default_factory=list)
-    states: dict[int, Tensors] = field(default_factory=dict)
+    states: Mapping[int, Tensors] = field(default_factory=dict)  # read on access (engine.state = disk: from files)
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -91,7 +93,12 @@ class Simulation:
         self.export_adapters = export_adapters
         provider = self.p.provider()
         phases = Phases(cfg, self.bench)  # the clients' view of the protocol (no aggregation state)
-        self.clients = [ClientRuntime(cfg, self.bench, provider.client(i), phases) for i in range(cfg.num_clients)]
+        self.store = make_store(cfg.engine.state, self.bench.fresh_state, self.out)  # the clients' private states
+        fit = BatchFit(cfg.eval.batch_size)  # one model: one evaluation batch size that fits, for every client
+        self.clients = [
+            ClientRuntime(cfg, self.bench, provider.client(i), phases, store=self.store, eval_fit=fit)
+            for i in range(cfg.num_clients)
+        ]
         self.infos = [c.info() for c in self.clients]
         self.server = ServerCore(cfg, self.bench, self.infos, observer=self.obs, folder=self.folder)
         self.zero_shot_summary: dict[str, Any] | None = None
@@ -157,7 +164,7 @@ class Simulation:
         if self.zero_shot_summary is not None:
             summary["zero_shot"] = self.zero_shot_summary
         self.folder.write_summary(summary)
-        states = {c.id: c.state for c in self.clients}
+        states = StatesView(self.store, [c.id for c in self.clients])
         return RunResult(summary, list(server.rows), states, dict(server.main_strategy.diagnostics))
 
     # ----------------------------------------------------------------- checkpoint / resume
@@ -259,15 +266,20 @@ class Simulation:
             self.obs.on_client_done(rs.rnd, c.id, rec)
 
     def _finish(self, wall: float) -> dict[str, Any]:
-        g_accs = [c.evaluate_global() for c in self.clients]
+        cfg = self.cfg
+        ids = global_eval_clients(cfg.num_clients, cfg.eval.global_clients, cfg.seed)
+        g_accs = [self.clients[i].evaluate_global() for i in ids]
         acc_global = float(np.mean(g_accs)) if len(self.clients[0].data.global_idx) else float("nan")
         summary = self.server.summary(acc_global, wall, self.p.setup_bytes_up)
+        summary["global_eval"] = global_eval_note(ids, cfg.num_clients)
+        if isinstance(self.p, SitesPrepared):  # the combined task set-up every site received
+            summary["bytes_setup_down"] = self.p.setup.totals()["down"]
         if self.out is not None and self.export_adapters:
             from celora.adapters.export import PeftExporter  # peft is heavy: imported only to export
 
             p = self.p
             exporter = PeftExporter(p.loaded.model, p.spec, p.loaded.head_modules, p.loaded.source)
-            self.folder.export_adapters(exporter, {c.id: c.state for c in self.clients})
+            self.folder.export_adapters(exporter, StatesView(self.store, [c.id for c in self.clients]))
         return summary
 
 

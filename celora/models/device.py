@@ -15,10 +15,10 @@ The model is placed once (``place_model``); batches are moved to the model's dev
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from celora.config import check_device_name
 from celora.errors import CeloraError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+T = TypeVar("T")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -133,3 +134,46 @@ def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[s
     """Every tensor of a batch on ``device`` (one copy per tensor; a no-op where it already is)."""
     non_blocking = device.type == "cuda"
     return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether an exception means a batch did not fit (CUDA/MPS/CPU allocators)."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+class BatchFit:
+    """The largest evaluation batch that fits: starts at ``size`` and halves whenever a batch runs out of memory
+    (remembered for later calls); a batch of one that does not fit re-raises."""
+
+    def __init__(self, size: int) -> None:
+        self.size = max(1, int(size))
+        self.halvings = 0
+
+    def map(self, fn: Callable[[int, int], T], n: int) -> list[T]:
+        """``[fn(start, stop) for consecutive slices of range(n)]``, each slice at most ``size`` long."""
+        out: list[T] = []
+        start = 0
+        while start < n:
+            stop = min(n, start + self.size)
+            try:
+                out.append(fn(start, stop))
+            except Exception as err:
+                if self.size == 1 or not is_out_of_memory(err):
+                    raise
+                self.size = max(1, self.size // 2)
+                self.halvings += 1
+                release_cached_memory()
+                continue
+            start = stop
+        return out
+
+
+def release_cached_memory() -> None:
+    """Return the allocator's cached blocks to the device (after an out-of-memory batch)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if torch.backends.mps.is_available():
+        torch.mps.empty_cache()

@@ -42,6 +42,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from celora.errors import CeloraError  # noqa: E402
+from celora.eval import global_eval_clients  # noqa: E402
 from celora.fl.flower.wire import arrays_of, blob_record, config_of, digest, number, record_blob  # noqa: E402
 
 app = ClientApp()
@@ -278,7 +279,9 @@ def final(msg: Message, context: Context) -> Message:
     metrics = MetricRecord()
     _deliver(rt, msg, str(conf["deliver"]), reply, metrics)
     _save_state(context, rt, int(number(conf, "layout")) + 1)
-    metrics["acc_global"] = rt.evaluate_global()
+    cfg = rt.cfg
+    if rt.id in global_eval_clients(cfg.num_clients, cfg.eval.global_clients, cfg.seed):  # eval.global_clients
+        metrics["acc_global"] = rt.evaluate_global()
     target = str(context.node_config.get("adapters-dir", "") or conf.get("adapters-dir", ""))
     if target:
         loaded = rt.bench.loaded

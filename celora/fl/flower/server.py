@@ -47,6 +47,7 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from celora.config import ExperimentConfig, dump_config
 from celora.errors import CeloraError
+from celora.eval import global_eval_note
 from celora.fl.client import partition_report
 from celora.fl.flower.wire import (
     arrays_of,
@@ -355,7 +356,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
         bench = prepare_model(cfg, len(known["label_names"]))  # names and shapes only: no data
         self._site_task_setup(grid, bench.task)
         self._core = ServerCore(cfg, bench, ordered, observer=self.obs, folder=self.folder)
-        self.folder.start(cfg, partition_report(ordered, known.get("meta", {})), fresh=False)
+        self.folder.start(cfg, partition_report(ordered, known.get("meta", {})), fresh=ckpt is None)
         if ckpt is not None:
             self.core.setup(None)
             self._restore(ckpt.state, ckpt.round)
@@ -555,7 +556,8 @@ class CeloraFlowerStrategy(FlowerStrategy):
                 self._account_eval(i, d, got.get(i))
         for i, rep in got.items():
             m, conf = metrics_of(rep.content), config_of(rep.content)
-            self.global_acc[i] = number(m, "acc_global")
+            if "acc_global" in m:  # the clients of eval.global_clients' sample
+                self.global_acc[i] = number(m, "acc_global")
             if "adapter" in conf:
                 self.adapters[i] = str(conf["adapter"])
         self._finalize(rnd)
@@ -593,6 +595,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
         acc_global = float(np.mean(accs)) if accs else float("nan")
         wall = self.wall_before + time.perf_counter() - self.t_run
         summary = self.core.summary(acc_global, wall, self.site_bytes.totals()["up"])
+        summary["global_eval"] = global_eval_note(sorted(self.global_acc), self.n)
         if self.cfg.data.sites is not None:
             summary["bytes_setup_down"] = self.site_bytes.totals()["down"]
         f = self.flower
