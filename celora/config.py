@@ -38,8 +38,15 @@ class ModelConfig(_Section):
     init: Literal["kaiming", "paper"] = Field(
         "kaiming", description="init of A: kaiming-uniform as PEFT's LoRA, or N(0, 1e-3²) as in the authors' code"
     )
-    basis: Literal["random", "svd"] = Field(
-        "random", description="where A, B start: random (A random, B = 0, C = I) or svd (truncated SVD of W0, C = 0)"
+    basis: Literal["random", "svd", "orthogonal", "gradient"] = Field(
+        "random",
+        description="how A, B, C start: random, svd (of W0), orthogonal or gradient (these two freeze A, B)",
+    )
+    heads: int = Field(
+        1, ge=1, le=256, description="orthogonal basis: split the rank into h heads, each with a trainable scale"
+    )
+    gradient_samples: int = Field(
+        64, ge=1, le=100_000, description="gradient basis: examples in the server's public proxy set (no client data)"
     )
     train_ab: bool = Field(True, description="train A and B locally (false: only C and the head train)")
     train_c: bool = Field(True, description="train C (false: C stays at its init, I for the random basis: a control)")
@@ -47,6 +54,12 @@ class ModelConfig(_Section):
     projector_hidden: int | None = Field(
         None, ge=1, le=65536, description="VLM only: width of the projector's hidden layer (default: the LM's hidden)"
     )
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        if self.rank % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide rank ({self.rank})")
+        return self
 
 
 class DataConfig(_Section):
@@ -125,6 +138,14 @@ class TrainConfig(_Section):
     head_lr: float | None = Field(None, gt=0, description="learning rate of the task head; default = lr")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps per client and round")
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="learning-rate schedule within each local training: constant, or cosine to 0"
+    )
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps at the start of each local training")
+    grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm to this value")
+    keep_optimizer: bool = Field(
+        False, description="keep each client's AdamW moments across rounds (default: a fresh optimizer per round)"
+    )
     threads: int | None = Field(None, ge=1, description="torch threads; default = all cores")
     device: str = Field(
         "auto",
@@ -372,7 +393,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
-ADAPTER_KEYS = ("rank", "alpha", "targets", "dropout", "init", "basis", "train_ab", "train_c")
+ADAPTER_KEYS = (
+    "rank",
+    "alpha",
+    "targets",
+    "dropout",
+    "init",
+    "basis",
+    "heads",
+    "gradient_samples",
+    "train_ab",
+    "train_c",
+)
 
 
 def _merge_adapter_section(data: dict[str, Any]) -> dict[str, Any]:

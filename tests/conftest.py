@@ -29,13 +29,20 @@ TINY = (
 )
 
 
-@pytest.fixture(scope="session")
-def tiny_config():
+class TinyConfig:
     """The tiny experiment every engine test starts from (random tiny-bert, 3 clients, 2 rounds, 150 BBC
     articles): ``tiny_config("method=fedit", "rounds=1")`` adds a test's own overrides."""
-    from celora.config import load_config
 
-    def make(*overrides: str):
-        return load_config(None, [*TINY, *overrides])
+    def overrides(self, *extra: str) -> list[str]:
+        """The ``--set`` items of the tiny experiment plus ``extra`` (for a real `celora run` process)."""
+        return [*TINY, *extra]
 
-    return make
+    def __call__(self, *extra: str):
+        from celora.config import load_config
+
+        return load_config(None, self.overrides(*extra))
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> TinyConfig:
+    return TinyConfig()

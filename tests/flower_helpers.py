@@ -10,20 +10,7 @@ from typing import Any
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 
-TINY = [
-    "model.name=tiny-bert",
-    "model.rank=4",
-    "model.max_length=48",
-    "num_clients=3",
-    "rounds=2",
-    "data.max_samples=150",
-    "train.batch_size=16",
-    "train.lr=3e-2",
-    "train.head_lr=5e-2",
-    "train.threads=1",
-    "data.partition=dirichlet",
-    "data.alpha=0.3",
-]
+FLOWER = ("train.lr=3e-2", "train.head_lr=5e-2", "data.partition=dirichlet", "data.alpha=0.3")  # on conftest's TINY
 
 
 class MemoryGrid(Grid):

@@ -19,27 +19,18 @@ from celora.config import load_config
 from celora.fl.run_folder import load_checkpoint, read_rows
 from celora.fl.simulation import Simulation, prepare
 
-TINY = [
-    "model.name=tiny-bert",
-    "model.rank=4",
-    "model.max_length=48",
-    "num_clients=4",
-    "rounds=2",
-    "data.max_samples=200",
-    "train.batch_size=16",
-    "train.lr=5e-3",
-    "train.threads=1",
-    "data.partition=dirichlet",
-]
-
-
-def _cfg(*extra: str):
-    return load_config(None, TINY + list(extra))
+FAULTS = ("num_clients=4", "data.max_samples=200", "train.lr=5e-3", "data.partition=dirichlet")
 
 
 @pytest.fixture(scope="module")
-def prepared():
-    return prepare(_cfg())
+def make_cfg(tiny_config):
+    """conftest's tiny experiment with 4 clients on 200 articles."""
+    return lambda *extra: tiny_config(*FAULTS, *extra)
+
+
+@pytest.fixture(scope="module")
+def prepared(make_cfg):
+    return prepare(make_cfg())
 
 
 def _per_client(rows):
@@ -58,14 +49,14 @@ def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     return (0 if code is None else int(code)), capsys.readouterr().err.strip()
 
 
-def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, capsys):
+def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, capsys, tiny_config):
     """A real `celora run` process is SIGKILLed after round 2 of 4; the newest checkpoint is then damaged
     (half-written); `celora run --resume` falls back to the previous one and ends exactly where an
     uninterrupted run ends: same per-client accuracies, losses and bytes in every round."""
     extra = ["rounds=4", "clients_per_round=3", "dropout=0.3", "method=celora"]
     out = tmp_path / "run"
     args = [sys.executable, "-m", "celora.cli", "run", "--out", str(out), "--no-export"]
-    for item in TINY + extra:
+    for item in tiny_config.overrides(*FAULTS, *extra):
         args += ["--set", item]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -107,8 +98,8 @@ def test_resume_needs_a_checkpoint(tmp_path, monkeypatch, capsys):
     assert code == 2 and "checkpoint_every" in err
 
 
-def test_dropout_keeps_state_and_lists_who_dropped(prepared, monkeypatch, capsys):
-    cfg = _cfg("rounds=4", "dropout=0.3", "dropout_before=0.2", "method=celora")
+def test_dropout_keeps_state_and_lists_who_dropped(prepared, monkeypatch, capsys, make_cfg):
+    cfg = make_cfg("rounds=4", "dropout=0.3", "dropout_before=0.2", "method=celora")
     res = Simulation(cfg, prepared=prepared).run()
     dropped = [r["dropped"] for r in res.rounds]
     assert any(dropped), dropped  # with this seed somebody drops
@@ -141,26 +132,26 @@ def _scale_client_1(factor: float):
 
 
 @pytest.mark.parametrize("method", ["celora", "fedit"])
-def test_outlier_update_rejected_by_norm_ratio(prepared, method):
+def test_outlier_update_rejected_by_norm_ratio(prepared, method, make_cfg):
     """Client 1 sends 100× its upload in round 1: max_norm_ratio rejects it with a reason, and the run is
     exactly the run in which that upload never arrived (personalized `celora` and FedAvg alike)."""
-    cfg = _cfg(f"method={method}", "aggregation.max_norm_ratio=5")
+    cfg = make_cfg(f"method={method}", "aggregation.max_norm_ratio=5")
     res = Simulation(cfg, prepared=prepared, wire_hook=_scale_client_1(100.0)).run()
     bad = res.rounds[0]["clients"][1]
     assert res.rounds[0]["rejected"] == 1 and "aggregation.max_norm_ratio" in bad["rejected"]
     assert res.rounds[1]["rejected"] == 0
-    lost = Simulation(_cfg(f"method={method}"), prepared=prepared, wire_hook=_scale_client_1(0)).run()
+    lost = Simulation(make_cfg(f"method={method}"), prepared=prepared, wire_hook=_scale_client_1(0)).run()
     same = [[(c["acc"], c["acc_agg"], c["loss"], c["bytes_down"]) for c in r["clients"]] for r in res.rounds]
     assert same == [[(c["acc"], c["acc_agg"], c["loss"], c["bytes_down"]) for c in r["clients"]] for r in lost.rounds]
-    unguarded = Simulation(_cfg(f"method={method}"), prepared=prepared, wire_hook=_scale_client_1(100.0)).run()
+    unguarded = Simulation(make_cfg(f"method={method}"), prepared=prepared, wire_hook=_scale_client_1(100.0)).run()
     assert unguarded.rounds[0]["rejected"] == 0
 
 
-def test_clip_norm_bounds_every_message(prepared):
+def test_clip_norm_bounds_every_message(prepared, make_cfg):
     """With clip_norm = c, round 1's C̄_i − C_init = Σ_j w_ij clip(u_j) has norm ≤ c for every client,
     however large the outlier's update."""
     c = 0.05
-    cfg = _cfg("method=celora", "rounds=1", f"aggregation.clip_norm={c}")
+    cfg = make_cfg("method=celora", "rounds=1", f"aggregation.clip_norm={c}")
     sim = Simulation(cfg, prepared=prepared, wire_hook=_scale_client_1(100.0))
     res = sim.run()
     names = sim.up_layout.names
@@ -168,6 +159,6 @@ def test_clip_norm_bounds_every_message(prepared):
         if res.rounds[0]["clients"][i]["participated"]:
             delta = torch.cat([(st[n] - prepared.init_state[n]).reshape(-1) for n in names])
             assert float(delta.norm()) <= c * (1 + 1e-5), i
-    free = Simulation(_cfg("method=celora", "rounds=1"), prepared=prepared, wire_hook=_scale_client_1(100.0)).run()
+    free = Simulation(make_cfg("method=celora", "rounds=1"), prepared=prepared, wire_hook=_scale_client_1(100.0)).run()
     big = torch.cat([(free.states[0][n] - prepared.init_state[n]).reshape(-1) for n in names])
     assert float(big.norm()) > 10 * c

@@ -13,10 +13,9 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
-from flower_helpers import TINY, MemoryGrid, check_message_log, read_jsonl  # noqa: E402
+from flower_helpers import FLOWER, MemoryGrid, check_message_log, read_jsonl  # noqa: E402
 
 from celora import cli  # noqa: E402
-from celora.config import load_config  # noqa: E402
 from celora.errors import CeloraError  # noqa: E402
 from celora.fl.flower.server import CeloraFlowerStrategy  # noqa: E402
 from celora.fl.flower.wire import KEY, blob_record, digest, number, record_blob  # noqa: E402
@@ -24,14 +23,16 @@ from celora.fl.payload import PayloadError, decode  # noqa: E402
 from celora.fl.simulation import Simulation, prepare  # noqa: E402
 
 
-def _cfg(*extra: str):
-    return load_config(None, TINY + list(extra))
+@pytest.fixture(scope="module")
+def make_cfg(tiny_config):
+    """conftest's tiny experiment with the Flower tests' learning rates and skew."""
+    return lambda *extra: tiny_config(*FLOWER, *extra)
 
 
 @pytest.fixture(scope="module")
-def inprocess():
+def inprocess(make_cfg):
     """The in-process engine's result on the tiny setup (reference for every runtime test)."""
-    cfg = _cfg()
+    cfg = make_cfg()
     sim = Simulation(cfg, prepared=prepare(cfg), export_adapters=False)
     return sim.run()
 
@@ -77,7 +78,7 @@ def test_certificates_and_node_keys_load_like_flower(tmp_path):
     assert pub.curve.name == "secp384r1"
 
 
-def test_run_config_options_and_errors(tmp_path):
+def test_run_config_options_and_errors(tmp_path, make_cfg):
     from celora.fl.flower.server_app import FlowerOptions, resolve
 
     opts = FlowerOptions.from_run_config({"config": "configs/quickstart.toml", "set": "rounds=1", "round-timeout": 30})
@@ -87,7 +88,7 @@ def test_run_config_options_and_errors(tmp_path):
     with pytest.raises(CeloraError, match="round-timeout"):
         FlowerOptions.from_run_config({"round-timeout": -1})
     with pytest.raises(CeloraError, match="only in-process"):
-        CeloraFlowerStrategy(_cfg("method=centralized"), None)
+        CeloraFlowerStrategy(make_cfg("method=centralized"), None)
 
 
 def test_cli_rejects_unknown_runtime(monkeypatch, capsys):
@@ -98,10 +99,10 @@ def test_cli_rejects_unknown_runtime(monkeypatch, capsys):
     assert "--runtime must be inprocess or flower" in capsys.readouterr().err
 
 
-def test_strategy_and_clientapp_match_inprocess(tmp_path, inprocess):
+def test_strategy_and_clientapp_match_inprocess(tmp_path, inprocess, make_cfg):
     """Real ClientApp + Flower strategy over an in-memory grid: same accuracies, personalized C̄_i, C only."""
     out = tmp_path / "run"
-    strategy = CeloraFlowerStrategy(_cfg(), out, round_timeout=5, node_wait=1)
+    strategy = CeloraFlowerStrategy(make_cfg(), out, round_timeout=5, node_wait=1)
     grid = MemoryGrid(3)
     summary = strategy.run(grid)
     rows = read_jsonl(out / "metrics.jsonl")
@@ -128,9 +129,9 @@ def test_strategy_and_clientapp_match_inprocess(tmp_path, inprocess):
     assert any(k.endswith("lora_A") for k in state) and (out / "adapters" / "client_0").is_dir()
 
 
-def test_lost_node_is_reported_not_dropped(tmp_path):
+def test_lost_node_is_reported_not_dropped(tmp_path, make_cfg):
     out = tmp_path / "run"
-    strategy = CeloraFlowerStrategy(_cfg(), out, round_timeout=1, node_wait=1, export=False)
+    strategy = CeloraFlowerStrategy(make_cfg(), out, round_timeout=1, node_wait=1, export=False)
     grid = MemoryGrid(3, dead={1002: 2})  # client 2 stops answering from round 2 on
     summary = strategy.run(grid)
     rows = read_jsonl(out / "metrics.jsonl")
@@ -144,25 +145,34 @@ def test_lost_node_is_reported_not_dropped(tmp_path):
 
 
 def test_digest_is_content_hash():
-    assert digest(b"abc") != digest(b"abd") and len(digest(b"")) == 16
+    assert digest(b"") == "e3b0c44298fc1c14"  # the first 16 hex digits of SHA-256: what a client confirms
+    assert digest(b"abc") == "ba7816bf8f01cfea"
 
 
 # --------------------------------------------------------------------------- slow: real processes
 @pytest.mark.slow
-def test_flower_runtime_three_supernodes_on_loopback(tmp_path, inprocess):
-    """`celora run --runtime flower` path: SuperLink + 3 SuperNodes, 2 rounds of celora."""
-    from celora.fl.flower.runner import run_flower
+def test_flower_runtime_three_supernodes_on_loopback(tmp_path, inprocess, make_cfg, monkeypatch, capsys):
+    """`celora run CONFIG --runtime flower`, through the CLI: SuperLink + 3 SuperNodes, 2 rounds of celora."""
+    from celora import cli
+    from celora.config import dump_config
 
     out = tmp_path / "run"
+    (tmp_path / "tiny.toml").write_text(dump_config(make_cfg()), encoding="utf-8")
+    monkeypatch.setattr(
+        sys, "argv", ["celora", "run", str(tmp_path / "tiny.toml"), "--runtime", "flower", "--out", str(out)]
+    )
+    monkeypatch.setattr(cli.console, "width", 400)  # the printed lines unwrapped
     t0 = time.monotonic()
-    res = run_flower(_cfg(), out, round_timeout=120, timeout=420)
+    cli.main()
+    printed = capsys.readouterr().out
     rows = read_jsonl(out / "metrics.jsonl")
     _assert_same_accuracies(inprocess.rounds, rows)
     for f in ("config.toml", "partition.json", "summary.json", "similarity_data.npy", "weights_round_2.npy"):
         assert (out / f).is_file(), f
     assert all((out / "adapters" / f"client_{i}" / "adapter_model.safetensors").is_file() for i in range(3))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary == res.summary and summary["flower"]["lost_clients"] == {}
+    assert summary["flower"]["lost_clients"] == {} and (out / "accuracy.png").is_file()  # the CLI's plot
+    assert f"final: acc mean {summary['acc_mean']:.3f}" in printed and f"run folder: {out}" in printed
     assert abs(summary["acc_global"] - inprocess.summary["acc_global"]) <= 1e-6
     check_message_log(read_jsonl(out / "flower" / "messages.jsonl"), 3, 2)
     assert len(list((out / "flower" / "nodes").glob("node_*/*-client_*/state-*.safetensors"))) == 3 * 3  # state-dir
@@ -170,14 +180,14 @@ def test_flower_runtime_three_supernodes_on_loopback(tmp_path, inprocess):
 
 
 @pytest.mark.slow
-def test_tls_node_auth_and_a_supernode_killed_mid_run(tmp_path, inprocess):
+def test_tls_node_auth_and_a_supernode_killed_mid_run(tmp_path, inprocess, make_cfg):
     """TLS + SuperNode authentication; an unregistered SuperNode is refused; one SuperNode is killed after
     round 1: round 2 completes with the others, the run finishes, and the dead client is reported."""
     from celora.config import dump_config
     from celora.fl.flower.deploy import LocalDeployment, write_app
 
     out = tmp_path / "run"
-    app_dir = write_app(tmp_path / "app", dump_config(_cfg()))
+    app_dir = write_app(tmp_path / "app", dump_config(make_cfg()))
     run_config = {"config": "experiment.toml", "out": str(out), "round-timeout": 150.0, "export": False}
     with LocalDeployment(tmp_path / "dep", 3, tls=True, auth=True) as dep:
         dep.start()
@@ -221,49 +231,49 @@ def test_tls_node_auth_and_a_supernode_killed_mid_run(tmp_path, inprocess):
     assert "No SuperNode found with the given public key" in superlink_log
 
 
-def test_warmup_phase_switch_matches_inprocess(tmp_path):
+def test_warmup_phase_switch_matches_inprocess(tmp_path, make_cfg):
     """k rounds of FedIT (A, B travel), then C only: the switch flushes pending messages as in-process."""
     extra = ("aggregation.warmup_rounds=1", "aggregation.warmup_method=fedit", "rounds=3", "clients_per_round=2")
-    cfg = _cfg(*extra)
+    cfg = make_cfg(*extra)
     ref = Simulation(cfg, prepared=prepare(cfg), export_adapters=False).run()
-    strategy = CeloraFlowerStrategy(_cfg(*extra), tmp_path / "run", round_timeout=5, node_wait=1)
+    strategy = CeloraFlowerStrategy(make_cfg(*extra), tmp_path / "run", round_timeout=5, node_wait=1)
     summary = strategy.run(MemoryGrid(3))
     _assert_same_accuracies(ref.rounds, read_jsonl(tmp_path / "run" / "metrics.jsonl"))
     assert summary["bytes_down_total"] == ref.summary["bytes_down_total"]
 
 
 # --------------------------------------------------------------------------- faults (in-memory grid)
-def test_server_crash_then_resume_with_node_state_on_disk(tmp_path, inprocess):
+def test_server_crash_then_resume_with_node_state_on_disk(tmp_path, inprocess, make_cfg):
     """The ServerApp dies in round 2; a new one resumes from the round-1 checkpoint, and every node — a fresh
     Context, as after a SuperNode restart — restores its private A, B, head from its ``state-dir``: the run
     ends with the uninterrupted run's per-client accuracies and bytes."""
     out, nodes = tmp_path / "run", {"state-dir": str(tmp_path / "nodes")}
     crashing = MemoryGrid(3, crash_at=2, node_config=nodes)
     with pytest.raises(RuntimeError, match="crashed in round 2"):
-        CeloraFlowerStrategy(_cfg(), out, round_timeout=5, node_wait=1).run(crashing)
+        CeloraFlowerStrategy(make_cfg(), out, round_timeout=5, node_wait=1).run(crashing)
     assert [r["round"] for r in read_jsonl(out / "metrics.jsonl")] == []  # round 1 closes only in round 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-000001.json", "ckpt-000001.safetensors"]
     assert len(list((tmp_path / "nodes").glob("*-client_*/state-000001.safetensors"))) == 3
-    strategy = CeloraFlowerStrategy(_cfg(), out, round_timeout=5, node_wait=1, resume=True)
+    strategy = CeloraFlowerStrategy(make_cfg(), out, round_timeout=5, node_wait=1, resume=True)
     summary = strategy.run(MemoryGrid(3, node_config=nodes))
     _assert_same_accuracies(inprocess.rounds, read_jsonl(out / "metrics.jsonl"))
     assert summary["bytes_up_total"] == inprocess.summary["bytes_up_total"]
     with pytest.raises(CeloraError, match="no complete checkpoint"):
-        CeloraFlowerStrategy(_cfg(), tmp_path / "empty", node_wait=1, resume=True).run(MemoryGrid(3))
+        CeloraFlowerStrategy(make_cfg(), tmp_path / "empty", node_wait=1, resume=True).run(MemoryGrid(3))
 
 
-def test_lost_node_rejoins_and_late_node_joins(tmp_path):
+def test_lost_node_rejoins_and_late_node_joins(tmp_path, make_cfg):
     """Client 2's node dies in round 2 and is restarted (a new node id, same state-dir) in round 3: it rejoins.
     With min_clients=2, a run whose third SuperNode connects only in round 2 starts without it."""
     nodes = {"state-dir": str(tmp_path / "nodes")}
     grid = MemoryGrid(3, dead={1002: 2}, joins={1003: (2, 3)}, node_config=nodes)
-    CeloraFlowerStrategy(_cfg("rounds=3"), tmp_path / "a", round_timeout=5, node_wait=1, export=False).run(grid)
+    CeloraFlowerStrategy(make_cfg("rounds=3"), tmp_path / "a", round_timeout=5, node_wait=1, export=False).run(grid)
     rows = read_jsonl(tmp_path / "a" / "metrics.jsonl")
     assert [r["lost"] for r in rows] == [[], [2], []]
     assert rows[1]["clients"][2]["rejected"].startswith("lost") and rows[2]["clients"][2]["participated"]
     grid = MemoryGrid(3, joins={1002: (2, 2)})
     summary = CeloraFlowerStrategy(
-        _cfg("rounds=2", "min_clients=2"), tmp_path / "b", round_timeout=5, node_wait=1, export=False
+        make_cfg("rounds=2", "min_clients=2"), tmp_path / "b", round_timeout=5, node_wait=1, export=False
     ).run(grid)
     rows = read_jsonl(tmp_path / "b" / "metrics.jsonl")
     assert rows[0]["lost"] == [2] and not rows[0]["clients"][2]["participated"]
@@ -271,10 +281,10 @@ def test_lost_node_rejoins_and_late_node_joins(tmp_path):
     assert (tmp_path / "b" / "similarity_data.npy").is_file()  # S^data once the last summary arrived
     assert summary["flower"]["nodes"]["2"] == 1002 and summary["flower"]["joined_late"] == {"2": 2}
     with pytest.raises(CeloraError, match="only 2 of 3 SuperNodes"):
-        CeloraFlowerStrategy(_cfg(), None, node_wait=1).run(MemoryGrid(3, joins={1002: (2, 2)}))
+        CeloraFlowerStrategy(make_cfg(), None, node_wait=1).run(MemoryGrid(3, joins={1002: (2, 2)}))
 
 
-def test_dropout_and_outlier_rejection_match_inprocess(tmp_path):
+def test_dropout_and_outlier_rejection_match_inprocess(tmp_path, make_cfg):
     """Simulated dropouts and a 100× update rejected by max_norm_ratio: the Flower strategy and the in-process
     loop give the same rows (the server core draws the dropouts and screens the updates in both)."""
     from safetensors.torch import load as st_load
@@ -298,11 +308,11 @@ def test_dropout_and_outlier_rejection_match_inprocess(tmp_path):
                 reply.content["up"] = blob_record(scale(record_blob(reply.content["up"])))
         return reply
 
-    cfg = _cfg(*extra)
+    cfg = make_cfg(*extra)
     ref = Simulation(cfg, prepared=prepare(cfg), export_adapters=False, wire_hook=hook).run()
     assert any(r["dropped"] for r in ref.rounds) and ref.rounds[0]["rejected"] >= 1
     out = tmp_path / "run"
-    CeloraFlowerStrategy(_cfg(*extra), out, round_timeout=5, node_wait=1, export=False).run(
+    CeloraFlowerStrategy(make_cfg(*extra), out, round_timeout=5, node_wait=1, export=False).run(
         MemoryGrid(3, tamper=tamper)
     )
     rows = read_jsonl(out / "metrics.jsonl")

@@ -17,6 +17,7 @@ PACKAGE = ROOT / "celora"
 
 
 def registries() -> dict[str, Registry]:
+    from celora.adapters.bases import BASES
     from celora.data.partition import PARTITIONERS
     from celora.data.sources import DATASETS
     from celora.data.tasks import TASKS
@@ -29,10 +30,11 @@ def registries() -> dict[str, Registry]:
         "data.partition": PARTITIONERS,
         "data.task": TASKS,
         "model.name": ZOO,
+        "model.basis": BASES,
     }
 
 
-@pytest.mark.parametrize("key", ["method", "data.name", "data.partition", "data.task", "model.name"])
+@pytest.mark.parametrize("key", ["method", "data.name", "data.partition", "data.task", "model.name", "model.basis"])
 def test_every_registry_refuses_duplicates_and_names_the_key(key):
     reg = registries()[key]
     assert isinstance(reg, Registry) and reg.key == key and len(reg) >= 2

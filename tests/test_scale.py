@@ -109,4 +109,7 @@ def test_disk_states_give_the_same_run_and_stay_off_the_heap(tmp_path, tiny_conf
     assert all(c._state == {} for c in sim.clients)  # no client holds its state in memory
     files = list((tmp_path / "run").glob("client-states-*/client_*.safetensors"))
     assert len(files) == len(sim.clients)
-    assert (tmp_path / "run" / "adapters" / "client_0" / "adapter_config.json").is_file()
+    adapters = tmp_path / "run" / "adapters"
+    assert (adapters / "client_0" / "adapter_config.json").is_file()
+    cards = {(adapters / f"client_{i}" / "README.md").read_text() for i in range(len(sim.clients))}
+    assert len(cards) == 1 and "peft" in cards.pop()  # PEFT's card, rendered once and copied

@@ -217,3 +217,11 @@ def test_vlm_statistics_come_from_each_site_and_combine_to_the_pooled_ones(tmp_p
     torch.testing.assert_close(model.projector.input_mean, pooled.mean(0).float(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(model.projector.input_std, pooled.std(0, unbiased=False).float(), atol=1e-4, rtol=1e-4)
     assert all(p.setup.up[i] > 4 * (2 * 32 + 1) for i in (0, 1)) and p.setup.down[0] == p.setup.down[1] > 0
+
+
+def test_gradient_basis_needs_server_rows_which_sites_do_not_give(sites):
+    from celora.errors import CeloraError
+    from celora.fl.prepare import prepare
+
+    with pytest.raises(CeloraError, match="model.basis = 'gradient'.*data.sites"):
+        prepare(_cfg(sites, "model.basis=gradient", "model.train_ab=false"))

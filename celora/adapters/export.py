@@ -49,6 +49,7 @@ class PeftExporter:
         self.peft: PeftModel = get_peft_model(_strip_adapters(model), config)  # type: ignore[assignment]
         self.peft.peft_config["default"].base_model_name_or_path = base_path
         self._params = dict(self.peft.named_parameters())
+        self._card: str | None = None  # PEFT's README.md model card: the same for every client
 
     def _param(self, suffix: str) -> torch.nn.Parameter:
         key = "base_model.model." + suffix
@@ -71,9 +72,20 @@ class PeftExporter:
         return self.peft
 
     def save(self, tensors: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
-        """Write adapter_config.json + adapter_model.safetensors for this client's adapter."""
-        self.load(tensors).save_pretrained(str(out_dir))
+        """Write adapter_config.json + adapter_model.safetensors (+ PEFT's README.md card) for this client's adapter.
+
+        The model card does not depend on the client: PEFT renders it once (≈ 0.1 s), later saves copy it."""
+        peft = self.load(tensors)
+        if self._card is not None:
+            peft.create_or_update_model_card = self._copy_card  # type: ignore[method-assign]
+        peft.save_pretrained(str(out_dir))
+        card = Path(out_dir) / "README.md"
+        if self._card is None and card.is_file():
+            self._card = card.read_text(encoding="utf-8")
         return Path(out_dir)
+
+    def _copy_card(self, output_dir: str) -> None:
+        (Path(output_dir) / "README.md").write_text(self._card or "", encoding="utf-8")
 
 
 def merged_factors(layer: TriLoraLinear) -> tuple[torch.Tensor, torch.Tensor]:

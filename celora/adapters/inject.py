@@ -30,6 +30,7 @@ class AdapterSpec:
     init: Init = "kaiming"
     basis: Basis = "random"
     seed: int = 0
+    heads: int = 1
 
 
 def _matches(name: str, targets: Sequence[str]) -> bool:
@@ -57,6 +58,7 @@ def inject_adapters(model: nn.Module, spec: AdapterSpec) -> list[str]:
             init=spec.init,
             basis=spec.basis,
             seed=module_seed(spec.seed, name),
+            heads=spec.heads,
         )
         setattr(parent, child, layer)
         wrapped.append(name)
@@ -112,11 +114,23 @@ def set_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def set_trainable(model: nn.Module, factors: Iterable[str], head_modules: Sequence[str]) -> list[nn.Parameter]:
-    """Freeze everything, then unfreeze the given factors; return the trainable parameters."""
+    """Freeze everything, then unfreeze the given factors; return the trainable parameters.
+
+    A layer's per-head scales (``lora_S``, heads > 1) train with its C; they never travel (they are folded
+    into C after local training, :func:`fold_head_scales`)."""
     train = set(view_names(model, factors, head_modules))
+    train |= {
+        f"{n}.lora_S" for n, m in adapter_layers(model).items() if m.lora_S is not None and f"{n}.lora_C" in train
+    }
     out: list[nn.Parameter] = []
     for n, p in model.named_parameters():
         p.requires_grad_(n in train)
         if n in train:
             out.append(p)
     return out
+
+
+def fold_head_scales(model: nn.Module) -> None:
+    """Fold every layer's per-head scales into its C (C ← diag(s) C, s ← 1): ΔW unchanged."""
+    for layer in adapter_layers(model).values():
+        layer.fold_head_scales()

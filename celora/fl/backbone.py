@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from celora.adapters.bases import get_basis
 from celora.adapters.inject import AdapterSpec, get_tensors, set_tensors, set_trainable, view_names
 from celora.config import ExperimentConfig
 from celora.data.tasks import Task
@@ -27,8 +28,10 @@ from celora.models.zoo import LoadedModel
 
 
 def frozen_factors(cfg: ExperimentConfig) -> set[str]:
-    """Adapter factors the config freezes for every method (model.train_ab, model.train_c)."""
-    return (set() if cfg.model.train_ab else {"A", "B"}) | (set() if cfg.model.train_c else {"C"})
+    """Adapter factors the config freezes for every method (model.train_ab, model.train_c, and A, B for a
+    frozen basis: orthogonal, gradient)."""
+    frozen = (set() if cfg.model.train_ab else {"A", "B"}) | (set() if cfg.model.train_c else {"C"})
+    return frozen | ({"A", "B"} if get_basis(cfg.model.basis).frozen else set())
 
 
 @dataclass

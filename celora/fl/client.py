@@ -16,8 +16,8 @@ every row and the label names. A ``DataProvider`` hands out one ``ClientData`` p
 **Hooks** (for features built on top):
 - ``ClientRuntime.transform_upload``: the shared tensors after local training, before encoding
   (client-level clipping + noise for DP go here; ``round_start`` holds what the client started from).
-- ``ClientRuntime.train``: one call of ``train_local`` per round; per-client optimizer moments kept across
-  rounds would live on the runtime next to ``state`` (a fresh AdamW is built per round today).
+- ``ClientRuntime.train``: one call of ``train_local`` per round; with ``train.keep_optimizer`` the client's
+  AdamW moments live on the runtime next to ``state`` (``optimizer_state``) and resume the next round.
 - ``ClientRuntime.state``: the private adapter view (A, B, C, head), read and written only through this
   property; in-process it lives in a ``StateStore`` (``engine.state``: memory, or one file per client on disk).
 - ``ClientRuntime.fit`` evaluates the local step and ``receive`` the aggregated model, both only in the rounds
@@ -29,6 +29,7 @@ Training, evaluation and pooling are tasks' (``celora.data.tasks``); the default
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from celora.adapters.inject import fold_head_scales
 from celora.config import ExperimentConfig
 from celora.data.tasks import TASKS, Batch, Encoded, Task, TaskData, encode_texts
 from celora.eval import majority_baseline
@@ -60,6 +62,7 @@ __all__ = [
     "DataProvider",
     "Encoded",
     "PartitionedData",
+    "lr_factor",
     "TrainResult",
     "encode_texts",
     "evaluate",
@@ -79,6 +82,7 @@ def batch_on(model: nn.Module, data: TaskData, idx: np.ndarray) -> Batch:
 class TrainResult:
     loss: float
     steps: int
+    optimizer_state: dict[str, Any] | None = None  # AdamW moments after training (train.keep_optimizer)
 
 
 def train_local(
@@ -95,19 +99,33 @@ def train_local(
     head_lr: float | None = None,
     weight_decay: float = 0.0,
     max_steps: int | None = None,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    grad_clip: float | None = None,
     seed: int = 0,
     placement: Placement = CPU,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> TrainResult:
     """AdamW on ``params`` (head at ``head_lr``) for ``epochs`` passes over the client's rows.
 
     Minimises the task's batch loss (classification: L = −(1/|b|) Σ log softmax(f(x))_y), forward passes
-    under the placement's autocast; with fp16 the loss is scaled by a GradScaler.
+    under the placement's autocast; with fp16 the loss is scaled by a GradScaler. The learning rate follows
+    :func:`lr_factor` over this call's steps; with ``grad_clip`` the global gradient norm (unscaled) is
+    clipped to it. Per-head scales of the adapters are folded into C at the end (ΔW unchanged). With
+    ``optimizer_state`` (a previous result's) AdamW resumes from those moments (learning rates reset to lr,
+    head_lr); a state of other parameter shapes is ignored and the optimizer starts fresh.
     """
     head_ids = {id(p) for p in head_params}
     groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": lr}]
     if head_params:
         groups.append({"params": list(head_params), "lr": head_lr or lr})
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    if optimizer_state is not None:
+        resume_optimizer(opt, optimizer_state)
+    total = epochs * -(-len(idx) // batch_size)
+    total = min(total, max_steps) if max_steps is not None else total
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, total, schedule, warmup_steps))
+    trained = list({id(p): p for p in [*params, *head_params]}.values())
     scaler = placement.grad_scaler()
     gen = np.random.default_rng(seed)
     model.train()
@@ -121,11 +139,17 @@ def train_local(
             opt.zero_grad(set_to_none=True)
             if scaler is None:
                 loss.backward()
+                if grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(trained, grad_clip)
                 opt.step()
             else:
                 scaler.scale(loss).backward()
+                if grad_clip is not None:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(trained, grad_clip)
                 scaler.step(opt)
                 scaler.update()
+            sched.step()
             losses.append(float(loss.detach()))
             steps += 1
             if max_steps is not None and steps >= max_steps:
@@ -133,7 +157,37 @@ def train_local(
         if max_steps is not None and steps >= max_steps:
             break
     model.eval()
-    return TrainResult(float(np.mean(losses)) if losses else float("nan"), steps)
+    fold_head_scales(model)
+    return TrainResult(float(np.mean(losses)) if losses else float("nan"), steps, opt.state_dict())
+
+
+def resume_optimizer(opt: torch.optim.Optimizer, state: dict[str, Any]) -> bool:
+    """Load AdamW moments saved after an earlier round, keeping this round's learning rates; False (fresh
+    optimizer) when the saved state belongs to other parameters (e.g. after a warm-up phase)."""
+    lrs = [g["lr"] for g in opt.param_groups]
+    shapes = [[tuple(p.shape) for p in g["params"]] for g in opt.param_groups]
+    saved = state.get("state", {})
+    ids = [g["params"] for g in state.get("param_groups", [])]
+    if [len(i) for i in ids] != [len(s) for s in shapes]:
+        return False
+    for group_ids, group_shapes in zip(ids, shapes, strict=True):
+        for i, shape in zip(group_ids, group_shapes, strict=True):
+            if i in saved and tuple(saved[i]["exp_avg"].shape) != shape:
+                return False
+    opt.load_state_dict(state)
+    for g, lr in zip(opt.param_groups, lrs, strict=True):
+        g["lr"] = g["initial_lr"] = lr
+    return True
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup_steps: int) -> float:
+    """Multiplier of the learning rate at ``step`` (0-based) of ``total``: linear warm-up (step+1)/w over the
+    first w steps, then 1 (constant) or ½(1 + cos(π·(step − w)/(total − w))) (cosine, to 0 at the end)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or total <= warmup_steps:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / (total - warmup_steps)))
 
 
 def _fit(batch_size: int | BatchFit) -> BatchFit:
@@ -292,6 +346,7 @@ class ClientRuntime:
             store.put(self.id, state)
         self.eval_fit = eval_fit or BatchFit(cfg.eval.batch_size)  # shared by the clients of one model
         self.round_start: Tensors = {}  # the shared tensors this client held when its last fit started
+        self.optimizer_state: dict[str, Any] | None = None  # AdamW moments kept across rounds (train.keep_optimizer)
 
     # ----------------------------------------------------------------- state
     @property
@@ -347,7 +402,7 @@ class ClientRuntime:
         salt = self.id if salt is None else salt
         params, head_params = phase.trainable(self.bench)
         seeded(cfg.seed, rnd, salt)
-        return train_local(
+        res = train_local(
             self.bench.model,
             self.data.data,
             self.data.train_idx if idx is None else idx,
@@ -360,9 +415,16 @@ class ClientRuntime:
             head_lr=t.head_lr,
             weight_decay=t.weight_decay,
             max_steps=t.max_steps,
+            schedule=t.schedule,
+            warmup_steps=t.warmup_steps,
+            grad_clip=t.grad_clip,
             seed=cfg.seed * 7919 + rnd * 31 + salt,
             placement=self.bench.placement,
+            optimizer_state=self.optimizer_state,
         )
+        if t.keep_optimizer:
+            self.optimizer_state = res.optimizer_state
+        return res
 
     def transform_upload(self, rnd: int, shared: Tensors) -> Tensors:
         """The shared tensors about to be encoded (identity; DP clipping + noise hooks in here)."""

@@ -8,9 +8,9 @@ The server core needs only ``prepare_model`` (names and shapes, never rows).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from celora.adapters.inject import AdapterSpec, get_tensors, inject_adapters, view_names
 from celora.config import ExperimentConfig
@@ -19,6 +19,7 @@ from celora.data.sources import Dataset, load_dataset
 from celora.data.tasks import Task, TaskData, get_task
 from celora.errors import CeloraError
 from celora.fl.backbone import Backbone, frozen_factors
+from celora.fl.basis_setup import check_basis, setup_gradient_basis
 from celora.fl.client import PartitionedData
 from celora.fl.strategies import Tensors, get_strategy
 from celora.models.device import CPU, Placement, place_model, resolve_device, resolve_placement
@@ -45,6 +46,7 @@ class Prepared:
     task: Task
     task_setup_bytes: int = 0  # per client, once (Task.setup)
     placement: Placement = CPU  # train.device / train.precision, resolved
+    basis_setup: dict[str, Any] = field(default_factory=dict)  # the gradient basis's proxy estimate (a note)
 
     @property
     def bench(self) -> Backbone:
@@ -73,13 +75,12 @@ def check_names(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.aggregation.warmup_rounds:
         phases.append(("aggregation.warmup_method", get_strategy(cfg.aggregation.warmup_method)))
     for field_name, strat in phases:
-        if cfg.model.basis == "svd" and "C" not in strat.trains:
-            raise CeloraError(f"{field_name} '{strat.name}' keeps C frozen, but model.basis = 'svd' starts C at 0")
+        check_basis(cfg, field_name, strat.name, strat.trains)
         trains = set(strat.trains) - frozen_factors(cfg)
         if not trains:
-            raise CeloraError(f"model.train_ab/train_c leave {field_name} '{strat.name}' nothing to train")
-        if cfg.model.basis == "svd" and not cfg.model.train_c:
-            raise CeloraError("model.train_c = false with model.basis = 'svd' keeps C at 0: the adapter is off")
+            raise CeloraError(
+                f"model.train_ab/train_c/basis ('{cfg.model.basis}') leave {field_name} '{strat.name}' nothing to train"
+            )
     if cfg.model.name not in ZOO and not (Path(cfg.model.name) / "config.json").is_file():
         known = ", ".join(sorted(ZOO))
         raise CeloraError(f"unknown model.name '{cfg.model.name}' (known: {known}, or a local HF folder)")
@@ -133,6 +134,7 @@ def load_backbone(
         init=m.init,
         basis=m.basis,
         seed=cfg.seed,
+        heads=m.heads,
     )
     try:
         inject_adapters(loaded.model, spec)
@@ -199,9 +201,11 @@ def prepare(cfg: ExperimentConfig) -> Prepared | SitesPrepared:
     loaded, spec, task = load_backbone(cfg, len(dataset.label_names), placement)
     place_model(loaded.model, placement, (*loaded.head_modules, *loaded.fedavg_modules))  # once: the base stays there
     encoded = task.build(dataset, loaded.tokenizer, cfg.model.max_length)
+    basis_note: dict[str, Any] = {}
+    if cfg.model.basis == "gradient":  # before round 1, on the server's public proxy rows
+        split, basis_note = setup_gradient_basis(loaded.model, task, encoded, split, len(dataset), cfg)
     with placement.autocast():
         setup_bytes = task.setup(loaded.model, encoded, [c.train_idx for c in split.clients])
     bench = backbone_of(loaded, spec, task, placement)
-    return Prepared(
-        dataset, split, encoded, loaded, spec, bench.init_state, bench.all_names, task, setup_bytes, placement
-    )
+    init, names = bench.init_state, bench.all_names
+    return Prepared(dataset, split, encoded, loaded, spec, init, names, task, setup_bytes, placement, basis_note)

@@ -163,6 +163,8 @@ class Simulation:
         summary = self._finish(self.wall_before + time.perf_counter() - t_run)
         if self.zero_shot_summary is not None:
             summary["zero_shot"] = self.zero_shot_summary
+        if self.p.basis_setup:
+            summary["basis_setup"] = self.p.basis_setup
         self.folder.write_summary(summary)
         states = StatesView(self.store, [c.id for c in self.clients])
         return RunResult(summary, list(server.rows), states, dict(server.main_strategy.diagnostics))

@@ -172,6 +172,7 @@ class SitesPrepared:
     bench: Backbone
     datas: dict[int, ClientData]
     setup: SetupBytes = field(default_factory=SetupBytes)
+    basis_setup: dict[str, Any] = field(default_factory=dict)  # (no server-side proxy rows with data.sites)
 
     @property
     def loaded(self) -> LoadedModel:
@@ -198,6 +199,11 @@ def _site_model(cfg: ExperimentConfig, num_labels: int) -> tuple[LoadedModel, Ad
     """The frozen base with adapters for ``num_labels`` classes, placed on ``train.device`` (every site alike)."""
     from celora.fl.prepare import load_backbone, placement_of
 
+    if cfg.model.basis == "gradient":
+        raise CeloraError(
+            "model.basis = 'gradient' estimates its basis on the server's public proxy rows; "
+            "with data.sites the server holds no rows: use another basis"
+        )
     placement = placement_of(cfg)
     loaded, spec, task = load_backbone(cfg, num_labels, placement)
     place_model(loaded.model, placement, (*loaded.head_modules, *loaded.fedavg_modules))
