@@ -1,4 +1,4 @@
-"""`celora` command line: run | compare | comm | report | config | models | datasets | flower-sim."""
+"""`celora` command line: run | compare | comm | report | attack | config | models | datasets | flower-sim."""
 
 from __future__ import annotations
 
@@ -331,6 +331,53 @@ def config_cmd(
         print(config_markdown(), end="")
     else:
         console.print(frame_rich(config_frame().drop(columns="section"), title="celora configuration", left=4))
+
+
+@app.command()
+def attack(
+    config: Annotated[Path | None, typer.Argument(help="experiment TOML (model, data, lr; see configs/)")] = None,
+    shared: Annotated[
+        str, typer.Option("--shared", help="what travels: fedit|ffa|c-known|c-private|head|c+head|full")
+    ] = "c+head",
+    rank: Annotated[int | None, typer.Option("--rank", help="adapter rank (default: the config's)")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="examples in the attacked batch")] = 1,
+    fedavg: Annotated[bool, typer.Option("--fedavg", help="observe a local round (ΔC / (−η·steps)), not one step")] = (
+        False
+    ),
+    local_steps: Annotated[int, typer.Option("--local-steps", help="local SGD steps with --fedavg")] = 4,
+    samples: Annotated[int, typer.Option("--samples", help="batches attacked")] = 10,
+    iterations: Annotated[int, typer.Option("--iterations", help="steps of the optimisation attacks")] = 200,
+    warm_steps: Annotated[int, typer.Option("--warm-steps", help="local steps before the attack (B ≠ 0)")] = 10,
+    client: Annotated[int, typer.Option("--client", help="the attacked client")] = 0,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a key, e.g. --set model.max_length=32")] = (
+        None
+    ),
+    out: Annotated[Path | None, typer.Option("--out", help="output folder (default runs/attack-<shared>-<time>)")] = (
+        None
+    ),
+) -> None:
+    """Gradient inversion by an honest-but-curious server: attack.json, attack.md and a picture (docs/privacy.md)."""
+    from celora.attack import attack_experiment, write_outputs
+    from celora.config import load_config
+
+    overrides = (set_ or []) + ([f"model.rank={rank}"] if rank is not None else [])
+    cfg = load_config(config, overrides)
+    out_dir = out or Path("runs") / f"attack-{shared.replace('+', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with console.status(f"attacking {shared} · rank {cfg.model.rank} · batch {batch_size}…"):
+        result, meta = attack_experiment(
+            cfg,
+            shared,
+            batch_size=batch_size,
+            fedavg=fedavg,
+            local_steps=local_steps,
+            samples=samples,
+            iterations=iterations,
+            warm_steps=warm_steps,
+            client=client,
+        )
+    files = write_outputs(result, meta, out_dir)
+    console.print(files[1].read_text(encoding="utf-8"))
+    console.print("wrote " + ", ".join(str(f) for f in files))
 
 
 @app.command()

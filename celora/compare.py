@@ -7,7 +7,6 @@ exists; re-running a comparison skips finished cells.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
@@ -22,7 +21,7 @@ import pandas as pd
 from celora.config import ExperimentConfig, apply_overrides, build_config
 from celora.errors import CeloraError
 from celora.fl.simulation import Observer, Prepared, Simulation, check_names, prepare
-from celora.tables import frame_markdown
+from celora.tables import frame_csv, frame_markdown
 
 CELL_KEYS = (
     "method",
@@ -36,6 +35,7 @@ CELL_KEYS = (
     "bytes_down_per_client_round",
     "bytes_total",
     "wall_s",
+    "update_epsilon",
 )
 TASK_KEYS = ("acc_zero_shot", "exact_match_mean")  # written when the task reports them (prompt task)
 
@@ -94,6 +94,12 @@ def cell_config(base: ExperimentConfig, method: str, seed: int, overrides: Seque
     return check_names(build_config(apply_overrides(data, list(overrides))))
 
 
+def _update_epsilon(summary: dict[str, Any]) -> float:
+    """ε of the shared update over the run (NaN: no update DP, or clipping without noise)."""
+    eps = summary.get("privacy", {}).get("update", {}).get("epsilon")
+    return float("nan") if eps is None else float(eps)
+
+
 def _cell_row(summary: dict[str, Any], seed: int) -> dict[str, Any]:
     per = summary["bytes_per_client_round"]
     return {
@@ -108,6 +114,7 @@ def _cell_row(summary: dict[str, Any], seed: int) -> dict[str, Any]:
         "bytes_down_per_client_round": per["down"],
         "bytes_total": summary["bytes_up_total"] + summary["bytes_down_total"],
         "wall_s": summary["wall_s"],
+        "update_epsilon": _update_epsilon(summary),
         **({"acc_zero_shot": summary["zero_shot"]["acc_mean"]} if "zero_shot" in summary else {}),
         **{k: summary[k] for k in TASK_KEYS if k in summary},
     }
@@ -183,7 +190,7 @@ def aggregate_rows(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> li
             continue
         agg: dict[str, Any] = {"method": m, "seeds": len(cell)}
         for k in CELL_KEYS[2:]:
-            agg[k], agg[k + "_std"] = _mean_std([r[k] for r in cell])
+            agg[k], agg[k + "_std"] = _mean_std([r.get(k, float("nan")) for r in cell])
         nan = (float("nan"), float("nan"))
         agg["delta_local"], agg["delta_local_std"] = _paired_delta(rows, m, "acc_mean") if m != REFERENCE else nan
         agg["delta_local_agg"], agg["delta_local_agg_std"] = (
@@ -205,6 +212,7 @@ TABLE_COLUMNS = (
     "down B/client-round",
     "total MB",
     "wall s",
+    "update ε",
 )
 
 
@@ -233,6 +241,7 @@ def table_cells(a: dict[str, Any]) -> list[str]:
         f"{a['bytes_down_per_client_round']:,.0f}",
         f"{a['bytes_total'] / 1e6:.3f}",
         f"{a['wall_s']:.0f}",
+        "–" if math.isnan(a.get("update_epsilon", math.nan)) else f"{a['update_epsilon']:.2f}",
     ]
 
 
@@ -308,12 +317,9 @@ def read_cells(out: str | Path) -> list[dict[str, Any]]:
 
 def write_outputs(rows: Sequence[dict[str, Any]], out: Path, methods: Sequence[str]) -> list[dict[str, Any]]:
     """compare.csv (one row per cell), compare.md (aggregated), compare.png."""
-    with (out / "compare.csv").open("w", newline="", encoding="utf-8") as fh:
-        keys = list(CELL_KEYS) + [k for k in TASK_KEYS if any(k in r for r in rows)]
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: r.get(k, "") for k in keys})
+    keys = list(CELL_KEYS) + [k for k in TASK_KEYS if any(k in r for r in rows)]
+    cells = pd.DataFrame([{k: r.get(k, "") for k in keys} for r in rows], columns=keys)
+    (out / "compare.csv").write_text(frame_csv(cells), encoding="utf-8")
     agg = aggregate_rows(rows, methods)
     (out / "compare.md").write_text(markdown_table(agg), encoding="utf-8")
     plot_comparison(agg, out / "compare.png", title=out.name)
