@@ -203,12 +203,16 @@ def compare(
         run_comparison,
     )
     from celora.config import load_config
+    from celora.fl.strategies import unused_keys
     from celora.tables import frame_rich
 
     base = load_config(config, set_ or [])
     variants = parse_variants(variant or [])
     method_list = parse_list(methods, "--methods")
     method_list += [label for label in variants if label not in method_list]
+    used_by = [variants[m].method if m in variants else m for m in method_list]
+    for line in unused_keys(base, list(dict.fromkeys(used_by))):
+        err_console.print(f"warning: {line}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     seed_list = parse_seeds(seeds)
     out_dir = out or Path("runs") / f"compare-{config.stem}"
     total = len(method_list) * len(seed_list)
@@ -296,11 +300,11 @@ def report(
         console.print(f"wrote {write_html_report(folder)}")
         return
     if any(folder.glob("*/seed_*/cell.json")):
-        from celora.compare import aggregate_rows, comparison_frame, read_cells
+        from celora.compare import aggregate_rows, comparison_cells, comparison_frame
         from celora.tables import frame_rich
 
-        cells = read_cells(folder)
-        agg = aggregate_rows(cells, list(dict.fromkeys(c["method"] for c in cells)))
+        cells, methods = comparison_cells(folder)
+        agg = aggregate_rows(cells, methods)
         console.print(frame_rich(comparison_frame(agg), title=f"comparison {folder.name}"))
         return
     if not (folder / "metrics.jsonl").is_file():

@@ -315,6 +315,19 @@ def read_cells(out: str | Path) -> list[dict[str, Any]]:
     return [json.loads(f.read_text(encoding="utf-8")) for f in sorted(Path(out).glob("*/seed_*/cell.json"))]
 
 
+def comparison_cells(folder: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """A comparison folder's finished cells and its methods, in the order the comparison ran them
+    (compare.csv's order when present, else the cells')."""
+    cells = read_cells(folder)
+    order = [c["method"] for c in cells]
+    if (Path(folder) / "compare.csv").is_file():
+        order = list(pd.read_csv(Path(folder) / "compare.csv")["method"].astype(str)) + order
+    present = {c["method"] for c in cells}
+    methods = [m for m in dict.fromkeys(order) if m in present]
+    cells.sort(key=lambda c: (methods.index(c["method"]), c["seed"]))
+    return cells, methods
+
+
 def write_outputs(rows: Sequence[dict[str, Any]], out: Path, methods: Sequence[str]) -> list[dict[str, Any]]:
     """compare.csv (one row per cell), compare.md (aggregated), compare.png."""
     keys = list(CELL_KEYS) + [k for k in TASK_KEYS if any(k in r for r in rows)]
