@@ -199,12 +199,16 @@ def compare(
         run_comparison,
     )
     from celora.config import load_config
+    from celora.fl.strategies import unused_keys
     from celora.tables import frame_rich
 
     base = load_config(config, set_ or [])
     variants = parse_variants(variant or [])
     method_list = parse_list(methods, "--methods")
     method_list += [label for label in variants if label not in method_list]
+    used_by = [variants[m].method if m in variants else m for m in method_list]
+    for line in unused_keys(base, list(dict.fromkeys(used_by))):
+        err_console.print(f"warning: {line}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     seed_list = parse_seeds(seeds)
     out_dir = out or Path("runs") / f"compare-{config.stem}"
     total = len(method_list) * len(seed_list)

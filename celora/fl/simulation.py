@@ -166,14 +166,17 @@ class Simulation:
         if self.p.basis_setup:
             summary["basis_setup"] = self.p.basis_setup
         self.folder.write_summary(summary)
+        self.folder.drop_checkpoints()
         states = StatesView(self.store, [c.id for c in self.clients])
         return RunResult(summary, list(server.rows), states, dict(server.main_strategy.diagnostics))
 
     # ----------------------------------------------------------------- checkpoint / resume
     def state_dict(self, wall: float) -> dict[str, Any]:
-        """The run's state between rounds: every client's private state, the server core's, the RNGs."""
+        """The run's state between rounds: every client's private state (and AdamW moments, with
+        train.keep_optimizer), the server core's, the RNGs."""
         return {
             "clients": {c.id: self.changed(c.state) for c in self.clients},
+            "optimizers": {c.id: c.optimizer_state for c in self.clients if c.optimizer_state is not None},
             "server": self.server.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "zero_shot": self.zero_shot_summary,
@@ -190,6 +193,7 @@ class Simulation:
         st = ckpt.state
         for c in self.clients:
             c.state = {**self.bench.init_state, **st["clients"].get(c.id, {})}
+            c.optimizer_state = st["optimizers"].get(c.id)  # AdamW moments (train.keep_optimizer)
         self.server.load_state_dict(st["server"], ckpt.round)
         torch.set_rng_state(st["torch_rng"])
         self.zero_shot_summary = st["zero_shot"]

@@ -50,6 +50,7 @@ app = ClientApp()
 _STATE = "celora.state"  # ArrayRecord: the client's full adapter view (A, B, C, head)
 _META = "celora.meta"  # ConfigRecord: the experiment config (TOML) received at setup
 _TASK_SETUP = "celora.task_setup"  # ArrayRecord: the combined task set-up (data.sites), applied on every load
+_OPT = "celora.optimizer"  # ArrayRecord (one blob): the client's AdamW moments, with train.keep_optimizer
 _ENVS: dict[str, _Env] = {}  # config digest → what this process loaded for it (a ClientApp serves many messages)
 NODE_TRAIN_KEYS = ("device", "precision")  # node config keys: this SuperNode's own train.device / train.precision
 
@@ -148,7 +149,14 @@ def _runtime(context: Context, toml_text: str | None = None) -> Any:
         rec = context.state[_STATE]
         assert isinstance(rec, ArrayRecord)
         state = {k: torch.from_numpy(a.numpy().copy()) for k, a in rec.items()}
-    return ClientRuntime(env.cfg, env.bench, env.provider.client(i), env.phases, state)
+    rt = ClientRuntime(env.cfg, env.bench, env.provider.client(i), env.phases, state)
+    if _OPT in context.state:  # AdamW moments kept across rounds (train.keep_optimizer)
+        from celora.fl.run_folder import state_from_blob
+
+        opt = context.state[_OPT]
+        assert isinstance(opt, ArrayRecord)
+        rt.optimizer_state = state_from_blob(record_blob(opt))[1]
+    return rt
 
 
 def _disk(context: Context, toml_text: str, i: int) -> Path | None:
@@ -166,26 +174,32 @@ def _toml(context: Context) -> str:
 
 def _save_state(context: Context, rt: Any, rnd: int | None = None) -> None:
     """Keep the state in ``context.state`` and (after round ``rnd``) on the node's disk."""
+    from celora.fl.run_folder import save_client_state, state_blob
+
     context.state[_STATE] = ArrayRecord.from_torch_state_dict(rt.state)
+    if rt.optimizer_state is not None:
+        context.state[_OPT] = blob_record(state_blob({}, rt.optimizer_state))
     folder = _disk(context, _toml(context), rt.id)
     if folder is not None and rnd is not None:
-        from celora.fl.run_folder import save_client_state
-
-        save_client_state(folder, rnd, rt.state)
+        save_client_state(folder, rnd, rt.state, rt.optimizer_state)
 
 
 def _restore(context: Context, toml_text: str, i: int, upto: int) -> int:
     """Restore the newest on-disk state saved after a round ≤ ``upto``; the round it is from (−1: none)."""
-    from celora.fl.run_folder import load_client_state
+    from celora.fl.run_folder import load_client_state, state_blob
 
     folder = _disk(context, toml_text, i)
     found = load_client_state(folder, upto) if folder is not None else None
+    for key in (_STATE, _OPT):
+        if key in context.state:
+            del context.state[key]
     if found is None:
-        if _STATE in context.state:
-            del context.state[_STATE]
         return -1
-    context.state[_STATE] = ArrayRecord.from_torch_state_dict(found[1])
-    return found[0]
+    rnd, state, optimizer = found
+    context.state[_STATE] = ArrayRecord.from_torch_state_dict(state)
+    if optimizer is not None:
+        context.state[_OPT] = blob_record(state_blob({}, optimizer))
+    return rnd
 
 
 def _deliver(rt: Any, msg: Message, how: str, reply: ConfigRecord, metrics: MetricRecord) -> None:
@@ -231,8 +245,10 @@ def setup(msg: Message, context: Context) -> Message:
     i = _partition(context, _env(toml_text, context.node_config).cfg.num_clients)
     resume_round = int(number(conf, "resume-round")) if "resume-round" in conf else 0
     state_round = _restore(context, toml_text, i, resume_round) if resume_round > 0 else -1
-    if resume_round == 0 and _STATE in context.state:  # a fresh run starts from the shared init
-        del context.state[_STATE]
+    if resume_round == 0:  # a fresh run starts from the shared init
+        for key in (_STATE, _OPT):
+            if key in context.state:
+                del context.state[key]
     rt = _runtime(context, toml_text)
     info = {**rt.info(), "meta": rt.data.meta}
     reply = ConfigRecord({"partition-id": rt.id, "info": json.dumps(info), "state-round": state_round})

@@ -615,4 +615,5 @@ class CeloraFlowerStrategy(FlowerStrategy):
             "adapters": {str(i): a for i, a in sorted(self.adapters.items())},
         }
         self.folder.write_summary(summary)
+        self.folder.drop_checkpoints()
         return summary
