@@ -56,6 +56,13 @@ def _default_out(config: Path | None, method: str) -> Path:
     return Path("runs") / f"{stem}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def data_label(cfg: Any) -> str:
+    """Where the run's rows come from, for the banner: the sites' files, or a dataset and its partition."""
+    if cfg.data.sites:
+        return f"{len(cfg.data.sites)} site files (data.sites)"
+    return f"{cfg.data.path or cfg.data.name} ({cfg.data.partition})"
+
+
 @app.command()
 def run(
     config: Annotated[Path | None, typer.Argument(help="experiment TOML (see configs/)")] = None,
@@ -106,7 +113,7 @@ def run(
     out_dir = resume or out or _default_out(config, cfg.method)
     console.print(
         f"[bold]celora[/bold] {cfg.method} · model {cfg.model.name} · {cfg.num_clients} clients · "
-        f"{cfg.rounds} rounds · data {cfg.data.path or cfg.data.name} ({cfg.data.partition}) · runtime {runtime}"
+        f"{cfg.rounds} rounds · data {data_label(cfg)} · runtime {runtime}"
     )
     progress = Progress(
         TextColumn("{task.description}"),
@@ -139,7 +146,8 @@ def run(
             result = sim.run()
     console.print(rounds_table(result.rounds))
     console.print(clients_table(result.rounds[-1]))
-    plot_accuracy(result.rounds, out_dir / "accuracy.png", title=f"{cfg.method} · {cfg.data.partition}")
+    scheme = "sites" if cfg.data.sites else cfg.data.partition
+    plot_accuracy(result.rounds, out_dir / "accuracy.png", title=f"{cfg.method} · {scheme}")
     weights = result.diagnostics.get("weights")
     if weights is not None:
         plot_weights(weights, out_dir / "weights.png", title=f"w_ij, round {cfg.rounds}")
