@@ -124,22 +124,18 @@ def run(
     else:
         with console.status("loading data and model (offline)…"):
             prepared = prepare(cfg)
-        from celora.data.partition import partition_summary
+        from celora.fl.client import partition_report
 
-        console.print(
-            format_partition_table(
-                partition_summary(prepared.split, prepared.dataset.labels, prepared.dataset.label_names)
-            )
+        sim = Simulation(
+            cfg,
+            out_dir,
+            observer=RichObserver(progress, cfg.rounds),
+            prepared=prepared,
+            export_adapters=not no_export,
+            resume=resume is not None,
         )
+        console.print(format_partition_table(partition_report(sim.infos, sim.clients[0].data.meta)))
         with progress:
-            sim = Simulation(
-                cfg,
-                out_dir,
-                observer=RichObserver(progress, cfg.rounds),
-                prepared=prepared,
-                export_adapters=not no_export,
-                resume=resume is not None,
-            )
             result = sim.run()
     console.print(rounds_table(result.rounds))
     console.print(clients_table(result.rounds[-1]))

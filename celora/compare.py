@@ -22,6 +22,7 @@ from celora.config import ExperimentConfig, apply_overrides, build_config, dump_
 from celora.errors import CeloraError
 from celora.fl.run_folder import load_checkpoint
 from celora.fl.simulation import Observer, Prepared, Simulation, check_names, prepare
+from celora.fl.sites import SitesPrepared
 from celora.tables import frame_csv, frame_markdown
 
 CELL_KEYS = (
@@ -149,7 +150,7 @@ def run_comparison(
     known = dict(variants or {})
     cols = [known.get(m, Variant(m, m)) for m in methods]
     cells = [(v.label, s, cell_config(base, v.method, s, v.overrides)) for s in seeds for v in cols]  # validate all
-    prepared: dict[str, Prepared] = {}
+    prepared: dict[str, Prepared | SitesPrepared] = {}
     rows: list[dict[str, Any]] = []
     for method, seed, cfg in cells:
         cell_dir = out / method / f"seed_{seed}"

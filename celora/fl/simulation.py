@@ -38,6 +38,7 @@ from celora.fl.prepare import Prepared, check_names, frozen_factors, prepare
 from celora.fl.records import ClientRound, Observer, Silent
 from celora.fl.run_folder import Checkpoint, RunFolder, load_checkpoint, save_checkpoint
 from celora.fl.server import RoundState, ServerCore
+from celora.fl.sites import SitesPrepared
 from celora.fl.states import StatesView, make_store
 from celora.fl.strategies import Tensors
 from celora.models.device import BatchFit
@@ -75,13 +76,15 @@ class Simulation:
         *,
         observer: Observer | None = None,
         wire_hook: WireHook | None = None,
-        prepared: Prepared | None = None,
+        prepared: Prepared | SitesPrepared | None = None,
         export_adapters: bool = True,
         resume: bool = False,
     ) -> None:
         cfg = check_names(cfg)
-        self.cfg = cfg
         self.p = prepared or prepare(cfg)
+        if isinstance(self.p, SitesPrepared):
+            cfg = self.p.cfg  # data.sites: with the label space the sites agreed on (data.labels)
+        self.cfg = cfg
         self.bench = self.p.bench
         self.folder = RunFolder(out_dir)
         self.out = self.folder.path
@@ -273,8 +276,10 @@ class Simulation:
         ids = global_eval_clients(cfg.num_clients, cfg.eval.global_clients, cfg.seed)
         g_accs = [self.clients[i].evaluate_global() for i in ids]
         acc_global = float(np.mean(g_accs)) if len(self.clients[0].data.global_idx) else float("nan")
-        summary = self.server.summary(acc_global, wall, self.p.task_setup_bytes * cfg.num_clients)
+        summary = self.server.summary(acc_global, wall, self.p.setup_bytes_up)
         summary["global_eval"] = global_eval_note(ids, cfg.num_clients)
+        if isinstance(self.p, SitesPrepared):  # the combined task set-up every site received
+            summary["bytes_setup_down"] = self.p.setup.totals()["down"]
         if self.out is not None and self.export_adapters:
             from celora.adapters.export import PeftExporter  # peft is heavy: imported only to export
 
