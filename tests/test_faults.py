@@ -184,3 +184,28 @@ def test_resume_in_process_keeps_optimizer_moments(prepared, make_cfg, tmp_path)
     assert ckpt is not None and ckpt.round == 2 and ckpt.state["optimizers"]
     resumed = Simulation(cfg, run, prepared=prepared, export_adapters=False, resume=True).run()
     assert _per_client(resumed.rounds) == _per_client(ref.rounds)
+
+
+def test_compare_resumes_a_cell_cut_off_mid_run(make_cfg, tmp_path):
+    """`celora compare` continues a cell that died mid-run from its checkpoint: the same cell row as a clean
+    comparison's."""
+    from celora.compare import run_comparison
+    from celora.fl.records import Silent
+
+    class DiesInRound2(Silent):
+        def on_round_start(self, rnd: int, clients: list[int]) -> None:
+            if rnd == 2:
+                raise RuntimeError("died")
+
+    base = make_cfg("rounds=2", "clients_per_round=3")
+    clean = run_comparison(base, ["celora"], [0], tmp_path / "clean")
+    with pytest.raises(RuntimeError, match="died"):
+        run_comparison(base, ["celora"], [0], tmp_path / "cut", observer_for=lambda m, s: DiesInRound2())
+    assert load_checkpoint(tmp_path / "cut" / "celora" / "seed_0") is not None
+    resumed = run_comparison(base, ["celora"], [0], tmp_path / "cut")
+
+    def same(rows):  # NaN-safe: compared as JSON text, wall time left out
+        return json.dumps([{k: v for k, v in r.items() if k != "wall_s"} for r in rows], sort_keys=True)
+
+    assert same(resumed) == same(clean)
+    assert "resumed from ckpt-000001" in (tmp_path / "cut" / "celora" / "seed_0" / "celora.log").read_text()
