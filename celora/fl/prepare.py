@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celora.adapters.inject import AdapterSpec, get_tensors, inject_adapters, view_names
 from celora.config import ExperimentConfig
@@ -25,6 +25,9 @@ from celora.fl.strategies import Tensors, get_strategy
 from celora.models.device import CPU, Placement, place_model, resolve_device, resolve_placement
 from celora.models.vlm import VisionLanguageModel
 from celora.models.zoo import LoadedModel, bf16_on_cpu, load_model
+
+if TYPE_CHECKING:
+    from celora.fl.sites import SitesPrepared
 
 __all__ = ["Prepared", "check_names", "frozen_factors", "prepare", "prepare_model"]
 
@@ -48,6 +51,11 @@ class Prepared:
     @property
     def bench(self) -> Backbone:
         return Backbone(self.loaded, self.spec, self.init_state, self.all_names, self.task, self.placement)
+
+    @property
+    def setup_bytes_up(self) -> int:
+        """One-time bytes all clients uploaded for the task's set-up."""
+        return self.task_setup_bytes * len(self.split.clients)
 
     def provider(self) -> PartitionedData:
         """Today's data provider: every client indexes the one encoded dataset."""
@@ -86,7 +94,7 @@ def check_names(cfg: ExperimentConfig) -> ExperimentConfig:
         )
     if cfg.data.task != task.name:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"task": task.name})})
-    if cfg.data.path is None and cfg.data.name not in DATASETS:
+    if cfg.data.sites is None and cfg.data.path is None and cfg.data.name not in DATASETS:
         known = ", ".join(sorted(DATASETS))
         raise CeloraError(f"unknown data.name '{cfg.data.name}' (known: {known}; or set data.path)")
     if cfg.data.path is not None and not Path(cfg.data.path).is_file():
@@ -151,9 +159,14 @@ def prepare_model(cfg: ExperimentConfig, num_labels: int) -> Backbone:
     return backbone_of(*load_backbone(cfg, num_labels, placement), placement)
 
 
-def prepare(cfg: ExperimentConfig) -> Prepared:
-    """Load data, partition it, tokenize once, build the frozen model and inject adapters."""
+def prepare(cfg: ExperimentConfig) -> Prepared | SitesPrepared:
+    """Load data, partition it, tokenize once, build the frozen model and inject adapters; with
+    ``data.sites`` every site loads its own file instead (``celora.fl.sites.prepare_sites``)."""
     cfg = check_names(cfg)
+    if cfg.data.sites is not None:
+        from celora.fl.sites import prepare_sites
+
+        return prepare_sites(cfg)
     placement = placement_of(cfg)
     d = cfg.data
     dataset = load_dataset(
