@@ -37,7 +37,7 @@ from celora.data.sites import (
 from celora.data.sources import Dataset
 from celora.data.tasks import Task
 from celora.errors import CeloraError
-from celora.fl.backbone import Backbone
+from celora.fl.backbone import Backbone, backbone_of, load_backbone, placement_of
 from celora.fl.client import ClientData
 from celora.fl.payload import PayloadError, decode_named, encode_named
 from celora.fl.strategies import Tensors
@@ -197,8 +197,6 @@ class SitesPrepared:
 
 def _site_model(cfg: ExperimentConfig, num_labels: int) -> tuple[LoadedModel, AdapterSpec, Task, Placement]:
     """The frozen base with adapters for ``num_labels`` classes, placed on ``train.device`` (every site alike)."""
-    from celora.fl.prepare import load_backbone, placement_of
-
     if cfg.model.basis == "gradient":
         raise CeloraError(
             "model.basis = 'gradient' estimates its basis on the server's public proxy rows; "
@@ -213,8 +211,6 @@ def _site_model(cfg: ExperimentConfig, num_labels: int) -> tuple[LoadedModel, Ad
 def prepare_sites(cfg: ExperimentConfig) -> SitesPrepared:
     """In-process: every site loads its own file with its own ``SiteLoader``; the server side only sees
     the label names and the task statistics (steps 1-3 of the module docstring, bytes counted)."""
-    from celora.fl.prepare import backbone_of
-
     book = SetupBytes()
     loaders = {i: SiteLoader(cfg, i) for i in range(cfg.num_clients)}
     if cfg.data.labels is None:
@@ -239,8 +235,6 @@ def prepare_sites(cfg: ExperimentConfig) -> SitesPrepared:
 def prepare_site(cfg: ExperimentConfig, index: int, path: str | None = None) -> SitesPrepared:
     """On a SuperNode: site ``index`` loads only its own file (``path``: the node's ``site-path``), in the
     label space the server sent (``data.labels``); the task set-up is applied later (:func:`apply_setup_blob`)."""
-    from celora.fl.prepare import backbone_of
-
     labels = cfg.data.labels
     if labels is None:
         raise CeloraError("data.sites: the setup message carries no label space (data.labels)")
