@@ -1,4 +1,4 @@
-"""`celora` command line: run | compare | comm | report | config | models | datasets | flower-sim."""
+"""`celora` command line: run | compare | comm | report | attack | config | models | datasets | flower-sim."""
 
 from __future__ import annotations
 
@@ -56,6 +56,13 @@ def _default_out(config: Path | None, method: str) -> Path:
     return Path("runs") / f"{stem}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def data_label(cfg: Any) -> str:
+    """Where the run's rows come from, for the banner: the sites' files, or a dataset and its partition."""
+    if cfg.data.sites:
+        return f"{len(cfg.data.sites)} site files (data.sites)"
+    return f"{cfg.data.path or cfg.data.name} ({cfg.data.partition})"
+
+
 @app.command()
 def run(
     config: Annotated[Path | None, typer.Argument(help="experiment TOML (see configs/)")] = None,
@@ -106,7 +113,7 @@ def run(
     out_dir = resume or out or _default_out(config, cfg.method)
     console.print(
         f"[bold]celora[/bold] {cfg.method} · model {cfg.model.name} · {cfg.num_clients} clients · "
-        f"{cfg.rounds} rounds · data {cfg.data.path or cfg.data.name} ({cfg.data.partition}) · runtime {runtime}"
+        f"{cfg.rounds} rounds · data {data_label(cfg)} · runtime {runtime}"
     )
     progress = Progress(
         TextColumn("{task.description}"),
@@ -124,26 +131,23 @@ def run(
     else:
         with console.status("loading data and model (offline)…"):
             prepared = prepare(cfg)
-        from celora.data.partition import partition_summary
+        from celora.fl.client import partition_report
 
-        console.print(
-            format_partition_table(
-                partition_summary(prepared.split, prepared.dataset.labels, prepared.dataset.label_names)
-            )
+        sim = Simulation(
+            cfg,
+            out_dir,
+            observer=RichObserver(progress, cfg.rounds),
+            prepared=prepared,
+            export_adapters=not no_export,
+            resume=resume is not None,
         )
+        console.print(format_partition_table(partition_report(sim.infos, sim.clients[0].data.meta)))
         with progress:
-            sim = Simulation(
-                cfg,
-                out_dir,
-                observer=RichObserver(progress, cfg.rounds),
-                prepared=prepared,
-                export_adapters=not no_export,
-                resume=resume is not None,
-            )
             result = sim.run()
     console.print(rounds_table(result.rounds))
     console.print(clients_table(result.rounds[-1]))
-    plot_accuracy(result.rounds, out_dir / "accuracy.png", title=f"{cfg.method} · {cfg.data.partition}")
+    scheme = "sites" if cfg.data.sites else cfg.data.partition
+    plot_accuracy(result.rounds, out_dir / "accuracy.png", title=f"{cfg.method} · {scheme}")
     weights = result.diagnostics.get("weights")
     if weights is not None:
         plot_weights(weights, out_dir / "weights.png", title=f"w_ij, round {cfg.rounds}")
@@ -203,12 +207,16 @@ def compare(
         run_comparison,
     )
     from celora.config import load_config
+    from celora.fl.strategies import unused_keys
     from celora.tables import frame_rich
 
     base = load_config(config, set_ or [])
     variants = parse_variants(variant or [])
     method_list = parse_list(methods, "--methods")
     method_list += [label for label in variants if label not in method_list]
+    used_by = [variants[m].method if m in variants else m for m in method_list]
+    for line in unused_keys(base, list(dict.fromkeys(used_by))):
+        err_console.print(f"warning: {line}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     seed_list = parse_seeds(seeds)
     out_dir = out or Path("runs") / f"compare-{config.stem}"
     total = len(method_list) * len(seed_list)
@@ -296,11 +304,11 @@ def report(
         console.print(f"wrote {write_html_report(folder)}")
         return
     if any(folder.glob("*/seed_*/cell.json")):
-        from celora.compare import aggregate_rows, comparison_frame, read_cells
+        from celora.compare import aggregate_rows, comparison_cells, comparison_frame
         from celora.tables import frame_rich
 
-        cells = read_cells(folder)
-        agg = aggregate_rows(cells, list(dict.fromkeys(c["method"] for c in cells)))
+        cells, methods = comparison_cells(folder)
+        agg = aggregate_rows(cells, methods)
         console.print(frame_rich(comparison_frame(agg), title=f"comparison {folder.name}"))
         return
     if not (folder / "metrics.jsonl").is_file():
@@ -331,6 +339,53 @@ def config_cmd(
         print(config_markdown(), end="")
     else:
         console.print(frame_rich(config_frame().drop(columns="section"), title="celora configuration", left=4))
+
+
+@app.command()
+def attack(
+    config: Annotated[Path | None, typer.Argument(help="experiment TOML (model, data, lr; see configs/)")] = None,
+    shared: Annotated[
+        str, typer.Option("--shared", help="what travels: fedit|ffa|c-known|c-private|head|c+head|full")
+    ] = "c+head",
+    rank: Annotated[int | None, typer.Option("--rank", help="adapter rank (default: the config's)")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="examples in the attacked batch")] = 1,
+    fedavg: Annotated[bool, typer.Option("--fedavg", help="observe a local round (ΔC / (−η·steps)), not one step")] = (
+        False
+    ),
+    local_steps: Annotated[int, typer.Option("--local-steps", help="local SGD steps with --fedavg")] = 4,
+    samples: Annotated[int, typer.Option("--samples", help="batches attacked")] = 10,
+    iterations: Annotated[int, typer.Option("--iterations", help="steps of the optimisation attacks")] = 200,
+    warm_steps: Annotated[int, typer.Option("--warm-steps", help="local steps before the attack (B ≠ 0)")] = 10,
+    client: Annotated[int, typer.Option("--client", help="the attacked client")] = 0,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a key, e.g. --set model.max_length=32")] = (
+        None
+    ),
+    out: Annotated[Path | None, typer.Option("--out", help="output folder (default runs/attack-<shared>-<time>)")] = (
+        None
+    ),
+) -> None:
+    """Gradient inversion by an honest-but-curious server: attack.json, attack.md and a picture (docs/privacy.md)."""
+    from celora.attack import attack_experiment, write_outputs
+    from celora.config import load_config
+
+    overrides = (set_ or []) + ([f"model.rank={rank}"] if rank is not None else [])
+    cfg = load_config(config, overrides)
+    out_dir = out or Path("runs") / f"attack-{shared.replace('+', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with console.status(f"attacking {shared} · rank {cfg.model.rank} · batch {batch_size}…"):
+        result, meta = attack_experiment(
+            cfg,
+            shared,
+            batch_size=batch_size,
+            fedavg=fedavg,
+            local_steps=local_steps,
+            samples=samples,
+            iterations=iterations,
+            warm_steps=warm_steps,
+            client=client,
+        )
+    files = write_outputs(result, meta, out_dir)
+    console.print(files[1].read_text(encoding="utf-8"))
+    console.print("wrote " + ", ".join(str(f) for f in files))
 
 
 @app.command()

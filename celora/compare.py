@@ -7,7 +7,6 @@ exists; re-running a comparison skips finished cells.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
@@ -19,10 +18,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from celora.config import ExperimentConfig, apply_overrides, build_config
+from celora.config import ExperimentConfig, apply_overrides, build_config, dump_config
 from celora.errors import CeloraError
+from celora.fl.run_folder import load_checkpoint
 from celora.fl.simulation import Observer, Prepared, Simulation, check_names, prepare
-from celora.tables import frame_markdown
+from celora.fl.sites import SitesPrepared
+from celora.tables import frame_csv, frame_markdown
 
 CELL_KEYS = (
     "method",
@@ -36,6 +37,7 @@ CELL_KEYS = (
     "bytes_down_per_client_round",
     "bytes_total",
     "wall_s",
+    "update_epsilon",
 )
 TASK_KEYS = ("acc_zero_shot", "exact_match_mean")  # written when the task reports them (prompt task)
 
@@ -94,6 +96,12 @@ def cell_config(base: ExperimentConfig, method: str, seed: int, overrides: Seque
     return check_names(build_config(apply_overrides(data, list(overrides))))
 
 
+def _update_epsilon(summary: dict[str, Any]) -> float:
+    """ε of the shared update over the run (NaN: no update DP, or clipping without noise)."""
+    eps = summary.get("privacy", {}).get("update", {}).get("epsilon")
+    return float("nan") if eps is None else float(eps)
+
+
 def _cell_row(summary: dict[str, Any], seed: int) -> dict[str, Any]:
     per = summary["bytes_per_client_round"]
     return {
@@ -108,9 +116,18 @@ def _cell_row(summary: dict[str, Any], seed: int) -> dict[str, Any]:
         "bytes_down_per_client_round": per["down"],
         "bytes_total": summary["bytes_up_total"] + summary["bytes_down_total"],
         "wall_s": summary["wall_s"],
+        "update_epsilon": _update_epsilon(summary),
         **({"acc_zero_shot": summary["zero_shot"]["acc_mean"]} if "zero_shot" in summary else {}),
         **{k: summary[k] for k in TASK_KEYS if k in summary},
     }
+
+
+def resumable(cell_dir: Path, cfg: ExperimentConfig) -> bool:
+    """Does ``cell_dir`` hold an unfinished run of exactly ``cfg`` with a complete checkpoint?"""
+    written = cell_dir / "config.toml"
+    if not written.is_file() or written.read_text(encoding="utf-8") != dump_config(check_names(cfg)):
+        return False
+    return load_checkpoint(cell_dir) is not None
 
 
 def run_comparison(
@@ -123,7 +140,8 @@ def run_comparison(
     on_skip: Callable[[str, int], None] | None = None,
     variants: Mapping[str, Variant] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every missing (method, seed) cell; return one row per cell (finished ones read back).
+    """Run every missing (method, seed) cell; return one row per cell (finished ones read back; one cut off
+    mid-run resumes from its checkpoint).
 
     ``methods`` are column labels: a registered method, or the label of one of ``variants``.
     """
@@ -132,7 +150,7 @@ def run_comparison(
     known = dict(variants or {})
     cols = [known.get(m, Variant(m, m)) for m in methods]
     cells = [(v.label, s, cell_config(base, v.method, s, v.overrides)) for s in seeds for v in cols]  # validate all
-    prepared: dict[str, Prepared] = {}
+    prepared: dict[str, Prepared | SitesPrepared] = {}
     rows: list[dict[str, Any]] = []
     for method, seed, cfg in cells:
         cell_dir = out / method / f"seed_{seed}"
@@ -147,7 +165,9 @@ def run_comparison(
             prepared.clear()  # one prepared model at a time keeps memory flat
             prepared[key] = prepare(cfg)
         obs = observer_for(method, seed) if observer_for else None
-        result = Simulation(cfg, cell_dir, observer=obs, prepared=prepared[key], export_adapters=False).run()
+        resume = resumable(cell_dir, cfg)  # a cell interrupted mid-run continues from its checkpoint
+        sim = Simulation(cfg, cell_dir, observer=obs, prepared=prepared[key], export_adapters=False, resume=resume)
+        result = sim.run()
         row = _cell_row(result.summary, seed) | {"method": method}
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(row, indent=2), encoding="utf-8")
@@ -183,7 +203,7 @@ def aggregate_rows(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> li
             continue
         agg: dict[str, Any] = {"method": m, "seeds": len(cell)}
         for k in CELL_KEYS[2:]:
-            agg[k], agg[k + "_std"] = _mean_std([r[k] for r in cell])
+            agg[k], agg[k + "_std"] = _mean_std([r.get(k, float("nan")) for r in cell])
         nan = (float("nan"), float("nan"))
         agg["delta_local"], agg["delta_local_std"] = _paired_delta(rows, m, "acc_mean") if m != REFERENCE else nan
         agg["delta_local_agg"], agg["delta_local_agg_std"] = (
@@ -205,6 +225,7 @@ TABLE_COLUMNS = (
     "down B/client-round",
     "total MB",
     "wall s",
+    "update ε",
 )
 
 
@@ -233,6 +254,7 @@ def table_cells(a: dict[str, Any]) -> list[str]:
         f"{a['bytes_down_per_client_round']:,.0f}",
         f"{a['bytes_total'] / 1e6:.3f}",
         f"{a['wall_s']:.0f}",
+        "–" if math.isnan(a.get("update_epsilon", math.nan)) else f"{a['update_epsilon']:.2f}",
     ]
 
 
@@ -306,14 +328,24 @@ def read_cells(out: str | Path) -> list[dict[str, Any]]:
     return [json.loads(f.read_text(encoding="utf-8")) for f in sorted(Path(out).glob("*/seed_*/cell.json"))]
 
 
+def comparison_cells(folder: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """A comparison folder's finished cells and its methods, in the order the comparison ran them
+    (compare.csv's order when present, else the cells')."""
+    cells = read_cells(folder)
+    order = [c["method"] for c in cells]
+    if (Path(folder) / "compare.csv").is_file():
+        order = list(pd.read_csv(Path(folder) / "compare.csv")["method"].astype(str)) + order
+    present = {c["method"] for c in cells}
+    methods = [m for m in dict.fromkeys(order) if m in present]
+    cells.sort(key=lambda c: (methods.index(c["method"]), c["seed"]))
+    return cells, methods
+
+
 def write_outputs(rows: Sequence[dict[str, Any]], out: Path, methods: Sequence[str]) -> list[dict[str, Any]]:
     """compare.csv (one row per cell), compare.md (aggregated), compare.png."""
-    with (out / "compare.csv").open("w", newline="", encoding="utf-8") as fh:
-        keys = list(CELL_KEYS) + [k for k in TASK_KEYS if any(k in r for r in rows)]
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: r.get(k, "") for k in keys})
+    keys = list(CELL_KEYS) + [k for k in TASK_KEYS if any(k in r for r in rows)]
+    cells = pd.DataFrame([{k: r.get(k, "") for k in keys} for r in rows], columns=keys)
+    (out / "compare.csv").write_text(frame_csv(cells), encoding="utf-8")
     agg = aggregate_rows(rows, methods)
     (out / "compare.md").write_text(markdown_table(agg), encoding="utf-8")
     plot_comparison(agg, out / "compare.png", title=out.name)

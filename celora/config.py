@@ -196,10 +196,29 @@ class PayloadConfig(_Section):
 
 class PrivacyConfig(_Section):
     summary_epsilon: float | None = Field(
-        None, gt=0, description="(ε, δ)-DP Gaussian noise on the data summaries (unset: no noise)"
+        None, gt=0, description="(ε, δ)-DP data summaries (analytic Gaussian mechanism, any ε > 0); none = off"
     )
-    summary_delta: float = Field(1e-5, gt=0, lt=1, description="δ of the summaries' Gaussian mechanism")
-    summary_clip: float = Field(10.0, gt=0, description="clip radius R of the pooled features before summarising")
+    summary_delta: float = Field(1e-5, gt=0, lt=1, description="δ of the DP data summaries")
+    summary_clip: float = Field(10.0, gt=0, description="L2 clip radius of the pooled features before the summary")
+    update_clip: float | None = Field(
+        None, gt=0, description="DP on the shared update: L2 clip of (upload − what the client was sent); none = off"
+    )
+    update_noise: float | None = Field(
+        None, ge=0, description="noise multiplier z of the shared update (std z·update_clip); 0 = clip only"
+    )
+    update_epsilon: float | None = Field(
+        None, gt=0, description="target ε of the shared update over the run (solves for update_noise)"
+    )
+    update_delta: float = Field(1e-5, gt=0, lt=1, description="δ at which the shared update's ε is reported")
+    accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting accountant for the update's ε")
+
+    @model_validator(mode="after")
+    def _check_update(self) -> PrivacyConfig:
+        if self.update_clip is None and (self.update_noise is not None or self.update_epsilon is not None):
+            raise ValueError("update_clip is required with update_noise or update_epsilon")
+        if self.update_clip is not None and (self.update_noise is None) == (self.update_epsilon is None):
+            raise ValueError("with update_clip give exactly one of update_noise or update_epsilon")
+        return self
 
 
 class EvalConfig(_Section):
@@ -242,7 +261,9 @@ class ExperimentConfig(_Section):
         default_factory=AggregationConfig, description="how the server combines what travels"
     )
     payload: PayloadConfig = Field(default_factory=PayloadConfig, description="what travels on the wire")
-    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="privacy of the data summaries")
+    privacy: PrivacyConfig = Field(
+        default_factory=PrivacyConfig, description="differential privacy of the data summaries and the shared update"
+    )
     checkpoint_every: int = Field(
         1,
         ge=0,

@@ -364,15 +364,9 @@ def _run_html(d: Path) -> str:
 def _compare_html(d: Path) -> str:
     from html import escape
 
-    from celora.compare import aggregate_rows, comparison_frame, panels_figure, read_cells
+    from celora.compare import aggregate_rows, comparison_cells, comparison_frame, panels_figure
 
-    cells = read_cells(d)
-    order = [c["method"] for c in cells]
-    if (d / "compare.csv").is_file():  # the order the comparison ran its methods in
-        order = list(pd.read_csv(d / "compare.csv")["method"].astype(str)) + order
-    present = {c["method"] for c in cells}
-    methods = [m for m in dict.fromkeys(order) if m in present]
-    cells.sort(key=lambda c: (methods.index(c["method"]), c["seed"]))
+    cells, methods = comparison_cells(d)
     agg = aggregate_rows(cells, methods)
     seeds = sorted({c["seed"] for c in cells})
     cell_frame = pd.DataFrame(

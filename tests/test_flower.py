@@ -151,20 +151,28 @@ def test_digest_is_content_hash():
 
 # --------------------------------------------------------------------------- slow: real processes
 @pytest.mark.slow
-def test_flower_runtime_three_supernodes_on_loopback(tmp_path, inprocess, make_cfg):
-    """`celora run --runtime flower` path: SuperLink + 3 SuperNodes, 2 rounds of celora."""
-    from celora.fl.flower.runner import run_flower
+def test_flower_runtime_three_supernodes_on_loopback(tmp_path, inprocess, make_cfg, monkeypatch, capsys):
+    """`celora run CONFIG --runtime flower`, through the CLI: SuperLink + 3 SuperNodes, 2 rounds of celora."""
+    from celora import cli
+    from celora.config import dump_config
 
     out = tmp_path / "run"
+    (tmp_path / "tiny.toml").write_text(dump_config(make_cfg()), encoding="utf-8")
+    monkeypatch.setattr(
+        sys, "argv", ["celora", "run", str(tmp_path / "tiny.toml"), "--runtime", "flower", "--out", str(out)]
+    )
+    monkeypatch.setattr(cli.console, "width", 400)  # the printed lines unwrapped
     t0 = time.monotonic()
-    res = run_flower(make_cfg(), out, round_timeout=120, timeout=420)
+    cli.main()
+    printed = capsys.readouterr().out
     rows = read_jsonl(out / "metrics.jsonl")
     _assert_same_accuracies(inprocess.rounds, rows)
     for f in ("config.toml", "partition.json", "summary.json", "similarity_data.npy", "weights_round_2.npy"):
         assert (out / f).is_file(), f
     assert all((out / "adapters" / f"client_{i}" / "adapter_model.safetensors").is_file() for i in range(3))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary == res.summary and summary["flower"]["lost_clients"] == {}
+    assert summary["flower"]["lost_clients"] == {} and (out / "accuracy.png").is_file()  # the CLI's plot
+    assert f"final: acc mean {summary['acc_mean']:.3f}" in printed and f"run folder: {out}" in printed
     assert abs(summary["acc_global"] - inprocess.summary["acc_global"]) <= 1e-6
     check_message_log(read_jsonl(out / "flower" / "messages.jsonl"), 3, 2)
     assert len(list((out / "flower" / "nodes").glob("node_*/*-client_*/state-*.safetensors"))) == 3 * 3  # state-dir
@@ -311,3 +319,20 @@ def test_dropout_and_outlier_rejection_match_inprocess(tmp_path, make_cfg):
     _assert_same_accuracies(ref.rounds, rows)
     assert [r["dropped"] for r in rows] == [r["dropped"] for r in ref.rounds]
     assert [r["rejected"] for r in rows] == [r["rejected"] for r in ref.rounds]
+
+
+def test_kept_optimizer_moments_survive_on_the_node(tmp_path, make_cfg):
+    """train.keep_optimizer under Flower: each node keeps its AdamW moments between messages (context.state)
+    and on its disk, so the rows equal the in-process loop's, also after a ServerApp crash and resume."""
+    extra = ("rounds=3", "clients_per_round=2", "train.keep_optimizer=true")
+    cfg = make_cfg(*extra)
+    ref = Simulation(cfg, prepared=prepare(cfg), export_adapters=False).run()
+    out, nodes = tmp_path / "run", {"state-dir": str(tmp_path / "nodes")}
+    with pytest.raises(RuntimeError, match="crashed in round 3"):
+        CeloraFlowerStrategy(make_cfg(*extra), out, round_timeout=5, node_wait=1, export=False).run(
+            MemoryGrid(3, crash_at=3, node_config=nodes)
+        )
+    CeloraFlowerStrategy(make_cfg(*extra), out, round_timeout=5, node_wait=1, export=False, resume=True).run(
+        MemoryGrid(3, node_config=nodes)
+    )
+    _assert_same_accuracies(ref.rounds, read_jsonl(out / "metrics.jsonl"))

@@ -17,11 +17,13 @@ PACKAGE = ROOT / "celora"
 
 
 def registries() -> dict[str, Registry]:
+    from celora.adapters.bases import BASES
     from celora.data.partition import PARTITIONERS
     from celora.data.sources import DATASETS
     from celora.data.tasks import TASKS
     from celora.fl.strategies import STRATEGIES
     from celora.models.zoo import ZOO
+    from celora.privacy.attacks import ATTACKS
 
     return {
         "method": STRATEGIES,
@@ -29,10 +31,14 @@ def registries() -> dict[str, Registry]:
         "data.partition": PARTITIONERS,
         "data.task": TASKS,
         "model.name": ZOO,
+        "model.basis": BASES,
+        "attack": ATTACKS,
     }
 
 
-@pytest.mark.parametrize("key", ["method", "data.name", "data.partition", "data.task", "model.name"])
+@pytest.mark.parametrize(
+    "key", ["method", "data.name", "data.partition", "data.task", "model.name", "model.basis", "attack"]
+)
 def test_every_registry_refuses_duplicates_and_names_the_key(key):
     reg = registries()[key]
     assert isinstance(reg, Registry) and reg.key == key and len(reg) >= 2

@@ -215,3 +215,19 @@ def test_a_rejected_upload_under_celora_is_left_out_of_the_mix(tmp_path, tiny_co
     w = np.load(tmp_path / "weights_round_1.npy")
     assert (w[:, 1] == 0).all() and np.allclose(w[[0, 2]].sum(axis=1), 1.0)  # nobody mixes in client 1's C
     assert res.rounds[1]["rejected"] == 0 and np.load(tmp_path / "weights_round_2.npy")[:, 1].any()
+
+
+def test_int8_payloads_under_flower_match_the_engine(tmp_path, tiny_config):
+    """payload.dtype = int8 through Flower's messages: the same bytes and accuracies as the in-process run."""
+    from flower_helpers import MemoryGrid, read_jsonl
+
+    from celora.fl.flower.server import CeloraFlowerStrategy
+
+    cfg = tiny_config("method=celora", "payload.dtype=int8", "train.max_steps=1")
+    engine = run_experiment(cfg, None)
+    summary = CeloraFlowerStrategy(cfg, tmp_path / "run", round_timeout=5, node_wait=1, export=False).run(MemoryGrid(3))
+    assert summary["payload"]["dtype"] == "int8"
+    assert summary["bytes_per_client_round"] == engine.summary["bytes_per_client_round"]
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    for a, b in zip(engine.rounds, rows, strict=True):
+        assert [c["acc_agg"] for c in a["clients"]] == pytest.approx([c["acc_agg"] for c in b["clients"]], abs=1e-6)

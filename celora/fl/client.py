@@ -55,6 +55,7 @@ from celora.fl.similarity import (
 from celora.fl.states import StateStore
 from celora.fl.strategies import Tensors
 from celora.models.device import CPU, BatchFit, Placement, model_device, to_device
+from celora.privacy.dp import clip_and_noise_update, update_dp_from_config, update_generator
 
 __all__ = [
     "ClientData",
@@ -427,8 +428,13 @@ class ClientRuntime:
         return res
 
     def transform_upload(self, rnd: int, shared: Tensors) -> Tensors:
-        """The shared tensors about to be encoded (identity; DP clipping + noise hooks in here)."""
-        return shared
+        """The shared tensors about to be encoded: unchanged, or with ``privacy.update_clip`` the DP update
+        ``round_start + clip(shared − round_start) + N(0, (z·clip)²)`` (``celora.privacy.dp``)."""
+        dp = update_dp_from_config(self.cfg.privacy, self.cfg.rounds)
+        if dp is None:
+            return shared
+        gen = update_generator(self.cfg.seed, rnd, self.id)
+        return clip_and_noise_update(shared, self.round_start, clip=dp.clip, noise=dp.noise, generator=gen)
 
     def fit(self, rnd: int) -> tuple[bytes | None, ClientRound]:
         """Train from the held state, evaluate (local step), and encode what the round's method shares.

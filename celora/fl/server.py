@@ -39,6 +39,7 @@ from celora.fl.run_folder import RunFolder
 from celora.fl.similarity import ClientSummary, summary_from_tensors, update_cosine
 from celora.fl.strategies import RoundContext, Strategy, Tensors
 from celora.fl.strategies.fedavg_modules import aggregate_with_fedavg
+from celora.privacy.dp import privacy_report
 
 log = logging.getLogger("celora")
 
@@ -392,6 +393,9 @@ class ServerCore:
         # one-time data summaries and task set-up, not per round
         s["bytes_setup_up"] = int(sum(self.setup_up.values())) + int(extra_setup_bytes)
         s["bytes_up_total"] += s["bytes_setup_up"]
+        privacy = privacy_report(self.cfg.privacy, self.cfg.rounds)
+        if privacy:
+            s["privacy"] = privacy
         return s
 
     def shared_factor_names(self) -> list[str]:

@@ -15,7 +15,6 @@ two clients with a hierarchical optimal-transport distance:
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import warnings
@@ -28,6 +27,8 @@ import ot
 import torch
 
 from celora.errors import CeloraError
+from celora.privacy.dp import clip_features as clip_features  # re-exported: callers import them from here
+from celora.privacy.dp import privatize_summary as privatize_summary
 
 try:  # POT's network simplex without the Python-side checks of ot.emd2 (about 30x less overhead per call).
     from ot.lp.emd_wrap import emd_c as _emd_c
@@ -56,16 +57,6 @@ ClientSummary = dict[int, ClassSummary]  # class label -> summary
 
 
 # ----------------------------------------------------------------------------------------------- client side
-
-
-def clip_features(features: np.ndarray, clip: float) -> np.ndarray:
-    """Scale every row to L2 norm at most ``clip``: ``x <- x * min(1, clip / ||x||)``."""
-    if not clip > 0:
-        raise CeloraError(f"privacy.summary_clip must be > 0, got {clip}")
-    x = np.asarray(features, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    scale = np.minimum(1.0, clip / np.maximum(norms, np.finfo(np.float64).tiny))
-    return x * scale
 
 
 def fit_class_gmms(
@@ -124,75 +115,6 @@ def fit_class_gmms(
             variances=np.asarray(gm.covariances_, dtype=np.float64),
             n=n_c,
         )
-    return out
-
-
-def _gaussian_sigma(sensitivity: float, epsilon: float, delta: float) -> float:
-    """Gaussian mechanism: ``sigma = Delta_2 * sqrt(2 ln(1.25 / delta)) / epsilon``."""
-    return sensitivity * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
-
-
-def privatize_summary(
-    summary: ClientSummary,
-    *,
-    epsilon: float,
-    delta: float,
-    clip: float,
-    rng: np.random.Generator,
-    reg: float = DEFAULT_REG,
-) -> ClientSummary:
-    """(epsilon, delta)-DP release of a summary via the Gaussian mechanism on clipped sufficient statistics.
-
-    Precondition: every feature had L2 norm <= ``R = clip`` before fitting (use :func:`clip_features`); means
-    outside the ball of radius R are rejected. For each class c and component g (``n_g = w_g n_c``) the
-    statistics are ``n_g``, ``S1_g = n_g mu_g`` and ``S2_g = n_g (var_g + mu_g^2)`` (coordinate-wise). One example
-    with responsibilities r (``||r||_2 <= 1``) contributes ``r``, ``r ⊗ x`` and ``r ⊗ (x ∘ x)``, so under
-    replace-one adjacency the L2 sensitivities of the three releases, over all classes and components jointly, are
-
-        Delta_n = sqrt(2),   Delta_S1 = 2 R,   Delta_S2 = 2 R^2   (||x ∘ x||_2 <= ||x||_2^2 <= R^2).
-
-    The budget is split evenly over the three releases (``epsilon/3, delta/3`` each, basic composition) and
-    each gets ``N(0, sigma^2)`` with ``sigma = Delta sqrt(2 ln(1.25 / (delta/3))) / (epsilon/3)``. Post-processing:
-    ``n̂_g = max(noisy n_g, 1)``, ``mu = Ŝ1 / n̂``, ``var = max(Ŝ2 / n̂ - mu^2, reg)``, ``w = max(noisy n_g, 0)``
-    renormalised (uniform if all are 0) and ``n_c = max(1, round(sum_g noisy n_g))``. This is equivalent to
-    noise of std ``sigma_S1 / n_g`` (i.e. sensitivity ``2R / n_g``) on the means.
-    Caveats: the bounds treat the EM responsibilities of the other examples as fixed, so they are exact for
-    ``G = 1`` and a calibration heuristic for ``G > 1``; the classic Gaussian-mechanism guarantee needs
-    ``epsilon / 3 < 1``.
-    """
-    if not (math.isfinite(epsilon) and epsilon > 0):
-        raise CeloraError(f"privacy.summary_epsilon must be > 0, got {epsilon}")
-    if not 0 < delta < 1:
-        raise CeloraError(f"privacy.summary_delta must be in (0, 1), got {delta}")
-    if not (math.isfinite(clip) and clip > 0):
-        raise CeloraError(f"privacy.summary_clip must be > 0, got {clip}")
-    eps_r, delta_r = epsilon / 3.0, delta / 3.0
-    sigma_n = _gaussian_sigma(math.sqrt(2.0), eps_r, delta_r)
-    sigma_s1 = _gaussian_sigma(2.0 * clip, eps_r, delta_r)
-    sigma_s2 = _gaussian_sigma(2.0 * clip**2, eps_r, delta_r)
-
-    out: ClientSummary = {}
-    for label, cs in summary.items():
-        _check_class(cs, f"summary.c{label}")
-        w = cs.weights / cs.weights.sum()
-        if np.linalg.norm(cs.means, axis=1).max() > clip * (1 + 1e-6):
-            raise CeloraError(
-                f"privacy.summary_clip: class {label} has a mean outside the clip radius {clip}; "
-                "clip the features (clip_features) before fitting"
-            )
-        counts = w * cs.n
-        s1 = counts[:, None] * cs.means
-        s2 = counts[:, None] * (cs.variances + cs.means**2)
-        noisy_counts = counts + rng.normal(0.0, sigma_n, size=counts.shape)
-        noisy_s1 = s1 + rng.normal(0.0, sigma_s1, size=s1.shape)
-        noisy_s2 = s2 + rng.normal(0.0, sigma_s2, size=s2.shape)
-        denom = np.maximum(noisy_counts, 1.0)[:, None]
-        means = noisy_s1 / denom
-        variances = np.maximum(noisy_s2 / denom - means**2, reg)
-        pos = np.maximum(noisy_counts, 0.0)
-        weights = pos / pos.sum() if pos.sum() > 0 else np.full_like(pos, 1.0 / pos.size)
-        n = max(1, int(round(float(noisy_counts.sum()))))
-        out[label] = ClassSummary(weights=weights, means=means, variances=variances, n=n)
     return out
 
 

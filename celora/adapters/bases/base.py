@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
-from celora.errors import CeloraError
+from celora.registry import Registry
 
 if TYPE_CHECKING:
     from celora.adapters.trilora import TriLoraLinear
@@ -29,20 +29,17 @@ class AdapterBasis(ABC):
         """Write ``layer.lora_A``, ``lora_C``, ``lora_B`` from ``seed`` (called under ``torch.no_grad``)."""
 
 
-BASES: dict[str, AdapterBasis] = {}
+BASES: Registry[AdapterBasis] = Registry("basis", "model.basis")
 B = TypeVar("B", bound=type[AdapterBasis])
 
 
 def register_basis(cls: B) -> B:
-    """Class decorator: make an instance of ``cls`` available under ``cls.name``."""
-    if cls.name in BASES:
-        raise ValueError(f"basis {cls.name!r} registered twice")
-    BASES[cls.name] = cls()
+    """Class decorator: make an instance of ``cls`` available under ``cls.name`` (a name registered twice is an
+    error)."""
+    BASES.add(cls.name, cls())
     return cls
 
 
 def get_basis(name: str) -> AdapterBasis:
     """The registered basis ``name`` (CeloraError naming ``model.basis`` if unknown)."""
-    if name not in BASES:
-        raise CeloraError(f"model.basis: unknown basis '{name}' (known: {', '.join(sorted(BASES))})")
-    return BASES[name]
+    return BASES.lookup(name)

@@ -1,0 +1,1 @@
+"""Privacy: differential privacy (dp.py), gradient-inversion attacks (inversion.py, attacks/), metrics."""
