@@ -61,7 +61,7 @@ def attack_experiment(
     client's adapter from the seeded init, and attack its batches; (result, settings)."""
     from celora.adapters.inject import set_tensors, set_trainable, view_names
     from celora.fl.client import train_local
-    from celora.fl.prepare import check_names, prepare
+    from celora.fl.prepare import Prepared, check_names, prepare
 
     threat = get_threat(shared)
     if warm_steps < 0 or local_steps < 1 or iterations < 0:
@@ -70,6 +70,8 @@ def attack_experiment(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     p = prepared if prepared is not None else prepare(cfg)
+    if not isinstance(p, Prepared):
+        raise CeloraError("celora attack: data.sites is not supported (the attack reads one partitioned dataset)")
     set_tensors(p.loaded.model, p.init_state)  # the seeded init (a reused ``prepared`` may have been warmed)
     kind: Kind = "image" if p.loaded.kind == "vision" else "text"
     if p.loaded.kind in ("vlm",) or (kind == "text" and p.loaded.kind != "encoder"):
@@ -139,6 +141,8 @@ def _fmt(m: dict[str, Any], key: str, digits: int = 3) -> str:
     v = m.get(key)
     if not v or v.get("n", 0) == 0:
         return "–"
+    if v["n"] == 1:
+        return f"{v['mean']:.{digits}f} (1 batch)"  # no interval from a single batch
     return f"{v['mean']:.{digits}f} ± {v['ci95']:.{digits}f}"
 
 

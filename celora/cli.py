@@ -56,6 +56,13 @@ def _default_out(config: Path | None, method: str) -> Path:
     return Path("runs") / f"{stem}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def data_label(cfg: Any) -> str:
+    """Where the run's rows come from, for the banner: the sites' files, or a dataset and its partition."""
+    if cfg.data.sites:
+        return f"{len(cfg.data.sites)} site files (data.sites)"
+    return f"{cfg.data.path or cfg.data.name} ({cfg.data.partition})"
+
+
 @app.command()
 def run(
     config: Annotated[Path | None, typer.Argument(help="experiment TOML (see configs/)")] = None,
@@ -106,7 +113,7 @@ def run(
     out_dir = resume or out or _default_out(config, cfg.method)
     console.print(
         f"[bold]celora[/bold] {cfg.method} · model {cfg.model.name} · {cfg.num_clients} clients · "
-        f"{cfg.rounds} rounds · data {cfg.data.path or cfg.data.name} ({cfg.data.partition}) · runtime {runtime}"
+        f"{cfg.rounds} rounds · data {data_label(cfg)} · runtime {runtime}"
     )
     progress = Progress(
         TextColumn("{task.description}"),
@@ -124,26 +131,23 @@ def run(
     else:
         with console.status("loading data and model (offline)…"):
             prepared = prepare(cfg)
-        from celora.data.partition import partition_summary
+        from celora.fl.client import partition_report
 
-        console.print(
-            format_partition_table(
-                partition_summary(prepared.split, prepared.dataset.labels, prepared.dataset.label_names)
-            )
+        sim = Simulation(
+            cfg,
+            out_dir,
+            observer=RichObserver(progress, cfg.rounds),
+            prepared=prepared,
+            export_adapters=not no_export,
+            resume=resume is not None,
         )
+        console.print(format_partition_table(partition_report(sim.infos, sim.clients[0].data.meta)))
         with progress:
-            sim = Simulation(
-                cfg,
-                out_dir,
-                observer=RichObserver(progress, cfg.rounds),
-                prepared=prepared,
-                export_adapters=not no_export,
-                resume=resume is not None,
-            )
             result = sim.run()
     console.print(rounds_table(result.rounds))
     console.print(clients_table(result.rounds[-1]))
-    plot_accuracy(result.rounds, out_dir / "accuracy.png", title=f"{cfg.method} · {cfg.data.partition}")
+    scheme = "sites" if cfg.data.sites else cfg.data.partition
+    plot_accuracy(result.rounds, out_dir / "accuracy.png", title=f"{cfg.method} · {scheme}")
     weights = result.diagnostics.get("weights")
     if weights is not None:
         plot_weights(weights, out_dir / "weights.png", title=f"w_ij, round {cfg.rounds}")
@@ -203,12 +207,16 @@ def compare(
         run_comparison,
     )
     from celora.config import load_config
+    from celora.fl.strategies import unused_keys
     from celora.tables import frame_rich
 
     base = load_config(config, set_ or [])
     variants = parse_variants(variant or [])
     method_list = parse_list(methods, "--methods")
     method_list += [label for label in variants if label not in method_list]
+    used_by = [variants[m].method if m in variants else m for m in method_list]
+    for line in unused_keys(base, list(dict.fromkeys(used_by))):
+        err_console.print(f"warning: {line}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     seed_list = parse_seeds(seeds)
     out_dir = out or Path("runs") / f"compare-{config.stem}"
     total = len(method_list) * len(seed_list)

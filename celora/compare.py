@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from celora.config import ExperimentConfig, apply_overrides, build_config
+from celora.config import ExperimentConfig, apply_overrides, build_config, dump_config
 from celora.errors import CeloraError
+from celora.fl.run_folder import load_checkpoint
 from celora.fl.simulation import Observer, Prepared, Simulation, check_names, prepare
+from celora.fl.sites import SitesPrepared
 from celora.tables import frame_csv, frame_markdown
 
 CELL_KEYS = (
@@ -120,6 +122,14 @@ def _cell_row(summary: dict[str, Any], seed: int) -> dict[str, Any]:
     }
 
 
+def resumable(cell_dir: Path, cfg: ExperimentConfig) -> bool:
+    """Does ``cell_dir`` hold an unfinished run of exactly ``cfg`` with a complete checkpoint?"""
+    written = cell_dir / "config.toml"
+    if not written.is_file() or written.read_text(encoding="utf-8") != dump_config(check_names(cfg)):
+        return False
+    return load_checkpoint(cell_dir) is not None
+
+
 def run_comparison(
     base: ExperimentConfig,
     methods: Sequence[str],
@@ -130,7 +140,8 @@ def run_comparison(
     on_skip: Callable[[str, int], None] | None = None,
     variants: Mapping[str, Variant] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every missing (method, seed) cell; return one row per cell (finished ones read back).
+    """Run every missing (method, seed) cell; return one row per cell (finished ones read back; one cut off
+    mid-run resumes from its checkpoint).
 
     ``methods`` are column labels: a registered method, or the label of one of ``variants``.
     """
@@ -139,7 +150,7 @@ def run_comparison(
     known = dict(variants or {})
     cols = [known.get(m, Variant(m, m)) for m in methods]
     cells = [(v.label, s, cell_config(base, v.method, s, v.overrides)) for s in seeds for v in cols]  # validate all
-    prepared: dict[str, Prepared] = {}
+    prepared: dict[str, Prepared | SitesPrepared] = {}
     rows: list[dict[str, Any]] = []
     for method, seed, cfg in cells:
         cell_dir = out / method / f"seed_{seed}"
@@ -154,7 +165,9 @@ def run_comparison(
             prepared.clear()  # one prepared model at a time keeps memory flat
             prepared[key] = prepare(cfg)
         obs = observer_for(method, seed) if observer_for else None
-        result = Simulation(cfg, cell_dir, observer=obs, prepared=prepared[key], export_adapters=False).run()
+        resume = resumable(cell_dir, cfg)  # a cell interrupted mid-run continues from its checkpoint
+        sim = Simulation(cfg, cell_dir, observer=obs, prepared=prepared[key], export_adapters=False, resume=resume)
+        result = sim.run()
         row = _cell_row(result.summary, seed) | {"method": method}
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(row, indent=2), encoding="utf-8")

@@ -19,7 +19,8 @@ class MemoryGrid(Grid):
     ``dead`` maps a node id to the first group id (round) from which that node no longer answers;
     ``joins`` maps a node id to (partition id, the first group id from which it is connected);
     ``crash_at``: the server process "dies" (RuntimeError) when it sends that group's messages;
-    ``node_config``: extra keys of every node's config (e.g. ``state-dir``);
+    ``node_config``: extra keys of every node's config (e.g. ``state-dir``); ``node_configs``: of the node
+    serving partition i (e.g. its ``site-path``);
     ``tamper(msg, reply)`` may rewrite a reply before the server sees it.
     """
 
@@ -31,6 +32,7 @@ class MemoryGrid(Grid):
         joins: dict[int, tuple[int, int]] | None = None,
         crash_at: int | None = None,
         node_config: dict[str, Any] | None = None,
+        node_configs: list[dict[str, Any]] | None = None,
         tamper: Callable[[Message, Message], Message] | None = None,
     ) -> None:
         from flwr.supercore.task_identity import TaskIdentity
@@ -48,7 +50,12 @@ class MemoryGrid(Grid):
             node: Context(
                 run_id=1,
                 node_id=node,
-                node_config={"partition-id": part, "num-partitions": total, **(node_config or {})},
+                node_config={
+                    "partition-id": part,
+                    "num-partitions": total,
+                    **(node_config or {}),
+                    **(node_configs[part] if node_configs else {}),
+                },
                 state=RecordDict(),
                 run_config={},
             )

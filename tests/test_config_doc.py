@@ -73,3 +73,10 @@ def test_run_prints_the_warning_in_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("warning: aggregation.lam is set but method fedit does not use it")
     assert err[1].startswith("error: unknown model.name")
+
+
+def test_compare_warns_only_about_keys_no_compared_method_reads():
+    cfg = load_config(None, ["aggregation.lam=2", "privacy.summary_clip=5"])
+    assert unused_keys(cfg, ["celora", "fedit"]) == []
+    (line,) = [x for x in unused_keys(cfg, ["fedit", "local"]) if x.startswith("aggregation.lam")]
+    assert "methods fedit, local do not use it (used by: celora)" in line

@@ -319,3 +319,20 @@ def test_dropout_and_outlier_rejection_match_inprocess(tmp_path, make_cfg):
     _assert_same_accuracies(ref.rounds, rows)
     assert [r["dropped"] for r in rows] == [r["dropped"] for r in ref.rounds]
     assert [r["rejected"] for r in rows] == [r["rejected"] for r in ref.rounds]
+
+
+def test_kept_optimizer_moments_survive_on_the_node(tmp_path, make_cfg):
+    """train.keep_optimizer under Flower: each node keeps its AdamW moments between messages (context.state)
+    and on its disk, so the rows equal the in-process loop's, also after a ServerApp crash and resume."""
+    extra = ("rounds=3", "clients_per_round=2", "train.keep_optimizer=true")
+    cfg = make_cfg(*extra)
+    ref = Simulation(cfg, prepared=prepare(cfg), export_adapters=False).run()
+    out, nodes = tmp_path / "run", {"state-dir": str(tmp_path / "nodes")}
+    with pytest.raises(RuntimeError, match="crashed in round 3"):
+        CeloraFlowerStrategy(make_cfg(*extra), out, round_timeout=5, node_wait=1, export=False).run(
+            MemoryGrid(3, crash_at=3, node_config=nodes)
+        )
+    CeloraFlowerStrategy(make_cfg(*extra), out, round_timeout=5, node_wait=1, export=False, resume=True).run(
+        MemoryGrid(3, node_config=nodes)
+    )
+    _assert_same_accuracies(ref.rounds, read_jsonl(out / "metrics.jsonl"))

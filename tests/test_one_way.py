@@ -23,6 +23,7 @@ def registries() -> dict[str, Registry]:
     from celora.data.tasks import TASKS
     from celora.fl.strategies import STRATEGIES
     from celora.models.zoo import ZOO
+    from celora.privacy.attacks import ATTACKS
 
     return {
         "method": STRATEGIES,
@@ -31,10 +32,13 @@ def registries() -> dict[str, Registry]:
         "data.task": TASKS,
         "model.name": ZOO,
         "model.basis": BASES,
+        "attack": ATTACKS,
     }
 
 
-@pytest.mark.parametrize("key", ["method", "data.name", "data.partition", "data.task", "model.name", "model.basis"])
+@pytest.mark.parametrize(
+    "key", ["method", "data.name", "data.partition", "data.task", "model.name", "model.basis", "attack"]
+)
 def test_every_registry_refuses_duplicates_and_names_the_key(key):
     reg = registries()[key]
     assert isinstance(reg, Registry) and reg.key == key and len(reg) >= 2

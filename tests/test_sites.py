@@ -9,15 +9,8 @@ import pytest
 import torch
 
 from celora.config import load_config
-from celora.data.sites import (
-    agree_labels,
-    label_message,
-    load_global_test,
-    load_site,
-    parse_label_message,
-    read_site,
-    split_site,
-)
+from celora.data.sites import agree_labels, label_message, load_global_test, load_site, read_site, split_site
+from celora.data.sites import parse_label_message as parse_labels
 from celora.errors import CeloraError
 
 WORDS = {
@@ -118,10 +111,10 @@ def test_label_agreement_declared_numeric_and_single_class():
 
 def test_label_message_carries_names_only_and_is_checked():
     names = ["money", "sport"]
-    assert parse_label_message(label_message(names), 0) == names
+    assert parse_labels(label_message(names), 0) == names
     for bad in (b"\xff", b"{}", b"[]", b'["a", "a"]', b'["a", 3]', b'[""]'):
         with pytest.raises(CeloraError, match="site 2"):
-            parse_label_message(bad, 2)
+            parse_labels(bad, 2)
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "header_only", "wrong_column", "unknown_label"])

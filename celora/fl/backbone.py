@@ -18,13 +18,15 @@ import torch
 from torch import nn
 
 from celora.adapters.bases import get_basis
-from celora.adapters.inject import AdapterSpec, get_tensors, set_tensors, set_trainable, view_names
+from celora.adapters.inject import AdapterSpec, get_tensors, inject_adapters, set_tensors, set_trainable, view_names
 from celora.config import ExperimentConfig
-from celora.data.tasks import Task
+from celora.data.tasks import Task, get_task
+from celora.errors import CeloraError
 from celora.fl.payload import Layout, WireDtype, expected_size
 from celora.fl.strategies import Strategy, Tensors, get_strategy
-from celora.models.device import CPU, Placement
-from celora.models.zoo import LoadedModel
+from celora.models.device import CPU, Placement, resolve_placement
+from celora.models.vlm import VisionLanguageModel
+from celora.models.zoo import LoadedModel, bf16_on_cpu, load_model
 
 
 def frozen_factors(cfg: ExperimentConfig) -> set[str]:
@@ -143,3 +145,49 @@ class Phases:
 def seeded(seed: int, rnd: int, salt: int) -> None:
     """Seed torch for client ``salt``'s local work in round ``rnd`` (identical in every runtime)."""
     torch.manual_seed(seed * 100_003 + rnd * 1_009 + salt)
+
+
+def placement_of(cfg: ExperimentConfig) -> Placement:
+    """train.device / train.precision resolved on this machine."""
+    return resolve_placement(cfg.train.device, cfg.train.precision, bf16_on_cpu=bf16_on_cpu(cfg.model.name))
+
+
+def load_backbone(
+    cfg: ExperimentConfig, num_labels: int, placement: Placement = CPU
+) -> tuple[LoadedModel, AdapterSpec, Task]:
+    """The frozen base for ``num_labels`` classes with adapters injected (no data needed), in the placement's
+    weight dtype (``place_model`` moves it to its device)."""
+    task = get_task(cfg.data.task or "classify")
+    loaded = load_model(
+        cfg.model.name,
+        num_labels=num_labels,
+        seed=cfg.seed,
+        head=task.head,  # type: ignore[arg-type]
+        dtype=placement.weights,
+    )
+    m = cfg.model
+    if m.projector_hidden is not None:
+        if not isinstance(loaded.model, VisionLanguageModel):
+            raise CeloraError(f"model.projector_hidden: only for a vision-language model, not '{m.name}'")
+        loaded.model.set_projector_width(m.projector_hidden, cfg.seed)
+    spec = AdapterSpec(
+        rank=m.rank,
+        alpha=m.alpha if m.alpha is not None else float(m.rank),
+        targets=tuple(m.targets or loaded.default_targets),
+        dropout=m.dropout,
+        init=m.init,
+        basis=m.basis,
+        seed=cfg.seed,
+        heads=m.heads,
+    )
+    try:
+        inject_adapters(loaded.model, spec)
+    except ValueError as err:
+        raise CeloraError(f"model.rank: {err}") from None
+    return loaded, spec, task
+
+
+def backbone_of(loaded: LoadedModel, spec: AdapterSpec, task: Task, placement: Placement = CPU) -> Backbone:
+    """Freeze the adapter view as it is now (the initial state every client starts from)."""
+    all_names = view_names(loaded.model, {"A", "B", "C", "head"}, loaded.head_modules)
+    return Backbone(loaded, spec, get_tensors(loaded.model, all_names), all_names, task, placement)

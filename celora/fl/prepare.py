@@ -10,21 +10,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from celora.adapters.inject import AdapterSpec, get_tensors, inject_adapters, view_names
+from celora.adapters.inject import AdapterSpec
 from celora.config import ExperimentConfig
 from celora.data.partition import FederatedSplit, make_federated_split
 from celora.data.sources import Dataset, load_dataset
 from celora.data.tasks import Task, TaskData, get_task
 from celora.errors import CeloraError
-from celora.fl.backbone import Backbone, frozen_factors
+from celora.fl.backbone import Backbone, backbone_of, frozen_factors, load_backbone, placement_of
 from celora.fl.basis_setup import check_basis, setup_gradient_basis
 from celora.fl.client import PartitionedData
 from celora.fl.strategies import Tensors, get_strategy
-from celora.models.device import CPU, Placement, place_model, resolve_device, resolve_placement
-from celora.models.vlm import VisionLanguageModel
-from celora.models.zoo import LoadedModel, bf16_on_cpu, load_model
+from celora.models.device import CPU, Placement, place_model, resolve_device
+from celora.models.zoo import LoadedModel
+
+if TYPE_CHECKING:
+    from celora.fl.sites import SitesPrepared
 
 __all__ = ["Prepared", "check_names", "frozen_factors", "prepare", "prepare_model"]
 
@@ -48,6 +50,11 @@ class Prepared:
     @property
     def bench(self) -> Backbone:
         return Backbone(self.loaded, self.spec, self.init_state, self.all_names, self.task, self.placement)
+
+    @property
+    def setup_bytes_up(self) -> int:
+        """One-time bytes all clients uploaded for the task's set-up."""
+        return self.task_setup_bytes * len(self.split.clients)
 
     def provider(self) -> PartitionedData:
         """Today's data provider: every client indexes the one encoded dataset."""
@@ -86,59 +93,13 @@ def check_names(cfg: ExperimentConfig) -> ExperimentConfig:
         )
     if cfg.data.task != task.name:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"task": task.name})})
-    if cfg.data.path is None and cfg.data.name not in DATASETS:
+    if cfg.data.sites is None and cfg.data.path is None and cfg.data.name not in DATASETS:
         known = ", ".join(sorted(DATASETS))
         raise CeloraError(f"unknown data.name '{cfg.data.name}' (known: {known}; or set data.path)")
     if cfg.data.path is not None and not Path(cfg.data.path).is_file():
         raise CeloraError(f"data.path: file not found: {cfg.data.path}")
     resolve_device(cfg.train.device)  # one line naming train.device when it is not on this machine
     return cfg
-
-
-def placement_of(cfg: ExperimentConfig) -> Placement:
-    """train.device / train.precision resolved on this machine."""
-    return resolve_placement(cfg.train.device, cfg.train.precision, bf16_on_cpu=bf16_on_cpu(cfg.model.name))
-
-
-def load_backbone(
-    cfg: ExperimentConfig, num_labels: int, placement: Placement = CPU
-) -> tuple[LoadedModel, AdapterSpec, Task]:
-    """The frozen base for ``num_labels`` classes with adapters injected (no data needed), in the placement's
-    weight dtype (``place_model`` moves it to its device)."""
-    task = get_task(cfg.data.task or "classify")
-    loaded = load_model(
-        cfg.model.name,
-        num_labels=num_labels,
-        seed=cfg.seed,
-        head=task.head,  # type: ignore[arg-type]
-        dtype=placement.weights,
-    )
-    m = cfg.model
-    if m.projector_hidden is not None:
-        if not isinstance(loaded.model, VisionLanguageModel):
-            raise CeloraError(f"model.projector_hidden: only for a vision-language model, not '{m.name}'")
-        loaded.model.set_projector_width(m.projector_hidden, cfg.seed)
-    spec = AdapterSpec(
-        rank=m.rank,
-        alpha=m.alpha if m.alpha is not None else float(m.rank),
-        targets=tuple(m.targets or loaded.default_targets),
-        dropout=m.dropout,
-        init=m.init,
-        basis=m.basis,
-        seed=cfg.seed,
-        heads=m.heads,
-    )
-    try:
-        inject_adapters(loaded.model, spec)
-    except ValueError as err:
-        raise CeloraError(f"model.rank: {err}") from None
-    return loaded, spec, task
-
-
-def backbone_of(loaded: LoadedModel, spec: AdapterSpec, task: Task, placement: Placement = CPU) -> Backbone:
-    """Freeze the adapter view as it is now (the initial state every client starts from)."""
-    all_names = view_names(loaded.model, {"A", "B", "C", "head"}, loaded.head_modules)
-    return Backbone(loaded, spec, get_tensors(loaded.model, all_names), all_names, task, placement)
 
 
 def prepare_model(cfg: ExperimentConfig, num_labels: int) -> Backbone:
@@ -151,9 +112,14 @@ def prepare_model(cfg: ExperimentConfig, num_labels: int) -> Backbone:
     return backbone_of(*load_backbone(cfg, num_labels, placement), placement)
 
 
-def prepare(cfg: ExperimentConfig) -> Prepared:
-    """Load data, partition it, tokenize once, build the frozen model and inject adapters."""
+def prepare(cfg: ExperimentConfig) -> Prepared | SitesPrepared:
+    """Load data, partition it, tokenize once, build the frozen model and inject adapters; with
+    ``data.sites`` every site loads its own file instead (``celora.fl.sites.prepare_sites``)."""
     cfg = check_names(cfg)
+    if cfg.data.sites is not None:
+        from celora.fl.sites import prepare_sites
+
+        return prepare_sites(cfg)
     placement = placement_of(cfg)
     d = cfg.data
     dataset = load_dataset(

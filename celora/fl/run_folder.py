@@ -8,7 +8,8 @@ Layout of ``<out>/``:
   similarity_data.npy, weights_round_<t>.npy   the personalized strategy's S^data and w_ij
   zero_shot.json       the un-adapted model, for tasks where that is meaningful
   adapters/client_<i>/ PEFT exports of every client's final adapter
-  checkpoints/ckpt-<t>.safetensors + ckpt-<t>.json   the state after round t (``save_checkpoint``)
+  checkpoints/ckpt-<t>.safetensors + ckpt-<t>.json   the state after round t (``save_checkpoint``); removed
+                       once summary.json is written
 
 A ``RunFolder(None)`` writes nothing (runs without a folder, e.g. in tests and comparisons' memory).
 """
@@ -19,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +145,12 @@ class RunFolder:
         )
         self.close_log()
 
+    def drop_checkpoints(self) -> None:
+        """A finished run (summary.json written) keeps its results, not its checkpoints (only an unfinished
+        run resumes)."""
+        if self.path is not None:
+            shutil.rmtree(self.path / "checkpoints", ignore_errors=True)
+
     def export_adapters(self, exporter: Any, states: Mapping[int, dict[str, torch.Tensor]]) -> None:
         """Every client's final adapter as a PEFT folder (``exporter``: ``celora.adapters.export.PeftExporter``)."""
         if self.path is not None:
@@ -257,26 +265,49 @@ def load_checkpoint(run: Path) -> Checkpoint | None:
     return None
 
 
-def save_client_state(folder: Path, rnd: int, state: Mapping[str, torch.Tensor], keep: int = 3) -> Path:
-    """A client's private state after round ``rnd``, on its own disk: ``<folder>/state-<t>.safetensors``
-    (atomic; the last ``keep`` are kept so that a server resuming an earlier round finds its match)."""
+def state_blob(state: Mapping[str, torch.Tensor], extra: Any = None) -> bytes:
+    """One safetensors blob: a client state's tensors, plus ``extra`` (e.g. AdamW moments) packed beside them."""
+    tensors = {f"s/{k}": v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
+    packed: dict[str, torch.Tensor] = {}
+    meta = pack(extra, packed, "x")
+    tensors.update(packed)
+    return st_save(tensors, metadata={"extra": json.dumps(meta)})
+
+
+def state_from_blob(blob: bytes) -> tuple[dict[str, torch.Tensor], Any]:
+    """Inverse of ``state_blob``: (state, extra)."""
+    tensors = st_load(blob)
+    state = {k[2:]: v for k, v in tensors.items() if k.startswith("s/")}
+    header_len = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + header_len])  # safetensors: u64 header length, JSON header (metadata)
+    extra = unpack(json.loads(header.get("__metadata__", {}).get("extra", "null")), tensors)
+    return state, extra
+
+
+def save_client_state(
+    folder: Path, rnd: int, state: Mapping[str, torch.Tensor], extra: Any = None, keep: int = 3
+) -> Path:
+    """A client's private state after round ``rnd`` (and ``extra``: its AdamW moments with
+    train.keep_optimizer), on its own disk: ``<folder>/state-<t>.safetensors`` (atomic; the last ``keep`` are
+    kept so that a server resuming an earlier round finds its match)."""
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
     path = folder / f"state-{rnd:06d}.safetensors"
-    atomic_write(path, st_save(tensors, metadata={"round": str(rnd)}))
+    atomic_write(path, state_blob(state, extra))
     for old in sorted(folder.glob("state-*.safetensors"))[:-keep]:
         old.unlink(missing_ok=True)
     return path
 
 
-def load_client_state(folder: Path, upto: int) -> tuple[int, dict[str, torch.Tensor]] | None:
-    """The newest readable state saved after a round ≤ ``upto`` (a damaged file is skipped), or None."""
+def load_client_state(folder: Path, upto: int) -> tuple[int, dict[str, torch.Tensor], Any] | None:
+    """(round, state, extra) of the newest readable state saved after a round ≤ ``upto`` (a damaged file is
+    skipped), or None."""
     for path in sorted(folder.glob("state-*.safetensors"), reverse=True):
         rnd = int(path.stem.removeprefix("state-"))
         if rnd > upto:
             continue
         try:
-            return rnd, dict(st_load(path.read_bytes()))
+            state, extra = state_from_blob(path.read_bytes())
+            return rnd, state, extra
         except Exception as err:  # noqa: BLE001  (safetensors raises its own error type on a damaged file)
             log.warning("client state %s is unusable (%s): trying the previous one", path, err)
     return None

@@ -38,6 +38,7 @@ from celora.fl.prepare import Prepared, check_names, frozen_factors, prepare
 from celora.fl.records import ClientRound, Observer, Silent
 from celora.fl.run_folder import Checkpoint, RunFolder, load_checkpoint, save_checkpoint
 from celora.fl.server import RoundState, ServerCore
+from celora.fl.sites import SitesPrepared
 from celora.fl.states import StatesView, make_store
 from celora.fl.strategies import Tensors
 from celora.models.device import BatchFit
@@ -75,13 +76,15 @@ class Simulation:
         *,
         observer: Observer | None = None,
         wire_hook: WireHook | None = None,
-        prepared: Prepared | None = None,
+        prepared: Prepared | SitesPrepared | None = None,
         export_adapters: bool = True,
         resume: bool = False,
     ) -> None:
         cfg = check_names(cfg)
-        self.cfg = cfg
         self.p = prepared or prepare(cfg)
+        if isinstance(self.p, SitesPrepared):
+            cfg = self.p.cfg  # data.sites: with the label space the sites agreed on (data.labels)
+        self.cfg = cfg
         self.bench = self.p.bench
         self.folder = RunFolder(out_dir)
         self.out = self.folder.path
@@ -163,14 +166,17 @@ class Simulation:
         if self.p.basis_setup:
             summary["basis_setup"] = self.p.basis_setup
         self.folder.write_summary(summary)
+        self.folder.drop_checkpoints()
         states = StatesView(self.store, [c.id for c in self.clients])
         return RunResult(summary, list(server.rows), states, dict(server.main_strategy.diagnostics))
 
     # ----------------------------------------------------------------- checkpoint / resume
     def state_dict(self, wall: float) -> dict[str, Any]:
-        """The run's state between rounds: every client's private state, the server core's, the RNGs."""
+        """The run's state between rounds: every client's private state (and AdamW moments, with
+        train.keep_optimizer), the server core's, the RNGs."""
         return {
             "clients": {c.id: self.changed(c.state) for c in self.clients},
+            "optimizers": {c.id: c.optimizer_state for c in self.clients if c.optimizer_state is not None},
             "server": self.server.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "zero_shot": self.zero_shot_summary,
@@ -187,6 +193,7 @@ class Simulation:
         st = ckpt.state
         for c in self.clients:
             c.state = {**self.bench.init_state, **st["clients"].get(c.id, {})}
+            c.optimizer_state = st["optimizers"].get(c.id)  # AdamW moments (train.keep_optimizer)
         self.server.load_state_dict(st["server"], ckpt.round)
         torch.set_rng_state(st["torch_rng"])
         self.zero_shot_summary = st["zero_shot"]
@@ -269,8 +276,10 @@ class Simulation:
         ids = global_eval_clients(cfg.num_clients, cfg.eval.global_clients, cfg.seed)
         g_accs = [self.clients[i].evaluate_global() for i in ids]
         acc_global = float(np.mean(g_accs)) if len(self.clients[0].data.global_idx) else float("nan")
-        summary = self.server.summary(acc_global, wall, self.p.task_setup_bytes * cfg.num_clients)
+        summary = self.server.summary(acc_global, wall, self.p.setup_bytes_up)
         summary["global_eval"] = global_eval_note(ids, cfg.num_clients)
+        if isinstance(self.p, SitesPrepared):  # the combined task set-up every site received
+            summary["bytes_setup_down"] = self.p.setup.totals()["down"]
         if self.out is not None and self.export_adapters:
             from celora.adapters.export import PeftExporter  # peft is heavy: imported only to export
 

@@ -8,8 +8,12 @@ the configured dataset) and the frozen model, and runs the same ``ClientRuntime`
 so results match.
 
 Messages (all built by ``celora.fl.flower.server``):
+- ``query.labels`` (``data.sites`` without declared ``data.labels``): the node reads its own file (node
+  config ``site-path``, default ``data.sites[partition-id]``) and answers with its label names only.
 - ``query.setup``: config → partition id and the client's ``info`` (counts only: n_train, n_test, label
-  histogram, majority baseline, label names), plus the one-time data summary for methods that use it.
+  histogram, majority baseline, label names), plus the one-time data summary for methods that use it and,
+  for a site, the task statistics of its own rows (``stats``, e.g. the VLM's feature moments).
+- ``query.task_setup``: the combined task set-up (e.g. the projector's μ, σ), kept in ``context.state``.
 - ``train``: optionally the C̄_i (or other shared tensors) the server addressed to this client, then
   local training; the reply carries only what the method shares.
 - ``evaluate``: the last round's message, evaluation on the global test set, adapter export (local).
@@ -45,6 +49,8 @@ app = ClientApp()
 
 _STATE = "celora.state"  # ArrayRecord: the client's full adapter view (A, B, C, head)
 _META = "celora.meta"  # ConfigRecord: the experiment config (TOML) received at setup
+_TASK_SETUP = "celora.task_setup"  # ArrayRecord: the combined task set-up (data.sites), applied on every load
+_OPT = "celora.optimizer"  # ArrayRecord (one blob): the client's AdamW moments, with train.keep_optimizer
 _ENVS: dict[str, _Env] = {}  # config digest → what this process loaded for it (a ClientApp serves many messages)
 NODE_TRAIN_KEYS = ("device", "precision")  # node config keys: this SuperNode's own train.device / train.precision
 
@@ -64,22 +70,41 @@ class _Env:
     phases: Any  # celora.fl.backbone.Phases
 
 
+def _config(toml_text: str, node_config: Any = None) -> Any:
+    """The experiment config of a setup message, with this node's overrides (e.g. its device)."""
+    import tomllib
+
+    from celora.config import apply_overrides, build_config
+
+    return build_config(apply_overrides(tomllib.loads(toml_text), node_overrides(node_config or {})))
+
+
+def _site_path(node_config: Any) -> str | None:
+    """This node's own data file (node config ``site-path``), if it was given one."""
+    value = node_config.get("site-path")
+    return str(value) if value else None
+
+
 def _env(toml_text: str, node_config: Any) -> _Env:
-    """Load (once per process and config) the model and this node's data provider."""
+    """Load (once per process and config) the model and this node's data provider: with ``data.sites``
+    only this node's own file (its ``site-path``, default ``data.sites[partition-id]``)."""
     overrides = node_overrides(node_config)
-    key = hashlib.sha256((toml_text + "\n".join(overrides)).encode()).hexdigest()
+    site = _site_path(node_config)
+    text = "\n".join([toml_text, *overrides, f"site={site} partition={node_config.get('partition-id')}"])
+    key = hashlib.sha256(text.encode()).hexdigest()
     if key not in _ENVS:
-        import tomllib
-
-        from celora.config import apply_overrides, build_config
         from celora.fl.backbone import Phases
-        from celora.fl.prepare import prepare
+        from celora.fl.prepare import check_names, prepare
+        from celora.fl.sites import prepare_site
 
-        cfg = build_config(apply_overrides(tomllib.loads(toml_text), overrides))
+        cfg = _config(toml_text, node_config)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         _ENVS.clear()
-        prepared = prepare(cfg)
+        if cfg.data.sites is not None:
+            prepared: Any = prepare_site(check_names(cfg), _partition_of(node_config, cfg.num_clients), site)
+        else:
+            prepared = prepare(cfg)
         bench = prepared.bench
         _ENVS[key] = _Env(cfg, bench, prepared.provider(), Phases(cfg, bench))
     return _ENVS[key]
@@ -87,7 +112,10 @@ def _env(toml_text: str, node_config: Any) -> _Env:
 
 def _partition(context: Context, num_clients: int) -> int:
     """Client id = node config ``partition-id`` (checked against ``num-partitions`` and the config)."""
-    nc = context.node_config
+    return _partition_of(context.node_config, num_clients)
+
+
+def _partition_of(nc: Any, num_clients: int) -> int:
     if "partition-id" not in nc:
         raise CeloraError("node config lacks partition-id (start the SuperNode with --node-config 'partition-id=N')")
     pid = int(nc["partition-id"])
@@ -110,12 +138,25 @@ def _runtime(context: Context, toml_text: str | None = None) -> Any:
         toml_text = str(meta["toml"])
     env = _env(toml_text, context.node_config)
     i = _partition(context, env.cfg.num_clients)
+    if _TASK_SETUP in context.state:  # a site's combined task set-up (the process may be fresh)
+        from celora.fl.sites import apply_setup_blob
+
+        rec = context.state[_TASK_SETUP]
+        assert isinstance(rec, ArrayRecord)
+        apply_setup_blob(env.bench.task, env.bench.loaded, record_blob(rec))
     state = None
     if _STATE in context.state:
         rec = context.state[_STATE]
         assert isinstance(rec, ArrayRecord)
         state = {k: torch.from_numpy(a.numpy().copy()) for k, a in rec.items()}
-    return ClientRuntime(env.cfg, env.bench, env.provider.client(i), env.phases, state)
+    rt = ClientRuntime(env.cfg, env.bench, env.provider.client(i), env.phases, state)
+    if _OPT in context.state:  # AdamW moments kept across rounds (train.keep_optimizer)
+        from celora.fl.run_folder import state_from_blob
+
+        opt = context.state[_OPT]
+        assert isinstance(opt, ArrayRecord)
+        rt.optimizer_state = state_from_blob(record_blob(opt))[1]
+    return rt
 
 
 def _disk(context: Context, toml_text: str, i: int) -> Path | None:
@@ -133,26 +174,32 @@ def _toml(context: Context) -> str:
 
 def _save_state(context: Context, rt: Any, rnd: int | None = None) -> None:
     """Keep the state in ``context.state`` and (after round ``rnd``) on the node's disk."""
+    from celora.fl.run_folder import save_client_state, state_blob
+
     context.state[_STATE] = ArrayRecord.from_torch_state_dict(rt.state)
+    if rt.optimizer_state is not None:
+        context.state[_OPT] = blob_record(state_blob({}, rt.optimizer_state))
     folder = _disk(context, _toml(context), rt.id)
     if folder is not None and rnd is not None:
-        from celora.fl.run_folder import save_client_state
-
-        save_client_state(folder, rnd, rt.state)
+        save_client_state(folder, rnd, rt.state, rt.optimizer_state)
 
 
 def _restore(context: Context, toml_text: str, i: int, upto: int) -> int:
     """Restore the newest on-disk state saved after a round ≤ ``upto``; the round it is from (−1: none)."""
-    from celora.fl.run_folder import load_client_state
+    from celora.fl.run_folder import load_client_state, state_blob
 
     folder = _disk(context, toml_text, i)
     found = load_client_state(folder, upto) if folder is not None else None
+    for key in (_STATE, _OPT):
+        if key in context.state:
+            del context.state[key]
     if found is None:
-        if _STATE in context.state:
-            del context.state[_STATE]
         return -1
-    context.state[_STATE] = ArrayRecord.from_torch_state_dict(found[1])
-    return found[0]
+    rnd, state, optimizer = found
+    context.state[_STATE] = ArrayRecord.from_torch_state_dict(state)
+    if optimizer is not None:
+        context.state[_OPT] = blob_record(state_blob({}, optimizer))
+    return rnd
 
 
 def _deliver(rt: Any, msg: Message, how: str, reply: ConfigRecord, metrics: MetricRecord) -> None:
@@ -169,6 +216,26 @@ def _deliver(rt: Any, msg: Message, how: str, reply: ConfigRecord, metrics: Metr
         metrics["acc_agg"], metrics["loss_agg"] = float(acc), float(loss)
 
 
+@app.query("labels")
+def labels(msg: Message, context: Context) -> Message:
+    """``data.sites``: read this node's own file and answer with its label names only."""
+    from celora.fl.sites import SiteLoader
+
+    cfg = _config(str(config_of(msg.content)["config"]))
+    i = _partition(context, cfg.num_clients)
+    names = SiteLoader(cfg, i, _site_path(context.node_config)).label_message().decode("utf-8")
+    return Message(RecordDict({"celora": ConfigRecord({"partition-id": i, "labels": names})}), reply_to=msg)
+
+
+@app.query("task_setup")
+def task_setup(msg: Message, context: Context) -> Message:
+    """``data.sites``: keep the combined task set-up the server sent (applied whenever the model loads)."""
+    context.state[_TASK_SETUP] = arrays_of(msg.content, "setup")
+    rt = _runtime(context)
+    reply = ConfigRecord({"partition-id": rt.id, "received": digest(record_blob(arrays_of(msg.content, "setup")))})
+    return Message(RecordDict({"celora": reply}), reply_to=msg)
+
+
 @app.query("setup")
 def setup(msg: Message, context: Context) -> Message:
     """Receive the experiment config; answer with the partition id, counts (and the data summary if asked)."""
@@ -178,14 +245,23 @@ def setup(msg: Message, context: Context) -> Message:
     i = _partition(context, _env(toml_text, context.node_config).cfg.num_clients)
     resume_round = int(number(conf, "resume-round")) if "resume-round" in conf else 0
     state_round = _restore(context, toml_text, i, resume_round) if resume_round > 0 else -1
-    if resume_round == 0 and _STATE in context.state:  # a fresh run starts from the shared init
-        del context.state[_STATE]
+    if resume_round == 0:  # a fresh run starts from the shared init
+        for key in (_STATE, _OPT):
+            if key in context.state:
+                del context.state[key]
     rt = _runtime(context, toml_text)
     info = {**rt.info(), "meta": rt.data.meta}
     reply = ConfigRecord({"partition-id": rt.id, "info": json.dumps(info), "state-round": state_round})
     content = RecordDict({"celora": reply})
     if bool(conf["summary"]):
         content["summary"] = blob_record(rt.summary_blob())
+    if rt.cfg.data.sites is not None:
+        from celora.fl.sites import statistics_blob
+
+        with rt.bench.placement.autocast():
+            stats = statistics_blob(rt.bench.task, rt.bench.loaded, rt.data)
+        if stats:
+            content["stats"] = blob_record(stats)
     return Message(content, reply_to=msg)
 
 

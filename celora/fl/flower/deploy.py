@@ -184,6 +184,8 @@ class LocalDeployment:
 
     ``tls=True`` enables TLS with a generated CA; ``auth=True`` enables SuperNode authentication
     (each node's key is registered with ``flwr supernode register`` before the node starts).
+    ``sites``: one data file per node (``data.sites``); node i gets ``site-path`` = its own file in its
+    node config, and no other process is told where that file is.
     """
 
     folder: Path
@@ -191,6 +193,7 @@ class LocalDeployment:
     tls: bool = False
     auth: bool = False
     port: int = 0
+    sites: list[str] | None = None
     procs: dict[str, Proc] = field(default_factory=dict)
     tls_files: TlsFiles | None = None
 
@@ -202,6 +205,8 @@ class LocalDeployment:
         self.port = self.port or free_port()
         if self.auth and not self.tls:
             raise CeloraError("SuperNode authentication needs TLS (tls=True)")
+        if self.sites is not None and len(self.sites) != self.num_nodes:
+            raise CeloraError(f"{len(self.sites)} site files for {self.num_nodes} SuperNodes (one file per node)")
 
     # ----------------------------------------------------------------- environment
     @property
@@ -282,8 +287,8 @@ class LocalDeployment:
         part = i if partition is None else partition
         cmd = [_bin("flower-supernode"), "--superlink", self.address, "--host", "127.0.0.1"]
         state = self.folder / "nodes" / f"node_{part}"  # the node's private state survives a restart (state-dir)
-        node_config = f'partition-id={part} num-partitions={self.num_nodes} state-dir="{state}"'
-        cmd += ["--port", str(free_port()), "--node-config", node_config]
+        config = node_config(part, self.num_nodes, self.sites, state_dir=state)
+        cmd += ["--port", str(free_port()), "--node-config", config]
         cmd += ["--max-retries", "20", "--max-wait-time", "60"]
         if self.tls_files is not None:
             cmd += ["--root-certificates", str(self.tls_files.ca_cert)]
@@ -332,6 +337,28 @@ class LocalDeployment:
         proc = Proc.start("flwr-run", cmd, self.folder / "flwr-run.log", self.env(), cwd=self.folder)
         self.procs["flwr-run"] = proc
         return proc.popen
+
+
+def _toml_path(path: Path, what: str) -> str:
+    """``path`` absolute, as a TOML string for a node config (no quote or backslash inside)."""
+    text = str(path.expanduser().resolve())
+    if '"' in text or "\\" in text:
+        raise CeloraError(f"{what}: the path must not contain '\"' or '\\'")
+    return f'"{text}"'
+
+
+def node_config(
+    partition: int, num_partitions: int, sites: Sequence[str] | None = None, *, state_dir: Path | None = None
+) -> str:
+    """A SuperNode's ``--node-config``: its partition, its ``state-dir`` (private state on its disk) and,
+    with ``sites``, its own file as ``site-path`` (absolute TOML strings:
+    ``partition-id=0 num-partitions=3 site-path="/data/a.csv"``)."""
+    text = f"partition-id={partition} num-partitions={num_partitions}"
+    if state_dir is not None:
+        text += f" state-dir={_toml_path(state_dir, f'node {partition} state-dir')}"
+    if sites is not None:
+        text += f" site-path={_toml_path(Path(sites[partition]), f'site {partition} ({sites[partition]!r})')}"
+    return text
 
 
 def write_app(folder: Path, experiment_toml: str) -> Path:

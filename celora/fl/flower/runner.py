@@ -18,6 +18,7 @@ import numpy as np
 from celora.config import ExperimentConfig, dump_config
 from celora.errors import CeloraError
 from celora.fl.flower.deploy import LocalDeployment, write_app
+from celora.fl.flower.server_app import ERROR_FILE
 from celora.fl.simulation import Observer, RunResult, check_names
 
 
@@ -37,15 +38,20 @@ def run_flower(
     auth: bool = False,
     round_timeout: float = 600.0,
     timeout: float = 3600.0,
+    sites: list[str] | None = None,
 ) -> RunResult:
-    """Run ``cfg`` on a local SuperLink + SuperNodes and return the run's summary and rows."""
+    """Run ``cfg`` on a local SuperLink + SuperNodes and return the run's summary and rows.
+
+    With ``data.sites`` SuperNode i is started with its own file (``site-path`` in its node config:
+    ``sites[i]``, default ``data.sites[i]`` resolved here); the ServerApp never opens a site file."""
     cfg = check_names(cfg)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)
+    (out / ERROR_FILE).unlink(missing_ok=True)
     work = out / "flower"
     app_dir = write_app(work / "app", dump_config(cfg))
-    dep = LocalDeployment(work, cfg.num_clients, tls=tls, auth=auth)
+    dep = LocalDeployment(work, cfg.num_clients, tls=tls, auth=auth, sites=sites or cfg.data.sites)
     seen = 0
     try:
         if observer is not None:
@@ -71,6 +77,8 @@ def run_flower(
             seen = max(seen, len(rows))
             time.sleep(1.0)
         if not (out / "summary.json").is_file():
+            if (out / ERROR_FILE).is_file():
+                raise CeloraError((out / ERROR_FILE).read_text(encoding="utf-8").strip())
             tail = dep.procs["flwr-run"].tail(15)
             raise CeloraError(f"flower run ended without a summary (logs in {work}): {tail[-600:]}")
     finally:

@@ -64,9 +64,20 @@ from celora.fl.prepare import check_names, prepare_model
 from celora.fl.records import ClientRound, Observer, Silent
 from celora.fl.run_folder import RunFolder, load_checkpoint, save_checkpoint
 from celora.fl.server import RoundState, ServerCore
+from celora.fl.sites import SetupBytes, agree_label_space, combine_setup, with_labels
 from celora.fl.strategies import Tensors, get_strategy
 
 log = logging.getLogger("celora")
+
+
+def node_failure(rep: Message) -> str:
+    """One line for a node's error reply: a ClientApp's CeloraError as its own message (it names the site and
+    its file for data.sites), anything else with the node id."""
+    reason = str(rep.error.reason)
+    head, sep, rest = reason.partition(":<'")
+    if sep and "CeloraError" in head and rest.endswith("'>"):
+        return " ".join(rest[:-2].split())
+    return f"node {rep.metadata.src_node_id} failed the setup: {' '.join(reason.split())[:300]}"
 
 
 @dataclass
@@ -123,6 +134,9 @@ class CeloraFlowerStrategy(FlowerStrategy):
         self.pending_eval: set[int] = set()  # participants of the last aggregated round with a fresh message
         self.global_acc: dict[int, float] = {}
         self.adapters: dict[int, str] = {}
+        self.site_bytes = SetupBytes()  # data.sites: label names and task statistics up, task set-up down
+        self.site_stats: dict[int, bytes] = {}
+        self.label_bytes = 0
         self.t_run = time.perf_counter()
         self.resume = resume
         self.done = 0  # last round whose uploads were aggregated
@@ -217,6 +231,57 @@ class CeloraFlowerStrategy(FlowerStrategy):
         self.core.close_round(rs, {"lost": sorted(lost)})
 
     # ----------------------------------------------------------------- setup (before round 1)
+    def _query_all(self, grid: Grid, nodes: list[int], kind: str, records: dict[str, Any]) -> list[Message]:
+        """One ``query.<kind>`` message per node with the same content; the replies (a failure: one line)."""
+        msgs = []
+        for node in nodes:
+            content = RecordDict({k: (ConfigRecord(v) if isinstance(v, dict) else v) for k, v in records.items()})
+            msgs.append(Message(content, dst_node_id=node, message_type=f"query.{kind}", group_id="0"))
+        replies = list(grid.send_and_receive(msgs, timeout=self.round_timeout))
+        for rep in replies:
+            if rep.has_error():
+                raise CeloraError(node_failure(rep))
+        if len(replies) < len(nodes):
+            raise CeloraError(f"only {len(replies)} of {len(nodes)} SuperNodes answered query.{kind}")
+        return replies
+
+    def _site_labels(self, grid: Grid, nodes: list[int]) -> ExperimentConfig:
+        """``data.sites`` without declared labels: every site sends its label names (only those); the config
+        sent on carries their union as ``data.labels``. The server opens no file."""
+        cfg = self.cfg
+        if cfg.data.sites is None or cfg.data.labels is not None:
+            return cfg
+        replies = self._query_all(grid, nodes, "labels", {"celora": {"config": dump_config(cfg)}})
+        messages: dict[int, bytes] = {}
+        for rep in replies:
+            conf = config_of(rep.content)
+            i = int(number(conf, "partition-id"))
+            messages[i] = str(conf["labels"]).encode("utf-8")
+            self.site_bytes.add("up", i, len(messages[i]))
+            self.label_bytes += len(messages[i])
+            self._log_message("up", 0, "query.labels", i, rep)
+        missing = sorted(set(range(self.n)) - set(messages))
+        if missing:
+            raise CeloraError(
+                f"data.sites: site(s) {missing} not connected for the label agreement; "
+                "declare data.labels to start without them"
+            )
+        return with_labels(cfg, agree_label_space(cfg, messages))
+
+    def _site_task_setup(self, grid: Grid, task: Any) -> None:
+        """``data.sites``: combine the sites' task statistics and send the result to every site (counted)."""
+        for i, blob in self.site_stats.items():
+            self.site_bytes.add("up", i, len(blob))
+        combined = combine_setup(task, self.site_stats)
+        if not combined:
+            return
+        nodes = [self.node_of[i] for i in sorted(self.node_of)]
+        for rep in self._query_all(grid, nodes, "task_setup", {"setup": blob_record(combined)}):
+            i = self.client_of[rep.metadata.src_node_id]
+            if config_of(rep.content).get("received") != digest(combined):
+                raise CeloraError(f"client {i} confirmed a different task set-up than the one sent")
+            self.site_bytes.add("down", i, len(combined))
+
     def _query_setup(self, grid: Grid, nodes: list[int], resume_round: int, summary: bool) -> list[Message]:
         """Send the setup message (config, whether to upload a data summary, the round to restore) to ``nodes``."""
         msgs = []
@@ -264,13 +329,16 @@ class CeloraFlowerStrategy(FlowerStrategy):
         if len(nodes) < need:
             raise CeloraError(f"only {len(nodes)} of {need} SuperNodes connected within {self.node_wait:g}s")
         wants_summary = get_strategy(cfg.method).uses_data_summaries and ckpt is None
+        cfg = self.cfg = self._site_labels(grid, nodes)
         replies = self._query_setup(grid, nodes, ckpt.round if ckpt else 0, wants_summary)
         summaries: dict[int, bytes] = {}
         infos: dict[int, dict[str, Any]] = {}
         for rep in replies:
             if rep.has_error():
-                raise CeloraError(f"node {rep.metadata.src_node_id} failed the setup: {str(rep.error.reason)[:300]}")
+                raise CeloraError(node_failure(rep))
             i = int(number(config_of(rep.content), "partition-id"))
+            if "stats" in rep.content:  # a site's task statistics (data.sites)
+                self.site_stats[i] = record_blob(arrays_of(rep.content, "stats"))
             if i in self.node_of:
                 raise CeloraError(f"two SuperNodes claim partition-id {i}")
             i, infos[i], blob = self._claim(rep, 0)
@@ -286,6 +354,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
             self._lose(i, 0, "lost: not connected at start")
         ordered = [infos[i] for i in range(self.n)]
         bench = prepare_model(cfg, len(known["label_names"]))  # names and shapes only: no data
+        self._site_task_setup(grid, bench.task)
         self._core = ServerCore(cfg, bench, ordered, observer=self.obs, folder=self.folder)
         self.folder.start(cfg, partition_report(ordered, known.get("meta", {})), fresh=ckpt is None)
         if ckpt is not None:
@@ -524,8 +593,11 @@ class CeloraFlowerStrategy(FlowerStrategy):
         """The run summary: the in-process loop's keys, plus a ``flower`` section (bytes, lost clients)."""
         accs = list(self.global_acc.values())
         acc_global = float(np.mean(accs)) if accs else float("nan")
-        summary = self.core.summary(acc_global, self.wall_before + time.perf_counter() - self.t_run)
+        wall = self.wall_before + time.perf_counter() - self.t_run
+        summary = self.core.summary(acc_global, wall, self.site_bytes.totals()["up"])
         summary["global_eval"] = global_eval_note(sorted(self.global_acc), self.n)
+        if self.cfg.data.sites is not None:
+            summary["bytes_setup_down"] = self.site_bytes.totals()["down"]
         f = self.flower
         summary["flower"] = {
             "runtime": "flower",
@@ -533,7 +605,8 @@ class CeloraFlowerStrategy(FlowerStrategy):
             "bytes_down_arrays": f["arrays_down"],
             "bytes_up_control": f["control_up"],  # ConfigRecord + MetricRecord bytes
             "bytes_down_control": f["control_down"],
-            "overhead_up": f["arrays_up"] - summary["bytes_up_total"],  # record keys on top of celora's blobs
+            # record keys on top of celora's blobs (label names travel in a ConfigRecord: control bytes)
+            "overhead_up": f["arrays_up"] - (summary["bytes_up_total"] - self.label_bytes),
             "overhead_down": f["arrays_down"] - summary["bytes_down_total"],
             "nodes": {str(i): node for i, node in sorted(self.node_of.items())},
             "lost_clients": {str(i): {"round": self.lost_round[i], "reason": r} for i, r in sorted(self.lost.items())},
@@ -542,4 +615,5 @@ class CeloraFlowerStrategy(FlowerStrategy):
             "adapters": {str(i): a for i, a in sorted(self.adapters.items())},
         }
         self.folder.write_summary(summary)
+        self.folder.drop_checkpoints()
         return summary

@@ -26,6 +26,7 @@ from celora.config import ExperimentConfig, load_config  # noqa: E402
 from celora.errors import CeloraError  # noqa: E402
 
 app = ServerApp()
+ERROR_FILE = "error.txt"  # the run's one-line error, when the ServerApp stops on a CeloraError
 
 
 class FlowerOptions(BaseModel):
@@ -90,5 +91,10 @@ def main(grid: Grid, context: Context) -> None:
         export=opts.export,
         resume=opts.resume,
     )
-    summary = strategy.run(grid)
+    try:
+        summary = strategy.run(grid)
+    except CeloraError as err:  # one line for `celora run --runtime flower` (e.g. a site's bad file)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ERROR_FILE).write_text(str(err), encoding="utf-8")
+        raise
     print(f"celora: run folder {out}; acc mean {summary['acc_mean']:.4f}", flush=True)

@@ -32,15 +32,19 @@ def key_users() -> dict[str, list[str]]:
     return users
 
 
-def unused_keys(cfg: ExperimentConfig) -> list[str]:
-    """One warning line per method-specific key the config sets but its method (and warm-up method) ignores."""
-    used = set(get_strategy(cfg.method).hyperparameters)
+def unused_keys(cfg: ExperimentConfig, methods: list[str] | None = None) -> list[str]:
+    """One warning line per method-specific key the config sets but its method (and warm-up method) ignores;
+    with ``methods`` (a comparison), the keys none of them reads."""
+    names = methods or [cfg.method]
+    used = set().union(*(get_strategy(m).hyperparameters for m in names))
     if cfg.aggregation.warmup_rounds:
         used |= get_strategy(cfg.aggregation.warmup_method).hyperparameters
-    methods = cfg.method + (f" (warm-up {cfg.aggregation.warmup_method})" if cfg.aggregation.warmup_rounds else "")
+    what = ("methods " if len(names) > 1 else "method ") + ", ".join(names)
+    what += f" (warm-up {cfg.aggregation.warmup_method})" if cfg.aggregation.warmup_rounds else ""
     out = []
-    for key, names in sorted(key_users().items()):
+    for key, users in sorted(key_users().items()):
         section, leaf = key.split(".")
         if key not in used and leaf in getattr(cfg, section).model_fields_set:
-            out.append(f"{key} is set but method {methods} does not use it (used by: {', '.join(names)})")
+            verb = "do not use" if len(names) > 1 else "does not use"
+            out.append(f"{key} is set but {what} {verb} it (used by: {', '.join(users)})")
     return out

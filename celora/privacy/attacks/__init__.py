@@ -17,11 +17,11 @@ from celora.privacy.attacks.image import optimise_image
 from celora.privacy.attacks.image_span import invert_image_span
 from celora.privacy.attacks.span import span_reconstruct
 from celora.privacy.attacks.text import optimise_text
+from celora.registry import Registry
 
-ATTACKS: dict[str, Callable[..., Any]] = {
-    "span": span_reconstruct,
-    "text": optimise_text,
-    "image": optimise_image,
-    "image-span": invert_image_span,
-    "head": head_leak,
-}
+ATTACKS: Registry[Callable[..., Any]] = Registry("attack", "attack")
+ATTACKS.add("span", span_reconstruct)
+ATTACKS.add("text", optimise_text)
+ATTACKS.add("image", optimise_image)
+ATTACKS.add("image-span", invert_image_span)
+ATTACKS.add("head", head_leak)

@@ -1,0 +1,227 @@
+"""data.sites end to end: one client per file in-process and under Flower (the real ClientApp over an in-memory
+grid; slow: real SuperLink + SuperNodes on loopback), the server never given the files, bad files → one line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flower_helpers import MemoryGrid, read_jsonl
+from test_sites import write_site
+
+from celora import cli
+from celora.config import load_config
+from celora.fl.simulation import Simulation
+
+flwr = pytest.importorskip("flwr")
+
+TINY = [
+    "model.name=tiny-bert",
+    "model.rank=4",
+    "model.max_length=32",
+    "rounds=2",
+    "train.batch_size=16",
+    "train.lr=3e-2",
+    "train.head_lr=5e-2",
+    "train.threads=1",
+]
+MIXES = [{"sport": 30, "money": 10}, {"money": 12, "tech": 28}, {"sport": 10, "tech": 10, "money": 10}]
+
+
+def _cfg(sites, *extra):
+    return load_config(None, [*TINY, f"data.sites={json.dumps([str(s) for s in sites])}", *extra])
+
+
+def _rows_of(path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory):
+    """Three sites, each a CSV with its own label mix."""
+    folder = tmp_path_factory.mktemp("sites")
+    return [write_site(folder / f"site{k}.csv", mix, seed=k) for k, mix in enumerate(MIXES)]
+
+
+@pytest.fixture(scope="module")
+def inprocess(sites, tmp_path_factory):
+    out = tmp_path_factory.mktemp("inprocess") / "run"
+    return Simulation(_cfg(sites), out, export_adapters=False).run(), out
+
+
+def _same_clients(ref_rows, rows):
+    assert len(ref_rows) == len(rows)
+    for a, b in zip(ref_rows, rows, strict=True):
+        for ca, cb in zip(a["clients"], b["clients"], strict=True):
+            for key in ("n_train", "acc", "acc_agg", "loss", "loss_agg", "bytes_up", "bytes_down"):
+                assert abs(ca[key] - cb[key]) <= 1e-6, (a["round"], ca["id"], key, ca[key], cb[key])
+
+
+def _check_own_files(rows, partition, sites):
+    """Each client's n_train + n_test is its own file's row count, and it holds only its file's labels."""
+    for i, path in enumerate(sites):
+        own = _rows_of(path)
+        client = partition["clients"][i]
+        assert client["n_train"] + client["n_test"] == len(own)
+        assert rows[-1]["clients"][i]["n_train"] == client["n_train"]
+        held = {name for name, n in client["label_hist"].items() if n}
+        assert held <= {r["label"] for r in own}
+    assert partition["scheme"] == "sites"
+
+
+def test_inprocess_one_client_per_site_file(sites, inprocess):
+    res, out = inprocess
+    partition = json.loads((out / "partition.json").read_text())
+    _check_own_files(res.rounds, partition, sites)
+    assert set(partition["clients"][1]["label_hist"]) == {"money", "sport", "tech"}  # the agreed label space
+    assert res.summary["num_clients"] == 3 and res.summary["bytes_setup_up"] > 0
+    assert load_config(out / "config.toml").data.labels == ["money", "sport", "tech"]  # the agreed space
+
+
+def test_flower_server_never_needs_the_site_files(tmp_path, sites, inprocess):
+    """The ServerApp's config lists site paths that do not exist; each node reads only its own site-path.
+    Per-client accuracies and bytes equal the in-process run's."""
+    from celora.fl.flower.server import CeloraFlowerStrategy
+
+    ref, _ = inprocess
+    server_view = [tmp_path / "nowhere" / Path(s).name for s in sites]
+    assert not any(p.exists() for p in server_view)
+    out = tmp_path / "run"
+    strategy = CeloraFlowerStrategy(_cfg(server_view), out, round_timeout=5, node_wait=1, export=False)
+    grid = MemoryGrid(3, node_configs=[{"site-path": s} for s in sites])
+    summary = strategy.run(grid)
+    rows = read_jsonl(out / "metrics.jsonl")
+    _same_clients(ref.rounds, rows)
+    _check_own_files(rows, json.loads((out / "partition.json").read_text()), sites)
+    assert summary["bytes_setup_up"] == ref.summary["bytes_setup_up"]  # label names + summaries, counted alike
+    assert summary["bytes_up_total"] == ref.summary["bytes_up_total"]
+    assert summary["bytes_setup_down"] == ref.summary["bytes_setup_down"] == 0  # no task set-up for a classifier
+    assert load_config(out / "config.toml").data.labels == ["money", "sport", "tech"]
+    labels = [x for x in read_jsonl(out / "flower" / "messages.jsonl") if x["type"] == "query.labels"]
+    assert sorted(x["client"] for x in labels) == [0, 1, 2] and all(
+        x["records"] == {"celora": "ConfigRecord"} for x in labels
+    )
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "unknown_label", "wrong_column"])
+def test_bad_site_file_is_one_line_and_exit_2(tmp_path, sites, monkeypatch, capsys, case):
+    bad = tmp_path / "bad.csv"
+    extra = []
+    if case == "empty":
+        bad.write_text("")
+    elif case == "unknown_label":
+        write_site(bad, {"sport": 5, "tech": 5})
+        extra = ["--set", 'data.labels=["money", "sport"]']
+    elif case == "wrong_column":
+        write_site(bad, {"sport": 5, "money": 5}, label="topic")
+    argv = ["celora", "run", "--out", str(tmp_path / "run"), "--no-export"]
+    for item in [*TINY, f"data.sites={json.dumps([sites[0], str(bad)])}"]:
+        argv += ["--set", item]
+    monkeypatch.setattr(sys, "argv", argv + extra)
+    with pytest.raises(SystemExit) as ex:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert ex.value.code == 2 and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and f"site 1 ('{bad}')" in " ".join(err.split()), err
+
+
+def test_a_node_failure_is_its_own_one_line_message():
+    from flwr.app import Error, Message, RecordDict
+
+    from celora.fl.flower.server import node_failure
+
+    ask = Message(RecordDict(), dst_node_id=7, message_type="query.labels")
+    ask.metadata.__dict__["_message_id"] = "m1"
+    reason = "<class 'celora.errors.CeloraError'>:<'site 1 ('/d/b.csv'): file not found'>"
+    rep = Message(Error(code=1, reason=reason), reply_to=ask)
+    assert node_failure(rep) == "site 1 ('/d/b.csv'): file not found"
+    other = Message(Error(code=1, reason="<class 'KeyError'>:<'x'>"), reply_to=ask)
+    assert node_failure(other).endswith("failed the setup: <class 'KeyError'>:<'x'>")
+
+
+@pytest.mark.slow
+def test_real_supernodes_each_with_its_own_file(tmp_path, sites, inprocess):
+    """`celora run --runtime flower` path with real SuperLink + 3 SuperNodes on loopback: node i gets only
+    site-path = its own file; the ServerApp's config names site paths that do not exist."""
+    from celora.fl.flower.runner import run_flower
+
+    ref, _ = inprocess
+    server_view = [f"/nonexistent/celora-site-{k}.csv" for k in range(3)]
+    out = tmp_path / "run"
+    cfg = _cfg(server_view, "rounds=1")  # one round keeps the real-process test short (a message ≈ 25 s on 2 cores)
+    res = run_flower(cfg, out, export=False, round_timeout=120, timeout=420, sites=sites)
+    _same_clients(ref.rounds[:1], res.rounds)  # round 1 of the 2-round in-process run
+    _check_own_files(res.rounds, json.loads((out / "partition.json").read_text()), sites)
+    logs = "\n".join((out / "flower" / f"supernode-{k}.log").read_text(errors="replace") for k in range(3))
+    assert "Traceback" not in logs
+    assert np.isnan(res.summary["acc_global"])  # no global test file given
+
+
+def test_global_test_file_is_every_site_s_global_rows(tmp_path, sites):
+    from celora.fl.sites import prepare_sites
+
+    g = write_site(tmp_path / "global.csv", {"tech": 4, "sport": 3}, seed=9)
+    p = prepare_sites(_cfg(sites, f"data.global_test_path={json.dumps(g)}"))
+    for i, data in p.datas.items():
+        assert len(data.global_idx) == 7 and len(data.data) == len(_rows_of(sites[i])) + 7
+        assert sorted(data.labels[data.global_idx].tolist()) == [1, 1, 1, 2, 2, 2, 2]  # sport, tech
+
+
+def test_vlm_statistics_come_from_each_site_and_combine_to_the_pooled_ones(tmp_path):
+    """Image sites for the VLM: each site sends (n, mean, mean square) of its own ViT tokens; the projector's
+    μ, σ equal those of all training rows pooled, and the bytes are counted per site."""
+    from PIL import Image
+
+    from celora.data.images import ImagePromptData
+    from celora.fl.prepare import prepare
+    from celora.fl.sites import SitesPrepared
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for k, n in enumerate((6, 9)):
+        (tmp_path / f"s{k}").mkdir()
+        lines = ["file,y"]
+        for r in range(n):
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / f"s{k}" / f"{r}.png")
+            lines.append(f"{r}.png,{'ab'[(r + k) % 2]}")
+        (tmp_path / f"s{k}" / "site.csv").write_text("\n".join(lines) + "\n")
+        paths.append(str(tmp_path / f"s{k}" / "site.csv"))
+    cfg = load_config(
+        None,
+        [
+            "model.name=tiny-vlm",
+            "model.rank=2",
+            "model.max_length=160",
+            "data.image_column=file",
+            "data.label_column=y",
+            "data.image_size=28",
+            f"data.sites={json.dumps(paths)}",
+        ],
+    )
+    p = prepare(cfg)
+    assert isinstance(p, SitesPrepared)
+    model = p.loaded.model
+    feats = []
+    with torch.no_grad():
+        for data in p.datas.values():
+            assert isinstance(data.data, ImagePromptData)
+            pix = data.data.images.batch(data.train_idx)["pixel_values"]
+            feats.append(model.vision(pixel_values=pix).last_hidden_state.flatten(0, 1).double())
+    pooled = torch.cat(feats)
+    torch.testing.assert_close(model.projector.input_mean, pooled.mean(0).float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.projector.input_std, pooled.std(0, unbiased=False).float(), atol=1e-4, rtol=1e-4)
+    assert all(p.setup.up[i] > 4 * (2 * 32 + 1) for i in (0, 1)) and p.setup.down[0] == p.setup.down[1] > 0
+
+
+def test_gradient_basis_needs_server_rows_which_sites_do_not_give(sites):
+    from celora.errors import CeloraError
+    from celora.fl.prepare import prepare
+
+    with pytest.raises(CeloraError, match="model.basis = 'gradient'.*data.sites"):
+        prepare(_cfg(sites, "model.basis=gradient", "model.train_ab=false"))
