@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from celora.privacy.attacks.matching import match_loss, simulated_grads
+from celora.privacy.attacks.matching import match_loss, minimise_keeping_best, simulated_grads
 
 __all__ = ["ImageOptResult", "optimise_image", "total_variation"]
 
@@ -60,16 +60,5 @@ def optimise_image(
         return match_loss(sim, obs, l2) + tv * total_variation(x)
 
     start = torch.sigmoid(theta.detach()).clone()
-    opt = torch.optim.Adam([theta], lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, iterations))
-    start_loss = float(loss_at(theta).detach())
-    best, best_t = start_loss, theta.detach().clone()
-    for _ in range(iterations):
-        loss = loss_at(theta)
-        if loss.item() < best:  # the loss of the point before this step
-            best, best_t = loss.item(), theta.detach().clone()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    best_t, best, start_loss = minimise_keeping_best(theta, loss_at, lr, iterations)
     return ImageOptResult(torch.sigmoid(best_t), start, best, start_loss)

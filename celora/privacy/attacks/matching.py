@@ -8,12 +8,12 @@ that a large tensor (the head) does not drown a small one (C); all-zero observed
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["match_loss", "simulated_grads"]
+__all__ = ["match_loss", "minimise_keeping_best", "simulated_grads"]
 
 
 def simulated_grads(model: nn.Module, names: Sequence[str], loss: torch.Tensor) -> list[torch.Tensor]:
@@ -35,3 +35,23 @@ def match_loss(sim: Sequence[torch.Tensor], obs: Sequence[torch.Tensor], l2: flo
     if not terms:
         return sim[0].sum() * 0.0 + 1.0
     return torch.stack(terms).mean()
+
+
+def minimise_keeping_best(
+    param: torch.Tensor, loss_at: Callable[[torch.Tensor], torch.Tensor], lr: float, iterations: int
+) -> tuple[torch.Tensor, float, float]:
+    """Adam with cosine decay on ``param`` for ``iterations`` steps; returns (best point, its loss, start loss),
+    best = argmin over the visited points of ``loss_at``."""
+    opt = torch.optim.Adam([param], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, iterations))
+    start_loss = float(loss_at(param).detach())
+    best, best_p = start_loss, param.detach().clone()
+    for _ in range(iterations):
+        loss = loss_at(param)
+        if loss.item() < best:  # the loss of the point before this step
+            best, best_p = loss.item(), param.detach().clone()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return best_p, best, start_loss

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from celora.privacy.attacks.matching import match_loss, simulated_grads
+from celora.privacy.attacks.matching import match_loss, minimise_keeping_best, simulated_grads
 
 __all__ = ["TextOptResult", "optimise_text"]
 
@@ -62,16 +62,5 @@ def optimise_text(
         sim = simulated_grads(model, names, nn.functional.cross_entropy(logits, y))
         return match_loss(sim, obs, l2)
 
-    opt = torch.optim.Adam([x], lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, iterations))
-    start_loss = float(loss_at(x).detach())
-    best, best_x = start_loss, x.detach().clone()
-    for _ in range(iterations):
-        loss = loss_at(x)
-        if loss.item() < best:  # the loss of the point before this step
-            best, best_x = loss.item(), x.detach().clone()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    best_x, best, start_loss = minimise_keeping_best(x, loss_at, lr, iterations)
     return TextOptResult(_nearest(best_x, table, lengths), start_ids, best, start_loss)
