@@ -166,14 +166,19 @@ def _accountant(kind: str) -> Any:
     raise CeloraError(f"privacy.accountant must be one of {', '.join(ACCOUNTANTS)}, got {kind!r}")
 
 
-def update_epsilon(noise: float, rounds: int, delta: float, accountant: str = "rdp") -> float:
-    """epsilon at ``delta`` of ``rounds`` compositions of the Gaussian mechanism with noise multiplier ``noise``."""
-    if not (math.isfinite(noise) and noise > 0):
-        raise CeloraError(f"privacy.update_noise must be a finite number > 0, got {noise}")
+def _check_rounds_delta(rounds: int, delta: float) -> None:
+    """One-line errors for an accountant's number of compositions and its δ."""
     if rounds < 1:
         raise CeloraError(f"rounds must be >= 1 for the DP accountant, got {rounds}")
     if not 0 < delta < 1:
         raise CeloraError(f"privacy.update_delta must be in (0, 1), got {delta}")
+
+
+def update_epsilon(noise: float, rounds: int, delta: float, accountant: str = "rdp") -> float:
+    """epsilon at ``delta`` of ``rounds`` compositions of the Gaussian mechanism with noise multiplier ``noise``."""
+    if not (math.isfinite(noise) and noise > 0):
+        raise CeloraError(f"privacy.update_noise must be a finite number > 0, got {noise}")
+    _check_rounds_delta(rounds, delta)
     acc = _accountant(accountant)
     acc.compose(_gaussian_event(noise, rounds))
     return float(acc.get_epsilon(delta))
@@ -185,10 +190,7 @@ def update_noise_for_epsilon(epsilon: float, rounds: int, delta: float, accounta
 
     if not (math.isfinite(epsilon) and epsilon > 0):
         raise CeloraError(f"privacy.update_epsilon must be a finite number > 0, got {epsilon}")
-    if rounds < 1:
-        raise CeloraError(f"rounds must be >= 1 for the DP accountant, got {rounds}")
-    if not 0 < delta < 1:
-        raise CeloraError(f"privacy.update_delta must be in (0, 1), got {delta}")
+    _check_rounds_delta(rounds, delta)
     _accountant(accountant)  # validates the name
     z = dp_accounting.calibrate_dp_mechanism(
         lambda: _accountant(accountant),

@@ -216,6 +216,17 @@ def _deliver(rt: Any, msg: Message, how: str, reply: ConfigRecord, metrics: Metr
         metrics["acc_agg"], metrics["loss_agg"] = float(acc), float(loss)
 
 
+def _receive_pending(msg: Message, context: Context) -> tuple[Any, Any, ConfigRecord, MetricRecord]:
+    """This node's runtime, the message's config, and the reply/metrics records after applying the pending
+    server message (train and evaluate messages both start this way)."""
+    rt = _runtime(context)
+    conf = config_of(msg.content)
+    reply = ConfigRecord({"partition-id": rt.id})
+    metrics = MetricRecord()
+    _deliver(rt, msg, str(conf["deliver"]), reply, metrics)
+    return rt, conf, reply, metrics
+
+
 @app.query("labels")
 def labels(msg: Message, context: Context) -> Message:
     """``data.sites``: read this node's own file and answer with its label names only."""
@@ -268,11 +279,7 @@ def setup(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Apply the pending server message, train locally, upload what the method shares."""
-    rt = _runtime(context)
-    conf = config_of(msg.content)
-    reply = ConfigRecord({"partition-id": rt.id})
-    metrics = MetricRecord()
-    _deliver(rt, msg, str(conf["deliver"]), reply, metrics)
+    rt, conf, reply, metrics = _receive_pending(msg, context)
     content = RecordDict({"celora": reply})
     if bool(conf["fit"]):
         up, rec = rt.fit(int(number(conf, "round")))
@@ -289,11 +296,7 @@ def final(msg: Message, context: Context) -> Message:
     """Last message: apply it, evaluate on the global test set, export the adapter on this node."""
     from celora.adapters.export import PeftExporter
 
-    rt = _runtime(context)
-    conf = config_of(msg.content)
-    reply = ConfigRecord({"partition-id": rt.id})
-    metrics = MetricRecord()
-    _deliver(rt, msg, str(conf["deliver"]), reply, metrics)
+    rt, conf, reply, metrics = _receive_pending(msg, context)
     _save_state(context, rt, int(number(conf, "layout")) + 1)
     cfg = rt.cfg
     if rt.id in global_eval_clients(cfg.num_clients, cfg.eval.global_clients, cfg.seed):  # eval.global_clients
