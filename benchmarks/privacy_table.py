@@ -71,6 +71,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cells = [c for c in TEXT + IMAGE + LATER if args.only in (None, c[0])]
     prepared: dict[tuple[str, int], object] = {}
+    warmed: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # per client of the prepared model
     for kind, config, threat, rank, batch, protocol in cells:
         name = cell_name(kind, threat, rank, batch, protocol)
         out = args.out / name
@@ -85,6 +86,7 @@ def main() -> None:
         key = (config, rank)
         if key not in prepared:
             prepared.clear()  # one model in memory at a time
+            warmed.clear()
             prepared[key] = prepare(cfg)
         t0 = time.perf_counter()
         result, meta = attack_experiment(
@@ -96,6 +98,7 @@ def main() -> None:
             iterations=args.iterations,
             warm_steps=args.warm_steps,
             prepared=prepared[key],
+            warmed=warmed,
             progress=lambda j, _row, name=name, t0=t0: _progress(name, j, t0),
         )
         meta["wall_s"] = round(time.perf_counter() - t0, 1)

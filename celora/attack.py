@@ -58,12 +58,15 @@ def attack_experiment(
     client: int = 0,
     progress: Any = None,
     prepared: Any = None,
+    warmed: dict[tuple[int, int], dict[str, torch.Tensor]] | None = None,
 ) -> tuple[AttackResult, dict[str, Any]]:
     """Prepare the experiment (or reuse ``prepared`` from ``prepare(cfg)`` of the same config), warm the
-    client's adapter from the seeded init, and attack its batches; (result, settings). When ``client`` has
-    fewer than ``samples`` batches, the next clients (wrapping) are attacked too, each warmed from the seeded
-    init on its own rows, until ``samples`` batches are attacked or every client's batches are used."""
-    from celora.adapters.inject import set_tensors
+        client's adapter from the seeded init, and attack its batches; (result, settings). When ``client`` has
+        fewer than ``samples`` batches, the next clients (wrapping) are attacked too, each warmed from the seeded
+        init on its own rows, until ``samples`` batches are attacked or every client's batches are used. ``warmed``
+    (optional, per (client, warm_steps)): warmed states kept across calls with the same ``prepared`` (the warm-up
+    does not depend on the threat model)."""
+    from celora.adapters.inject import get_tensors, set_tensors
     from celora.fl.prepare import Prepared, check_names, prepare
 
     threat = get_threat(shared)
@@ -99,7 +102,12 @@ def attack_experiment(
         if len(rows) < batch_size:
             continue
         set_tensors(model, p.init_state)  # every attacked client warms up from the seeded init
-        _warm_up(cfg, p, rows, warm_steps)
+        if warmed is not None and (c, warm_steps) in warmed:
+            set_tensors(model, warmed[(c, warm_steps)])
+        else:
+            _warm_up(cfg, p, rows, warm_steps)
+            if warmed is not None:
+                warmed[(c, warm_steps)] = {n: t.clone() for n, t in get_tensors(model, p.init_state).items()}
         model.eval()
         settings = AttackSettings(
             threat, batch_size, local_steps if fedavg else 0, cfg.train.lr, remaining, iterations, cfg.seed + 1000 * k
