@@ -8,6 +8,7 @@ Batches are drawn from client 0, then clients 1, 2, ... (each warmed from the se
 
     python benchmarks/privacy_table.py                        # every cell: text (MiniLM, BBC), image (DINOv2-S)
     python benchmarks/privacy_table.py --match r128-b1 --match full   # run only these cells (table: all)
+    python benchmarks/privacy_table.py --table-only                   # print the table of the stored cells
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def main() -> None:
     ap.add_argument("--span-n", type=int, default=100, help="sequences (images) per span-decided cell")
     ap.add_argument("--opt-n", type=int, default=8, help="sequences per optimisation cell")
     ap.add_argument("--match", action="append", default=[], help="run only cells whose name contains this")
+    ap.add_argument("--table-only", action="store_true", help="run nothing; rebuild the table from the cells")
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--warm-steps", type=int, default=10)
     args = ap.parse_args()
@@ -76,7 +78,7 @@ def main() -> None:
         name = cell_name(kind, threat, rank, batch, protocol)
         out = args.out / name
         target = args.span_n if span_decisive(kind, threat, rank, batch) else args.opt_n
-        if args.match and not any(m in name for m in args.match):
+        if args.table_only or (args.match and not any(m in name for m in args.match)):
             continue
         if (out / "attack.json").is_file():
             done = json.loads((out / "attack.json").read_text())
@@ -118,6 +120,7 @@ def main() -> None:
             row[1] = "any" if threat in ("full", "head") else row[1]
             rows.append([kind, *row])
     table = markdown_table(rows, ("data", *COLUMNS))
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "privacy_table.md").write_text(table, encoding="utf-8")
     print(table)
 
