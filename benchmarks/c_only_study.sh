@@ -13,6 +13,7 @@
 #   svd-r32-lr<L>                 fedsb (SVD-of-W0 basis, A, B frozen), r = 32
 #   local-orth-r32-lr<L>          the control: local training of C alone in the same frozen basis (no exchange)
 #   ...-r64 / -r128 / celora-...  the best C-only configuration at larger rank, and personalized (celora)
+#   orth-head-... / grad-head-...  the same with the head shared (averaged) as well
 # with <L> one of 5e-4, 1e-3, 5e-3, 1e-2 (chosen on seed 0).
 # Usage: METHODS=local,orth-r32-lr5e-3 SEEDS=0 bash benchmarks/c_only_study.sh [ALPHA] [celora compare options]
 # Resumable (finished cells are skipped). One torch thread (THREADS=1). Writes benchmarks/results/c-only-alpha<ALPHA>/.
@@ -37,6 +38,8 @@ for lr in 5e-4 1e-3 5e-3 1e-2; do
     variant[local-grad-$sfx]="local;model.basis=gradient;model.rank=$r;train.lr=$lr"
     variant[celora-orth-$sfx]="celora;$c_only;model.basis=orthogonal;model.rank=$r;train.lr=$lr"
     variant[celora-orth4-$sfx]="celora;$c_only;model.basis=orthogonal;model.heads=4;model.rank=$r;train.lr=$lr"
+    variant[celora-grad-$sfx]="celora;$c_only;model.basis=gradient;model.rank=$r;train.lr=$lr"
+    variant[grad-head-$sfx]="celora-global;aggregation.head=shared;model.basis=gradient;model.rank=$r;train.lr=$lr"
     variant[orth-head-$sfx]="celora-global;aggregation.head=shared;model.basis=orthogonal;model.rank=$r;train.lr=$lr"
   done
 done

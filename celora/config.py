@@ -54,11 +54,26 @@ class ModelConfig(_Section):
     projector_hidden: int | None = Field(
         None, ge=1, le=65536, description="VLM only: width of the projector's hidden layer (default: the LM's hidden)"
     )
+    projector: Literal["fedavg", "pretrained"] = Field(
+        "fedavg",
+        description="VLM only: the projector trains on the clients and is FedAvg'd, or is pre-aligned once on "
+        "public images (model.projector_data) and frozen, so it never travels",
+    )
+    projector_data: str | None = Field(
+        None,
+        description="pretrained projector: the public image dataset (default: mnist5k for digits, else the rows "
+        "of data.name the run does not load)",
+    )
+    projector_steps: int = Field(
+        100, ge=1, le=100_000, description="pretrained projector: optimizer steps (batch train.batch_size, lr train.lr)"
+    )
 
     @model_validator(mode="after")
-    def _check_heads(self) -> ModelConfig:
+    def _check_combinations(self) -> ModelConfig:
         if self.rank % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide rank ({self.rank})")
+        if self.projector_data is not None and self.projector != "pretrained":
+            raise ValueError("model.projector_data needs model.projector = 'pretrained'")
         return self
 
 

@@ -167,3 +167,76 @@ def test_projector_width_cuts_the_federated_bytes():
             build_config({"model": {"name": "tiny-bert", "projector_hidden": 4}, "data": {"max_samples": 40}}),
             export_adapters=False,
         )
+
+
+def _pretrained_config(**model):
+    cfg = _vlm_config()
+    m = {"projector": "pretrained", "projector_steps": 3, **model}
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update=m)})
+
+
+def test_pretrained_projector_is_frozen_and_only_c_travels(tmp_path, monkeypatch):
+    from celora.fl.projector_setup import public_dataset
+    from celora.fl.simulation import Simulation
+
+    monkeypatch.setenv("CELORA_CACHE", str(tmp_path))
+    sim = Simulation(_pretrained_config(), export_adapters=False)
+    model = sim.p.loaded.model
+    assert not sim.fedavg_names and sim.p.loaded.fedavg_modules == () and sim.p.loaded.head_modules == ()
+    assert sim.up_layout.names and all(n.endswith(".lora_C") for n in sim.up_layout.names)  # C only
+    assert all(not p.requires_grad for p in model.projector.parameters())
+    assert sim.p.task_setup_bytes == 0  # μ, σ come with the pre-aligned projector, from public images
+    before = {k: v.clone() for k, v in model.projector.state_dict().items()}
+    res = sim.run()
+    pay = res.summary["payload"]
+    assert "bytes_fedavg_modules" not in pay and pay["bytes_adapters"] == 4 * len(sim.up_layout.names) * 2 * 2
+    assert (
+        res.summary["bytes_per_client_round"]["up"]
+        == pay["bytes_message"]
+        == pay["bytes_adapters"] + pay["bytes_framing"]
+    )
+    assert res.summary["projector"]["public_set"] == "mnist5k" and "zero_shot" in res.summary
+    for k, v in model.projector.state_dict().items():
+        torch.testing.assert_close(v, before[k])  # frozen through the run
+    public, note = public_dataset(_pretrained_config())  # another source: nothing of the run's rows is excluded
+    assert note["public_rows"] == len(public) == 5000
+
+
+def test_pretrained_projector_cache_hit_reuses_the_file(tmp_path, monkeypatch):
+    from celora.fl.prepare import prepare_model
+
+    monkeypatch.setenv("CELORA_CACHE", str(tmp_path))
+    cfg = _pretrained_config(projector_data="digits")  # the run's own corpus: the 1,757 rows it does not load
+    first = prepare_model(cfg, 10).loaded.model
+    files = list((tmp_path / "projector").glob("*.safetensors"))
+    assert len(files) == 1 and first.projector_note["cache"] == "built"
+    assert first.projector_note["public_rows"] == 1797 - 40 and first.projector_note["excluded_rows"] == 40
+    stamp = files[0].stat().st_mtime_ns
+    second = prepare_model(cfg, 10).loaded.model
+    assert second.projector_note["cache"] == "hit" and files[0].stat().st_mtime_ns == stamp
+    for k, v in first.projector.state_dict().items():
+        torch.testing.assert_close(second.projector.state_dict()[k], v)
+    prepare_model(_pretrained_config(projector_data="digits", projector_steps=4), 10)  # other hyperparameters
+    assert len(list((tmp_path / "projector").glob("*.safetensors"))) == 2
+
+
+def test_projector_option_errors_name_the_key(tmp_path, monkeypatch):
+    from celora.errors import CeloraError
+    from celora.fl.prepare import prepare_model
+
+    monkeypatch.setenv("CELORA_CACHE", str(tmp_path))
+    with pytest.raises(CeloraError, match=r"model\.projector"):
+        build_config({"model": {"name": "tiny-vlm", "projector": "frozen"}})
+    with pytest.raises(CeloraError, match=r"model\.projector_data needs model\.projector = 'pretrained'"):
+        build_config({"model": {"name": "tiny-vlm", "projector_data": "mnist5k"}})
+    with pytest.raises(CeloraError, match=r"^model\.projector_data: unknown dataset 'nope'"):
+        prepare_model(_pretrained_config(projector_data="nope"), 10)
+    with pytest.raises(CeloraError, match=r"^model\.projector_data: dataset 'bbcnews' has no images"):
+        prepare_model(_pretrained_config(projector_data="bbcnews"), 10)
+    whole = _vlm_config(max_samples=None)
+    whole = whole.model_copy(update={"model": whole.model.model_copy(update={"projector": "pretrained"})})
+    whole = whole.model_copy(update={"model": whole.model.model_copy(update={"projector_data": "digits"})})
+    with pytest.raises(CeloraError, match=r"^model\.projector_data: no public rows"):
+        prepare_model(whole, 10)
+    with pytest.raises(CeloraError, match=r"^model\.projector: only for a vision-language model"):
+        prepare_model(build_config({"model": {"name": "tiny-llama", "projector": "pretrained"}}), 2)

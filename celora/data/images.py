@@ -188,7 +188,12 @@ class ImagePromptTask(PromptTask):
 
     name = "image-prompt"
     model_kinds = frozenset({"vlm"})
-    zero_shot = False  # the projector starts random: the un-adapted model is not a baseline
+    zero_shot = False  # the projector starts random: the un-adapted model is not a baseline …
+
+    def evaluates_zero_shot(self, model: nn.Module) -> bool:
+        """… unless it was pre-aligned on public images (model.projector = "pretrained"): then the un-adapted
+        model (pre-aligned projector, ΔW = 0) is the baseline the federated adapters must beat."""
+        return bool(getattr(model, "projector_frozen", False))
 
     def build(self, dataset: Dataset, processor: Any, max_length: int) -> TaskData:
         images = encode_images(dataset, processor.pixels, self.name)
@@ -223,8 +228,11 @@ class ImagePromptTask(PromptTask):
     @torch.no_grad()
     def site_statistics(self, model: nn.Module, data: TaskData, idx: np.ndarray) -> dict[str, torch.Tensor]:
         """One site's statistics for the projector's input standardisation, from its own rows: the number n_i
-        of frozen-ViT token features, their mean m_i and mean square q_i (per feature)."""
+        of frozen-ViT token features, their mean m_i and mean square q_i (per feature). None for a pre-aligned
+        projector: its μ, σ were fixed with it on public images."""
         assert isinstance(data, ImagePromptData)
+        if getattr(model, "projector_frozen", False):
+            return {}
         total, first, second = 0, None, None
         device = model_device(model)
         for start in range(0, len(idx), 64):

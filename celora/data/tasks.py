@@ -51,6 +51,10 @@ class Task(ABC):
     model_kinds: ClassVar[frozenset[str]] = frozenset({"encoder", "decoder"})
     zero_shot: ClassVar[bool] = False  # is the un-adapted model meaningful (evaluated before round 1)?
 
+    def evaluates_zero_shot(self, model: nn.Module) -> bool:
+        """Whether this model's un-adapted form is evaluated before round 1 (``zero_shot`` unless a task says)."""
+        return self.zero_shot
+
     @abstractmethod
     def build(self, dataset: Dataset, processor: Any, max_length: int) -> TaskData:
         """Encode every example once (``processor``: the model's tokenizer or image processor)."""

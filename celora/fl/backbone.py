@@ -7,7 +7,8 @@ names and shapes (layouts); clients train on it.
 
 ``Phases``: rounds 1..``aggregation.warmup_rounds`` run the warm-up method, later rounds the configured one.
 ``Phase``: for one strategy, the upload/download layouts (``celora.fl.payload.Layout``), the FedAvg modules
-(a VLM's projector) and the factors that train.
+(a VLM's projector when it trains; a pre-aligned one, ``model.projector = "pretrained"``, is frozen and is none)
+and the factors that train.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from celora.config import ExperimentConfig
 from celora.data.tasks import Task, get_task
 from celora.errors import CeloraError
 from celora.fl.payload import Layout, WireDtype, expected_size
+from celora.fl.projector_setup import pretrain_projector
 from celora.fl.strategies import Strategy, Tensors, get_strategy
 from celora.models.device import CPU, Placement, resolve_placement
 from celora.models.vlm import VisionLanguageModel
@@ -175,6 +177,8 @@ def load_backbone(
         if not isinstance(loaded.model, VisionLanguageModel):
             raise CeloraError(f"model.projector_hidden: only for a vision-language model, not '{m.name}'")
         loaded.model.set_projector_width(m.projector_hidden, cfg.seed)
+    if m.projector == "pretrained":  # pre-aligned on public images, frozen: it neither trains nor travels
+        loaded = pretrain_projector(loaded, task, cfg, placement)
     spec = AdapterSpec(
         rank=m.rank,
         alpha=m.alpha if m.alpha is not None else float(m.rank),

@@ -149,7 +149,7 @@ class Simulation:
         else:
             first = 1
             self.folder.start(cfg, partition_report(self.infos, self.clients[0].data.meta))
-            zero_shot = self.zero_shot() if p.task.zero_shot else None
+            zero_shot = self.zero_shot() if p.task.evaluates_zero_shot(p.loaded.model) else None
             if zero_shot is not None:
                 self.folder.write_json("zero_shot.json", zero_shot)
                 self.zero_shot_summary = {k: v for k, v in zero_shot.items() if k != "clients"}
@@ -165,6 +165,9 @@ class Simulation:
             summary["zero_shot"] = self.zero_shot_summary
         if self.p.basis_setup:
             summary["basis_setup"] = self.p.basis_setup
+        projector_note = getattr(self.p.loaded.model, "projector_note", None)
+        if projector_note:
+            summary["projector"] = projector_note
         self.folder.write_summary(summary)
         self.folder.drop_checkpoints()
         states = StatesView(self.store, [c.id for c in self.clients])

@@ -8,7 +8,8 @@ For an image x and text tokens t_1..t_L the LM reads the sequence
 with the image tokens at text position a (the user turn of the chat prompt, as in LLaVA; never at
 position 0, which decoder LMs use as an attention sink), and every text position is scored as usual.
 The ViT is frozen; the projector P trains and is federated
-by FedAvg; the LM carries the method's tri-matrix adapters.
+by FedAvg, or is pre-aligned once on public images and frozen (``celora.fl.projector_setup``); the LM carries
+the method's tri-matrix adapters.
 
 Tasks written for a plain causal LM (``get_decoder()(input_ids, attention_mask)`` and
 ``get_output_embeddings()``) run unchanged inside ``with model.seeing(pixel_values, at=a):`` — the
@@ -107,6 +108,8 @@ class VisionLanguageModel(nn.Module):
         self._pixels: torch.Tensor | None = None
         self.image_position = 0  # text position the image tokens are inserted before (bound per batch)
         self._vision_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.projector_frozen = False  # pre-aligned on public data: frozen, its μ, σ fixed with it
+        self.projector_note: dict[str, Any] | None = None  # how it was pre-aligned (the run's summary)
         for p in self.vision.parameters():
             p.requires_grad_(False)
 
