@@ -1,7 +1,9 @@
-"""Issue-15 table and plots from a c_only_study.sh folder: accuracy vs bytes per client-round (the equal-bytes
-view) and every column's mean training loss per round (has C's training flattened?).
+"""Issue-15 table and plots from a c_only_study.sh (or c_only_llm.sh) folder: accuracy vs bytes per client-round
+(the equal-bytes view) and every column's mean training loss per round (has C's training flattened?). Prompt
+tasks add the zero-shot accuracy (the un-adapted model before round 1); wall s/cell is the mean run wall time.
 
 Usage: .venv/bin/python benchmarks/c_only_plot.py benchmarks/results/c-only-alpha1.0
+       .venv/bin/python benchmarks/c_only_plot.py benchmarks/results/c-only-llm
 Writes c_only.md (table) and c_only.png (two panels) into the folder and prints the table.
 """
 
@@ -47,20 +49,45 @@ def train_loss_curve(cell_dir: Path) -> list[float]:
     return [float(np.nanmean([c["train_loss"] for c in r["clients"] if c["participated"]])) for r in rows]
 
 
+def control_of(label: str, labels: list[str]) -> str | None:
+    """The no-exchange control of a C-only column: ``local-<basis-rank-lr>`` (``celora-grad-…`` → ``local-grad-…``)."""
+    base = label.removeprefix("celora-")
+    control = f"local-{base}"
+    return control if control in labels and not label.startswith("local") else None
+
+
+def paired_gain(rows: list[dict[str, Any]], label: str, control: str) -> tuple[float, float, int]:
+    """Mean and sample std over the seeds both ran of acc_after_agg(label) − acc(control), and how many seeds."""
+    mine = {r["seed"]: r["acc_mean_agg"] for r in rows if r["method"] == label}
+    ref = {r["seed"]: r["acc_mean"] for r in rows if r["method"] == control}
+    diffs = [mine[s] - ref[s] for s in sorted(mine.keys() & ref.keys())]
+    if not diffs:
+        return float("nan"), float("nan"), 0
+    std = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else float("nan")
+    return float(np.mean(diffs)), std, len(diffs)
+
+
 def main(folder: str) -> None:
     out = Path(folder)
+    if not out.is_dir():
+        raise SystemExit(f"c_only_plot: no study folder {folder} (run benchmarks/c_only_study.sh first)")
     rows = read_cells(out)
     labels = list(dict.fromkeys(r["method"] for r in rows))
     agg = {a["method"]: a for a in aggregate_rows(rows, labels)}
     fedit_bytes = agg[FEDIT]["bytes_up_per_client_round"] if FEDIT in agg else float("nan")
+    zero_shot = {m: [r["acc_zero_shot"] for r in rows if r["method"] == m and "acc_zero_shot" in r] for m in agg}
+    has_zs = any(zero_shot.values())  # prompt tasks: the un-adapted model before round 1
     lines = [
-        "| column | seeds | steps/client | acc after local training | acc after aggregation "
-        "| Δ vs local (local / agg.) | up B/client-round | × FedIT bytes | final train loss |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| column | seeds | steps/client |"
+        + (" zero-shot acc |" if has_zs else "")
+        + " acc after local training | acc after aggregation "
+        "| Δ vs local (local / agg.) | Δ agg. vs own no-exchange control | up B/client-round | × FedIT bytes "
+        "| final train loss | wall s/cell |",
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if has_zs else ""),
     ]
     curves: dict[str, list[float]] = {}
     for label, a in agg.items():
-        dirs = sorted(out.glob(f"{label}/seed_*"))
+        dirs = sorted(d for d in out.glob(f"{label}/seed_*") if (d / "cell.json").exists())  # complete cells only
         steps = steps_per_client(dirs[0])
         curve = np.mean([train_loss_curve(d) for d in dirs], axis=0).tolist()
         curves[label] = curve
@@ -72,12 +99,16 @@ def main(folder: str) -> None:
                 f"{a['delta_local_agg']:+.3f} ± {a['delta_local_agg_std']:.3f}"
             )
         )
+        control = control_of(label, labels)
+        gain, gain_std, n_paired = paired_gain(rows, label, control) if control else (math.nan, math.nan, 0)
+        vs_control = "–" if not n_paired else f"{gain:+.3f} ± {gain_std:.3f} ({n_paired} seeds)"
         up = a["bytes_up_per_client_round"]
         frac = f"{up / fedit_bytes:.3f}" if fedit_bytes == fedit_bytes and up > 0 else "–"
+        zs = f" {np.mean(zero_shot[label]):.3f} |" if has_zs else ""
         lines.append(
-            f"| {label} | {a['seeds']} | {steps} | {a['acc_mean']:.3f} ± {a['acc_mean_std']:.3f} "
-            f"| {a['acc_mean_agg']:.3f} ± {a['acc_mean_agg_std']:.3f} | {delta} | {up:,.0f} | {frac} "
-            f"| {curve[-1]:.2e} |"
+            f"| {label} | {a['seeds']} | {steps} |{zs} {a['acc_mean']:.3f} ± {a['acc_mean_std']:.3f} "
+            f"| {a['acc_mean_agg']:.3f} ± {a['acc_mean_agg_std']:.3f} | {delta} | {vs_control} | {up:,.0f} | {frac} "
+            f"| {curve[-1]:.2e} | {a['wall_s']:.0f} |"
         )
     table = "\n".join(lines) + "\n"
     (out / "c_only.md").write_text(table, encoding="utf-8")

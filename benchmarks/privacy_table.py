@@ -1,10 +1,14 @@
 """Gradient-inversion table (issue 16): what an honest-but-curious server reconstructs, per shared tensors.
 
-Resumable: every cell writes OUT/<cell>/attack.json (+ picture) and is skipped when that file exists; the
-table (OUT/privacy_table.md) is rebuilt from whatever cells exist. Single thread.
+Resumable: every cell writes OUT/<cell>/attack.json (+ picture) only when it is complete, and is skipped when
+that file already holds at least the cell's target number of sequences (or images); the table
+(OUT/privacy_table.md) is rebuilt from whatever cells exist. Targets: ``--span-n`` where the span test is
+decisive (cheap: tokens < the observed column dimension), ``--opt-n`` where an optimisation attack runs.
+Batches are drawn from client 0, then clients 1, 2, ... (each warmed from the seeded init). Single thread.
 
-    python benchmarks/privacy_table.py                       # text (MiniLM, BBC) and image (DINOv2-S, digits)
-    python benchmarks/privacy_table.py --only text --samples 4 --iterations 60
+    python benchmarks/privacy_table.py                        # every cell: text (MiniLM, BBC), image (DINOv2-S)
+    python benchmarks/privacy_table.py --match r128-b1 --match full   # run only these cells (table: all)
+    python benchmarks/privacy_table.py --table-only                   # print the table of the stored cells
 """
 
 from __future__ import annotations
@@ -29,38 +33,62 @@ TEXT = (
     + [("text", "configs/bench_small.toml", t, r, 1, "fedsgd") for r in (8, 32, 128) for t in ADAPTER_THREATS]
 )
 IMAGE = [("image", "configs/vit_digits.toml", t, 8, 1, "fedsgd") for t in ("full", "head")] + [
-    ("image", "configs/vit_digits.toml", t, 32, 1, "fedsgd") for t in ADAPTER_THREATS
+    ("image", "configs/vit_digits.toml", t, r, 1, "fedsgd") for r in (32, 8, 128) for t in ADAPTER_THREATS
 ]
-LATER = [("text", "configs/bench_small.toml", t, r, 4, "fedsgd") for r in (8, 32) for t in ADAPTER_THREATS] + [
-    ("text", "configs/bench_small.toml", t, r, 1, "fedavg") for r in (8, 32) for t in ("fedit", "c+head")
-]
+LATER = (
+    [("text", "configs/bench_small.toml", t, r, 4, "fedsgd") for r in (8, 32, 128) for t in ADAPTER_THREATS]
+    + [("text", "configs/bench_small.toml", t, r, 1, "fedavg") for r in (8, 32, 128) for t in ("fedit", "c+head")]
+    + [("text", "configs/bench_small.toml", "head", 128, 1, "fedavg")]
+)
+TOKENS = {"text": 64, "image": 17}  # per example: max_length (BBC articles fill it); CLS + 4×4 patches
+HIDDEN = 384  # MiniLM and DINOv2-S
+
+
+def span_decisive(kind: str, threat: str, rank: int, batch: int) -> bool:
+    """Whether the span test decides the cell (tokens < the observed tensor's column dimension): cheap cells."""
+    if threat == "head":
+        return False
+    return TOKENS[kind] * batch < (HIDDEN if threat == "full" else rank)
 
 
 def cell_name(kind: str, threat: str, rank: int, batch: int, protocol: str) -> str:
     return f"{kind}-{threat.replace('+', '-')}-r{rank}-b{batch}-{protocol}"
 
 
+def _progress(name: str, j: int, t0: float) -> None:
+    print(f"  {name}: batch {j + 1} of its client, {time.perf_counter() - t0:.0f} s", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/privacy"))
     ap.add_argument("--only", choices=("text", "image"), default=None)
-    ap.add_argument("--samples", type=int, default=4, help="batches per cell at batch size 1")
-    ap.add_argument("--samples-b4", type=int, default=1, help="batches per cell at batch size 4")
+    ap.add_argument("--span-n", type=int, default=100, help="sequences (images) per span-decided cell")
+    ap.add_argument("--opt-n", type=int, default=8, help="sequences per optimisation cell")
+    ap.add_argument("--match", action="append", default=[], help="run only cells whose name contains this")
+    ap.add_argument("--table-only", action="store_true", help="run nothing; rebuild the table from the cells")
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--warm-steps", type=int, default=10)
     args = ap.parse_args()
     torch.set_num_threads(1)
     cells = [c for c in TEXT + IMAGE + LATER if args.only in (None, c[0])]
     prepared: dict[tuple[str, int], object] = {}
+    warmed: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # per client of the prepared model
     for kind, config, threat, rank, batch, protocol in cells:
         name = cell_name(kind, threat, rank, batch, protocol)
         out = args.out / name
-        if (out / "attack.json").is_file():
+        target = args.span_n if span_decisive(kind, threat, rank, batch) else args.opt_n
+        if args.table_only or (args.match and not any(m in name for m in args.match)):
             continue
+        if (out / "attack.json").is_file():
+            done = json.loads((out / "attack.json").read_text())
+            if max(done["summary"]["examples"], done["settings"].get("target", 0)) >= target:
+                continue  # complete (or every client's batches were used: target recorded)
         cfg = load_config(config, [f"model.rank={rank}", "train.threads=1"])
         key = (config, rank)
         if key not in prepared:
             prepared.clear()  # one model in memory at a time
+            warmed.clear()
             prepared[key] = prepare(cfg)
         t0 = time.perf_counter()
         result, meta = attack_experiment(
@@ -68,12 +96,15 @@ def main() -> None:
             threat,
             batch_size=batch,
             fedavg=protocol == "fedavg",
-            samples=args.samples if batch == 1 else args.samples_b4,
+            samples=-(-target // batch),
             iterations=args.iterations,
             warm_steps=args.warm_steps,
             prepared=prepared[key],
+            warmed=warmed,
+            progress=lambda j, _row, name=name, t0=t0: _progress(name, j, t0),
         )
         meta["wall_s"] = round(time.perf_counter() - t0, 1)
+        meta["target"] = target
         write_outputs(result, meta, out)
         print(
             f"{name}: {json.dumps({k: round(v['mean'], 3) for k, v in result.summary['metrics'].items()})} "
@@ -89,6 +120,7 @@ def main() -> None:
             row[1] = "any" if threat in ("full", "head") else row[1]
             rows.append([kind, *row])
     table = markdown_table(rows, ("data", *COLUMNS))
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "privacy_table.md").write_text(table, encoding="utf-8")
     print(table)
 

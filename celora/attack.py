@@ -3,9 +3,11 @@
 Setting: the experiment's model and data (``celora.fl.simulation.prepare``), adapters at ``--rank``; the
 attacked client (``--client``) first trains ``--warm-steps`` local steps from the seeded init (so B ≠ 0 and C
 has a gradient: at the init ∇C = 0), then the server observes it on ``--samples`` batches (see
-``celora.privacy.inversion``). Outputs in ``--out``: attack.json (settings, per-batch rows, means with 95 %
-intervals, the random floor), attack.md (one table row) and attack.png (images: original over reconstruction)
-or attack_samples.md (text: reference beside reconstruction).
+``celora.privacy.inversion``); when it has fewer batches, the next clients are attacked the same way (each
+warmed from the seeded init on its own rows) until ``--samples`` batches are reached. Outputs in ``--out``:
+attack.json (settings, per-batch rows, means with 95 % intervals, the random floor), attack.md (one table
+row) and attack.png (images: original over reconstruction) or attack_samples.md (text: reference beside
+reconstruction).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from celora.config import ExperimentConfig
 from celora.errors import CeloraError
-from celora.privacy.inversion import AttackResult, AttackSettings, Kind, get_threat, run_attack
+from celora.privacy.inversion import AttackResult, AttackSettings, Kind, get_threat, merge_results, run_attack
 
 __all__ = ["COLUMNS", "attack_experiment", "markdown_row", "markdown_table", "write_outputs"]
 
@@ -56,52 +58,32 @@ def attack_experiment(
     client: int = 0,
     progress: Any = None,
     prepared: Any = None,
+    warmed: dict[tuple[int, int], dict[str, torch.Tensor]] | None = None,
 ) -> tuple[AttackResult, dict[str, Any]]:
     """Prepare the experiment (or reuse ``prepared`` from ``prepare(cfg)`` of the same config), warm the
-    client's adapter from the seeded init, and attack its batches; (result, settings)."""
-    from celora.adapters.inject import set_tensors, set_trainable, view_names
-    from celora.fl.client import train_local
+        client's adapter from the seeded init, and attack its batches; (result, settings). When ``client`` has
+        fewer than ``samples`` batches, the next clients (wrapping) are attacked too, each warmed from the seeded
+        init on its own rows, until ``samples`` batches are attacked or every client's batches are used. ``warmed``
+    (optional, per (client, warm_steps)): warmed states kept across calls with the same ``prepared`` (the warm-up
+    does not depend on the threat model)."""
+    from celora.adapters.inject import get_tensors, set_tensors
     from celora.fl.prepare import Prepared, check_names, prepare
 
     threat = get_threat(shared)
-    if warm_steps < 0 or local_steps < 1 or iterations < 0:
-        raise CeloraError("--warm-steps must be >= 0, --local-steps >= 1, --iterations >= 0")
+    if warm_steps < 0 or local_steps < 1 or iterations < 0 or samples < 1:
+        raise CeloraError("--warm-steps must be >= 0, --local-steps >= 1, --iterations >= 0, --samples >= 1")
     cfg = check_names(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     p = prepared if prepared is not None else prepare(cfg)
     if not isinstance(p, Prepared):
         raise CeloraError("celora attack: data.sites is not supported (the attack reads one partitioned dataset)")
-    set_tensors(p.loaded.model, p.init_state)  # the seeded init (a reused ``prepared`` may have been warmed)
     kind: Kind = "image" if p.loaded.kind == "vision" else "text"
     if p.loaded.kind in ("vlm",) or (kind == "text" and p.loaded.kind != "encoder"):
         raise CeloraError(f"celora attack: model.name '{cfg.model.name}' is not supported (text encoders and ViTs)")
     if not 0 <= client < cfg.num_clients:
         raise CeloraError(f"--client {client}: must be in [0, {cfg.num_clients})")
     model = p.loaded.model
-    rows = p.split.clients[client].train_idx
-    if warm_steps:
-        params = set_trainable(model, {"A", "B", "C", "head"}, p.loaded.head_modules)
-        head_names = set(view_names(model, {"head"}, p.loaded.head_modules))
-        head = [q for n, q in model.named_parameters() if n in head_names]
-        train_local(
-            model,
-            p.encoded,
-            rows,
-            params,
-            task=p.task,
-            epochs=10_000,
-            batch_size=cfg.train.batch_size,
-            lr=cfg.train.lr,
-            head_params=head,
-            head_lr=cfg.train.head_lr,
-            max_steps=warm_steps,
-            seed=cfg.seed,
-        )
-    model.eval()
-    settings = AttackSettings(
-        threat, batch_size, local_steps if fedavg else 0, cfg.train.lr, samples, iterations, cfg.seed
-    )
     normalise = None
     if kind == "image":
         proc = p.loaded.tokenizer
@@ -109,18 +91,45 @@ def attack_experiment(
         def normalise(x: torch.Tensor) -> torch.Tensor:
             return proc(x * 255.0)
 
-    result = run_attack(
-        model,
-        p.encoded,
-        rows,
-        kind,
-        settings,
-        p.loaded.head_modules,
-        p.init_state,  # type: ignore[arg-type]
-        tokenizer=p.loaded.tokenizer,
-        normalise=normalise,
-        progress=progress,
-    )
+    parts: list[AttackResult] = []
+    clients: list[int] = []
+    for k in range(cfg.num_clients):  # from ``client`` on, wrapping, until ``samples`` batches are attacked
+        remaining = samples - sum(r.summary["batches"] for r in parts)
+        if remaining <= 0:
+            break
+        c = (client + k) % cfg.num_clients
+        rows = p.split.clients[c].train_idx
+        if len(rows) < batch_size:
+            continue
+        set_tensors(model, p.init_state)  # every attacked client warms up from the seeded init
+        if warmed is not None and (c, warm_steps) in warmed:
+            set_tensors(model, warmed[(c, warm_steps)])
+        else:
+            _warm_up(cfg, p, rows, warm_steps)
+            if warmed is not None:
+                warmed[(c, warm_steps)] = {n: t.clone() for n, t in get_tensors(model, p.init_state).items()}
+        model.eval()
+        settings = AttackSettings(
+            threat, batch_size, local_steps if fedavg else 0, cfg.train.lr, remaining, iterations, cfg.seed + 1000 * k
+        )
+        parts.append(
+            run_attack(
+                model,
+                p.encoded,
+                rows,
+                kind,
+                settings,
+                p.loaded.head_modules,
+                p.init_state,  # type: ignore[arg-type]
+                tokenizer=p.loaded.tokenizer,
+                normalise=normalise,
+                progress=progress,
+            )
+        )
+        clients.append(c)
+    if not parts:
+        raise CeloraError(f"--batch-size {batch_size}: no client has that many training rows")
+    result = merge_results(parts, settings)
     meta = {
         "model": cfg.model.name,
         "data": cfg.data.path or cfg.data.name,
@@ -128,6 +137,7 @@ def attack_experiment(
         "targets": list(p.spec.targets),
         "max_length": cfg.model.max_length,
         "client": client,
+        "clients": clients,
         "warm_steps": warm_steps,
         "lr": cfg.train.lr,
         "iterations": iterations,
@@ -135,6 +145,32 @@ def attack_experiment(
         "threat": asdict(threat),
     }
     return result, meta
+
+
+def _warm_up(cfg: ExperimentConfig, p: Any, rows: np.ndarray, steps: int) -> None:
+    """``steps`` local steps of the client's own training (A, B, C, head) on ``rows``: B ≠ 0, so ∇C ≠ 0."""
+    from celora.adapters.inject import set_trainable, view_names
+    from celora.fl.client import train_local
+
+    if not steps:
+        return
+    model = p.loaded.model
+    params = set_trainable(model, {"A", "B", "C", "head"}, p.loaded.head_modules)
+    head_names = set(view_names(model, {"head"}, p.loaded.head_modules))
+    train_local(
+        model,
+        p.encoded,
+        rows,
+        params,
+        task=p.task,
+        epochs=10_000,
+        batch_size=cfg.train.batch_size,
+        lr=cfg.train.lr,
+        head_params=[q for n, q in model.named_parameters() if n in head_names],
+        head_lr=cfg.train.head_lr,
+        max_steps=steps,
+        seed=cfg.seed,
+    )
 
 
 def _fmt(m: dict[str, Any], key: str, digits: int = 3) -> str:
@@ -146,6 +182,12 @@ def _fmt(m: dict[str, Any], key: str, digits: int = 3) -> str:
     return f"{v['mean']:.{digits}f} ± {v['ci95']:.{digits}f}"
 
 
+def _n(summary: dict[str, Any]) -> str:
+    """N: the examples attacked, with the batches (the unit of the intervals) when a batch holds several."""
+    n, b = summary["examples"], summary["batches"]
+    return str(n) if summary["batch_size"] == 1 else f"{n} ({b} batch{'es' if b > 1 else ''})"
+
+
 def markdown_row(summary: dict[str, Any], rank: int) -> list[str]:
     """One table row (COLUMNS) from an attack summary."""
     m = summary["metrics"]
@@ -155,7 +197,7 @@ def markdown_row(summary: dict[str, Any], rank: int) -> list[str]:
         str(rank),
         str(summary["batch_size"]),
         summary["protocol"],
-        str(summary["examples"]),
+        _n(summary),
         "/".join(summary["methods"]),
         _fmt(m, "rouge1"),
         _fmt(m, "rouge2"),

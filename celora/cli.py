@@ -353,10 +353,12 @@ def attack(
         False
     ),
     local_steps: Annotated[int, typer.Option("--local-steps", help="local SGD steps with --fedavg")] = 4,
-    samples: Annotated[int, typer.Option("--samples", help="batches attacked")] = 10,
+    samples: Annotated[
+        int, typer.Option("--samples", help="batches attacked (from --client on, then the next clients)")
+    ] = 10,
     iterations: Annotated[int, typer.Option("--iterations", help="steps of the optimisation attacks")] = 200,
     warm_steps: Annotated[int, typer.Option("--warm-steps", help="local steps before the attack (B ≠ 0)")] = 10,
-    client: Annotated[int, typer.Option("--client", help="the attacked client")] = 0,
+    client: Annotated[int, typer.Option("--client", help="the (first) attacked client")] = 0,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a key, e.g. --set model.max_length=32")] = (
         None
     ),

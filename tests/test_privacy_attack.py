@@ -152,3 +152,23 @@ def test_attack_outputs(tmp_path, tiny):
     saved = json.loads(files[0].read_text())
     assert saved["summary"]["threat"] == "c+head" and saved["summary"]["metrics"]["label_acc"]["mean"] == 1.0
     assert "| c+head | 4 | 1 | fedsgd |" in files[1].read_text()
+
+
+def test_attack_spills_over_to_the_next_clients(tiny):
+    from celora.attack import attack_experiment, markdown_row
+
+    cfg = load_config(None, TINY)
+    per_client = len(tiny.split.clients[0].train_idx) // 10
+    result, meta = attack_experiment(
+        cfg, "head", batch_size=10, samples=per_client + 1, iterations=0, warm_steps=1, prepared=tiny
+    )
+    assert meta["clients"] == [0, 1] and result.summary["batches"] == per_client + 1
+    assert result.summary["metrics"]["feature_cos"]["n"] == per_client + 1
+    assert markdown_row(result.summary, 4)[4] == f"{10 * (per_client + 1)} ({per_client + 1} batches)"
+    warmed: dict = {}  # warmed states kept across calls give the same attack as warming up again
+    for _ in range(2):
+        again, _meta = attack_experiment(
+            cfg, "head", batch_size=10, samples=per_client + 1, iterations=0, warm_steps=1, prepared=tiny, warmed=warmed
+        )
+        assert again.rows == result.rows
+    assert sorted(warmed) == [(0, 1), (1, 1)]

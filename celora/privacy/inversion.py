@@ -187,6 +187,7 @@ class AttackResult:
     rows: list[dict[str, Any]]  # one per batch
     summary: dict[str, Any]
     examples: list[dict[str, Any]] = field(default_factory=list)  # text pairs or image arrays for the picture
+    floor_rows: list[dict[str, float]] = field(default_factory=list)  # random-token scores per batch (text)
 
 
 def _head_capture(model: nn.Module, head_modules: Sequence[str]) -> tuple[list[torch.Tensor], Any]:
@@ -399,20 +400,37 @@ def run_attack(
             floor_rows.append(random_text_floor(tokenizer, refs, vocab, rng))
         if progress is not None:
             progress(j, row)
+    return AttackResult(out_rows, _summary(settings, kind, out_rows, floor_rows), examples, floor_rows)
+
+
+def _summary(
+    settings: AttackSettings, kind: Kind, rows: Sequence[dict[str, Any]], floor_rows: Sequence[dict[str, float]]
+) -> dict[str, Any]:
+    """Means with 95 % Student-t intervals over the attacked batches (one row each), and the random floor."""
     keys = list(TEXT_KEYS if kind == "text" else IMAGE_KEYS)
     keys += [f"start_{k}" for k in keys] + list(HEAD_KEYS) + ["match_loss", "match_loss_start"]
     summary: dict[str, Any] = {
         "threat": settings.threat.name,
         "description": settings.threat.description,
         "kind": kind,
-        "batch_size": b,
+        "batch_size": settings.batch_size,
         "protocol": "fedavg" if settings.local_steps else "fedsgd",
         "local_steps": settings.local_steps,
-        "batches": n,
-        "examples": n * b,
-        "methods": sorted({str(r.get("method")) for r in out_rows}),
-        "metrics": summarize(out_rows, keys),
+        "batches": len(rows),
+        "examples": len(rows) * settings.batch_size,
+        "methods": sorted({str(r.get("method")) for r in rows}),
+        "metrics": summarize(rows, keys),
     }
     if floor_rows:
         summary["random_floor"] = summarize(floor_rows, TEXT_KEYS)
-    return AttackResult(out_rows, summary, examples)
+    return summary
+
+
+def merge_results(parts: Sequence[AttackResult], settings: AttackSettings) -> AttackResult:
+    """One result from the attacks of several clients (same settings): rows pooled, summary recomputed."""
+    if not parts:
+        raise CeloraError("merge_results: no attack results to merge")
+    kind: Kind = parts[0].summary["kind"]
+    rows = [r for p in parts for r in p.rows]
+    floor = [r for p in parts for r in p.floor_rows]
+    return AttackResult(rows, _summary(settings, kind, rows, floor), [e for p in parts for e in p.examples], floor)

@@ -36,6 +36,48 @@ def first_layer_embeddings(model: nn.Module) -> nn.Module | None:
     return emb
 
 
+_CACHE: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}  # one entry: the batch-independent terms
+
+
+def _projected_terms(emb: nn.Module, proj: torch.Tensor | None, length: int) -> tuple[torch.Tensor, ...]:
+    """(σ, M a_v, M c_p, M β, ||M y_{v,p}||²) for M = Pᵀ (see ``candidate_residuals``); they depend only on the
+    embedding, P and the length, so the last ones are kept (the same client's batches share them)."""
+    f64 = torch.float64
+    ln: Any = emb.LayerNorm
+    word: Any = emb.word_embeddings
+    positions: Any = emb.position_embeddings
+    types: Any = getattr(emb, "token_type_embeddings", None)
+    key = (
+        id(emb),
+        float(word.weight.detach().double().sum()),
+        length,
+        None if proj is None else (tuple(proj.shape), hash(proj.detach().cpu().numpy().tobytes())),
+    )
+    if key in _CACHE:
+        return _CACHE[key]
+    e = word.weight.detach().to(f64)
+    pos = positions.weight.detach()[:length].to(f64)
+    q = pos + (types.weight.detach()[0].to(f64) if types is not None else 0.0)
+    gamma = ln.weight.detach().to(f64) if ln.weight is not None else torch.ones(e.shape[1], dtype=f64)
+    beta = ln.bias.detach().to(f64) if ln.bias is not None else torch.zeros(e.shape[1], dtype=f64)
+    d = e.shape[1]
+    ec, qc = e - e.mean(1, keepdim=True), q - q.mean(1, keepdim=True)
+    sigma = ((ec.pow(2).sum(1)[None, :] + qc.pow(2).sum(1)[:, None] + 2 * qc @ ec.T) / d + float(ln.eps)).sqrt()
+    pt = torch.eye(d, dtype=f64) if proj is None else proj.detach().to(f64)  # in × k
+    pa, pc, pb = (gamma * ec) @ pt, (gamma * qc) @ pt, beta @ pt
+    total = _sq_norm(sigma, pa, pc, pb).clamp_min(1e-300)
+    _CACHE.clear()
+    _CACHE[key] = (sigma, pa, pc, pb, total)
+    return _CACHE[key]
+
+
+def _sq_norm(sigma: torch.Tensor, m_a: torch.Tensor, m_c: torch.Tensor, m_b: torch.Tensor) -> torch.Tensor:
+    """``||M a_v + M c_p||² / σ² + 2 (M a_v + M c_p)·M β / σ + ||M β||²`` for every (p, v): L × V."""
+    ab = m_a.pow(2).sum(1)[None, :] + m_c.pow(2).sum(1)[:, None] + 2 * m_c @ m_a.T  # ||Ma + Mc||²
+    cross = (m_a @ m_b)[None, :] + (m_c @ m_b)[:, None]
+    return ab / sigma.pow(2) + 2 * cross / sigma + m_b.pow(2).sum()
+
+
 @torch.no_grad()
 def candidate_residuals(emb: nn.Module, basis: torch.Tensor, proj: torch.Tensor | None, length: int) -> torch.Tensor:
     """Relative residual ``||(I − U Uᵀ) Pᵀ y_{v,p}|| / ||Pᵀ y_{v,p}||`` for every position p < length and token v.
@@ -45,31 +87,10 @@ def candidate_residuals(emb: nn.Module, basis: torch.Tensor, proj: torch.Tensor 
     linear map M, ``||M y||² = ||M a_v + M c_p||² / σ² + 2 (M a_v + M c_p)·M β / σ + ||M β||²`` with
     ``a_v = γ ∘ ẽ_v``, ``c_p = γ ∘ q̃_p``: a few (V × k)(k × L) products instead of V·L layer norms. (L × V).
     """
-    f64 = torch.float64
-    ln: Any = emb.LayerNorm
-    word: Any = emb.word_embeddings
-    positions: Any = emb.position_embeddings
-    e = word.weight.detach().to(f64)
-    pos = positions.weight.detach()[:length].to(f64)
-    types: Any = getattr(emb, "token_type_embeddings", None)
-    q = pos + (types.weight.detach()[0].to(f64) if types is not None else 0.0)
-    gamma = ln.weight.detach().to(f64) if ln.weight is not None else torch.ones(e.shape[1], dtype=f64)
-    beta = ln.bias.detach().to(f64) if ln.bias is not None else torch.zeros(e.shape[1], dtype=f64)
-    d = e.shape[1]
-    ec, qc = e - e.mean(1, keepdim=True), q - q.mean(1, keepdim=True)
-    sigma = ((ec.pow(2).sum(1)[None, :] + qc.pow(2).sum(1)[:, None] + 2 * qc @ ec.T) / d + float(ln.eps)).sqrt()
-    pt = torch.eye(d, dtype=f64) if proj is None else proj.detach().to(f64)  # in × k
-    u = basis.detach().to(f64)
-
-    def sq_norm(m_a: torch.Tensor, m_c: torch.Tensor, m_b: torch.Tensor) -> torch.Tensor:
-        ab = m_a.pow(2).sum(1)[None, :] + m_c.pow(2).sum(1)[:, None] + 2 * m_c @ m_a.T  # ||Ma + Mc||², L × V
-        cross = (m_a @ m_b)[None, :] + (m_c @ m_b)[:, None]
-        return ab / sigma.pow(2) + 2 * cross / sigma + m_b.pow(2).sum()
-
-    pa, pc, pb = (gamma * ec) @ pt, (gamma * qc) @ pt, beta @ pt
+    sigma, pa, pc, pb, total = _projected_terms(emb, proj, length)
+    u = basis.detach().to(torch.float64)
     qa, qcp, qb = pa - (pa @ u) @ u.T, pc - (pc @ u) @ u.T, pb - (pb @ u) @ u.T
-    total = sq_norm(pa, pc, pb).clamp_min(1e-300)
-    return (sq_norm(qa, qcp, qb).clamp_min(0) / total).sqrt().to(torch.float32)
+    return (_sq_norm(sigma, qa, qcp, qb).clamp_min(0) / total).sqrt().to(torch.float32)
 
 
 @torch.no_grad()
