@@ -1,7 +1,9 @@
-"""Issue-15 table and plots from a c_only_study.sh folder: accuracy vs bytes per client-round (the equal-bytes
-view) and every column's mean training loss per round (has C's training flattened?).
+"""Issue-15 table and plots from a c_only_study.sh (or c_only_llm.sh) folder: accuracy vs bytes per client-round
+(the equal-bytes view) and every column's mean training loss per round (has C's training flattened?). Prompt
+tasks add the zero-shot accuracy (the un-adapted model before round 1); wall s/cell is the mean run wall time.
 
 Usage: .venv/bin/python benchmarks/c_only_plot.py benchmarks/results/c-only-alpha1.0
+       .venv/bin/python benchmarks/c_only_plot.py benchmarks/results/c-only-llm
 Writes c_only.md (table) and c_only.png (two panels) into the folder and prints the table.
 """
 
@@ -73,11 +75,15 @@ def main(folder: str) -> None:
     labels = list(dict.fromkeys(r["method"] for r in rows))
     agg = {a["method"]: a for a in aggregate_rows(rows, labels)}
     fedit_bytes = agg[FEDIT]["bytes_up_per_client_round"] if FEDIT in agg else float("nan")
+    zero_shot = {m: [r["acc_zero_shot"] for r in rows if r["method"] == m and "acc_zero_shot" in r] for m in agg}
+    has_zs = any(zero_shot.values())  # prompt tasks: the un-adapted model before round 1
     lines = [
-        "| column | seeds | steps/client | acc after local training | acc after aggregation "
+        "| column | seeds | steps/client |"
+        + (" zero-shot acc |" if has_zs else "")
+        + " acc after local training | acc after aggregation "
         "| Δ vs local (local / agg.) | Δ agg. vs own no-exchange control | up B/client-round | × FedIT bytes "
-        "| final train loss |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| final train loss | wall s/cell |",
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if has_zs else ""),
     ]
     curves: dict[str, list[float]] = {}
     for label, a in agg.items():
@@ -98,10 +104,11 @@ def main(folder: str) -> None:
         vs_control = "–" if not n_paired else f"{gain:+.3f} ± {gain_std:.3f} ({n_paired} seeds)"
         up = a["bytes_up_per_client_round"]
         frac = f"{up / fedit_bytes:.3f}" if fedit_bytes == fedit_bytes and up > 0 else "–"
+        zs = f" {np.mean(zero_shot[label]):.3f} |" if has_zs else ""
         lines.append(
-            f"| {label} | {a['seeds']} | {steps} | {a['acc_mean']:.3f} ± {a['acc_mean_std']:.3f} "
+            f"| {label} | {a['seeds']} | {steps} |{zs} {a['acc_mean']:.3f} ± {a['acc_mean_std']:.3f} "
             f"| {a['acc_mean_agg']:.3f} ± {a['acc_mean_agg_std']:.3f} | {delta} | {vs_control} | {up:,.0f} | {frac} "
-            f"| {curve[-1]:.2e} |"
+            f"| {curve[-1]:.2e} | {a['wall_s']:.0f} |"
         )
     table = "\n".join(lines) + "\n"
     (out / "c_only.md").write_text(table, encoding="utf-8")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from celora.adapters.inject import AdapterSpec, inject_adapters, set_trainable
+from celora.adapters.inject import AdapterSpec, adapter_layers, inject_adapters, set_trainable
 from celora.config import build_config
 from celora.data.sources import Dataset
 from celora.data.tasks import IGNORE, PromptData, get_task
@@ -202,6 +202,31 @@ def test_simulation_runs_the_prompt_task_with_zero_shot_baseline(tmp_path) -> No
     assert "exact_match" in final["clients"][0]["metrics"]
     assert (out / "adapters" / "client_0" / "adapter_config.json").is_file()
     assert "model_note" not in s  # only dequantised models carry a note
+
+
+def test_gradient_basis_runs_the_prompt_task_and_zero_shot_is_the_base_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The gradient basis (proxy rows of the prompt corpus) on a decoder: its initial view is one estimated step
+    (C₀ = diag(S_r) ≠ 0), yet zero-shot evaluates ΔW = 0, so it equals the random basis's zero-shot."""
+    from celora.fl.prepare import prepare
+    from celora.fl.simulation import run_experiment
+
+    spec = {
+        "rounds": 1,
+        "num_clients": 2,
+        "model": {"name": "tiny-llama", "rank": 2, "max_length": 64, "gradient_samples": 2},
+        "data": {"path": _write_csv(tmp_path, 24), "task": "prompt", "verbalizers": ["no", "yes"]}
+        | {"train_per_client": 4},
+        "train": {"batch_size": 8, "max_steps": 1},
+    }
+    grad = build_config(spec | {"method": "celora-global", "model": spec["model"] | {"basis": "gradient"}})
+    bench = prepare(grad).bench  # type: ignore[union-attr]
+    assert any(torch.count_nonzero(v) for k, v in bench.init_state.items() if k.endswith(".lora_C"))
+    bench.load(bench.zero_delta_state())
+    assert all(torch.count_nonzero(m.delta_weight()) == 0 for m in adapter_layers(bench.model).values())
+    run_experiment(grad, tmp_path / "grad")
+    run_experiment(build_config(spec | {"method": "local"}), tmp_path / "rand")
+    got, want = (json.loads((tmp_path / d / "zero_shot.json").read_text())["clients"] for d in ("grad", "rand"))
+    assert [c["loss"] for c in got] == pytest.approx([c["loss"] for c in want], rel=1e-5)
 
 
 def test_compare_reports_zero_shot_and_exact_match(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -57,6 +57,11 @@ class Backbone:
         """Copy a client's adapter view into the shared model."""
         set_tensors(self.loaded.model, state)
 
+    def zero_delta_state(self) -> Tensors:
+        """The initial view with every C at 0: ΔW = s·A·C·B = 0 in every basis (the gradient basis starts at
+        C₀ = diag(S_r), so its initial view is already one estimated fine-tuning step, not the base model)."""
+        return {k: torch.zeros_like(v) if k.endswith(".lora_C") else v for k, v in self.init_state.items()}
+
     def snapshot(self) -> Tensors:
         """The model's current adapter view (CPU float32 copies)."""
         return get_tensors(self.loaded.model, self.all_names)

@@ -392,8 +392,8 @@ class ClientRuntime:
         return self._metrics(self.data.global_idx, False)["acc"]
 
     def zero_shot(self) -> dict[str, Any]:
-        """The un-adapted model (ΔW = 0) on this client's test rows."""
-        self.bench.load(self.bench.init_state)
+        """The un-adapted model (ΔW = 0, also for bases whose C does not start at 0) on this client's test rows."""
+        self.bench.load(self.bench.zero_delta_state())
         return {"id": self.id, "n_train": self.n_train, **self._metrics(self.data.test_idx, True)}
 
     def train(self, rnd: int, phase: Phase, idx: np.ndarray | None = None, salt: int | None = None) -> TrainResult:
