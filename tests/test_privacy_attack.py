@@ -58,23 +58,29 @@ def test_head_leaks_label_and_feature_at_batch_1(tiny):
 
 
 def test_text_optimisation_beats_its_random_start(tiny):
+    """Over 3 sequences the matching loss falls below a fifth of its start and every reconstruction holds more of
+    the sequence's tokens than its random start (one token of 12 is 0.083 F1; 100 iterations was too few to be
+    robust across CPUs, whose float rounding differs)."""
     m = tiny.loaded.model
-    batch = _batch(tiny)
     names = factor_names(m, ("full",), tiny.loaded.head_modules)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    obs = observe(m, lambda mm: nn.functional.cross_entropy(mm(**inputs).logits, batch["labels"]), names, names)
-    lengths = [int(batch["attention_mask"].sum())]
     saved = {n: q.requires_grad for n, q in m.named_parameters()}
-    for n, q in m.named_parameters():
-        q.requires_grad_(n in names)
-    try:
-        res = optimise_text(m, names, obs, batch["labels"], lengths, iterations=100, seed=0)
-    finally:
+    gains = []
+    for start in range(3):
+        batch = _batch(tiny, start=start)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        obs = observe(m, lambda mm: nn.functional.cross_entropy(mm(**inputs).logits, batch["labels"]), names, names)
+        lengths = [int(batch["attention_mask"].sum())]
         for n, q in m.named_parameters():
-            q.requires_grad_(saved[n])
-    ref = batch["input_ids"][0, : lengths[0]].tolist()
-    assert res.loss < 0.5 * res.start_loss
-    assert token_f1(ref, res.ids[0]) > token_f1(ref, res.start_ids[0]) + 0.1  # more of the batch's tokens
+            q.requires_grad_(n in names)
+        try:
+            res = optimise_text(m, names, obs, batch["labels"], lengths, iterations=300, seed=0)
+        finally:
+            for n, q in m.named_parameters():
+                q.requires_grad_(saved[n])
+        ref = batch["input_ids"][0, : lengths[0]].tolist()
+        assert res.loss < 0.2 * res.start_loss
+        gains.append(token_f1(ref, res.ids[0]) - token_f1(ref, res.start_ids[0]))
+    assert min(gains) > 0 and float(np.mean(gains)) >= 0.05, gains  # more of the batch's tokens, every time
 
 
 def test_span_test_is_exact_on_the_full_gradient_and_its_closed_form_matches(tiny):
