@@ -68,7 +68,12 @@ def test_text_optimisation_beats_its_random_start(tiny):
     for start in range(3):
         batch = _batch(tiny, start=start)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        obs = observe(m, lambda mm: nn.functional.cross_entropy(mm(**inputs).logits, batch["labels"]), names, names)
+        labels = batch["labels"]
+
+        def loss(mm, x=inputs, y=labels):
+            return nn.functional.cross_entropy(mm(**x).logits, y)
+
+        obs = observe(m, loss, names, names)
         lengths = [int(batch["attention_mask"].sum())]
         for n, q in m.named_parameters():
             q.requires_grad_(n in names)
