@@ -9,6 +9,11 @@ Batches are drawn from client 0, then clients 1, 2, ... (each warmed from the se
     python benchmarks/privacy_table.py                        # every cell: text (MiniLM, BBC), image (DINOv2-S)
     python benchmarks/privacy_table.py --match r128-b1 --match full   # run only these cells (table: all)
     python benchmarks/privacy_table.py --table-only                   # print the table of the stored cells
+    python benchmarks/privacy_table.py --lm-prior smollm2 --match text-fedit-r32-b1 --opt-n 4   # with an LM prior
+
+With ``--lm-prior NAME`` the optimisation cells (text, span test not decisive) run again as separate cells
+``<cell>-lm-NAME``: the same attack read off through the language-model prior (``celora attack --lm-prior``);
+their attack.json also holds the nearest-token read-off of the same optimisation (``nearest_*``).
 """
 
 from __future__ import annotations
@@ -51,6 +56,11 @@ def span_decisive(kind: str, threat: str, rank: int, batch: int) -> bool:
     return TOKENS[kind] * batch < (HIDDEN if threat == "full" else rank)
 
 
+def _shape(cell: tuple[str, str, str, int, int, str]) -> tuple[str, str, int, int]:
+    kind, _config, threat, rank, batch, _protocol = cell
+    return kind, threat, rank, batch
+
+
 def cell_name(kind: str, threat: str, rank: int, batch: int, protocol: str) -> str:
     return f"{kind}-{threat.replace('+', '-')}-r{rank}-b{batch}-{protocol}"
 
@@ -69,13 +79,17 @@ def main() -> None:
     ap.add_argument("--table-only", action="store_true", help="run nothing; rebuild the table from the cells")
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--warm-steps", type=int, default=10)
+    ap.add_argument("--lm-prior", default=None, help="also run the text optimisation cells with this LM prior")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cells = [c for c in TEXT + IMAGE + LATER if args.only in (None, c[0])]
     prepared: dict[tuple[str, int], object] = {}
     warmed: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # per client of the prepared model
-    for kind, config, threat, rank, batch, protocol in cells:
-        name = cell_name(kind, threat, rank, batch, protocol)
+    runs = [(c, None) for c in cells]
+    if args.lm_prior:
+        runs += [(c, args.lm_prior) for c in cells if c[0] == "text" and not span_decisive(*_shape(c))]
+    for (kind, config, threat, rank, batch, protocol), prior in runs:
+        name = cell_name(kind, threat, rank, batch, protocol) + (f"-lm-{prior}" if prior else "")
         out = args.out / name
         target = args.span_n if span_decisive(kind, threat, rank, batch) else args.opt_n
         if args.table_only or (args.match and not any(m in name for m in args.match)):
@@ -101,6 +115,7 @@ def main() -> None:
             warm_steps=args.warm_steps,
             prepared=prepared[key],
             warmed=warmed,
+            lm_prior=prior,
             progress=lambda j, _row, name=name, t0=t0: _progress(name, j, t0),
         )
         meta["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -113,8 +128,10 @@ def main() -> None:
         )
     rows = []
     for kind, _config, threat, rank, batch, protocol in cells:
-        f = args.out / cell_name(kind, threat, rank, batch, protocol) / "attack.json"
-        if f.is_file():
+        base = args.out / cell_name(kind, threat, rank, batch, protocol)
+        for f in [base / "attack.json", *sorted(args.out.glob(f"{base.name}-lm-*/attack.json"))]:
+            if not f.is_file():
+                continue
             data = json.loads(f.read_text())
             row = markdown_row(data["summary"], data["settings"]["rank"])
             row[1] = "any" if threat in ("full", "head") else row[1]

@@ -22,6 +22,7 @@ import torch
 
 from celora.config import ExperimentConfig
 from celora.errors import CeloraError
+from celora.privacy.attacks.lm_prior import LMPrior, TextPrior, special_frame
 from celora.privacy.inversion import AttackResult, AttackSettings, Kind, get_threat, merge_results, run_attack
 
 __all__ = ["COLUMNS", "attack_experiment", "markdown_row", "markdown_table", "write_outputs"]
@@ -59,13 +60,16 @@ def attack_experiment(
     progress: Any = None,
     prepared: Any = None,
     warmed: dict[tuple[int, int], dict[str, torch.Tensor]] | None = None,
+    lm_prior: str | None = None,
+    lm_weight: float = 0.1,
 ) -> tuple[AttackResult, dict[str, Any]]:
     """Prepare the experiment (or reuse ``prepared`` from ``prepare(cfg)`` of the same config), warm the
         client's adapter from the seeded init, and attack its batches; (result, settings). When ``client`` has
         fewer than ``samples`` batches, the next clients (wrapping) are attacked too, each warmed from the seeded
         init on its own rows, until ``samples`` batches are attacked or every client's batches are used. ``warmed``
     (optional, per (client, warm_steps)): warmed states kept across calls with the same ``prepared`` (the warm-up
-    does not depend on the threat model)."""
+    does not depend on the threat model). ``lm_prior``: a causal LM of the zoo (e.g. ``smollm2``) read as a
+    language-model prior by the text optimisation attack (``privacy.attacks.lm_prior``), weight ``lm_weight``."""
     from celora.adapters.inject import get_tensors, set_tensors
     from celora.fl.prepare import Prepared, check_names, prepare
 
@@ -81,6 +85,10 @@ def attack_experiment(
     kind: Kind = "image" if p.loaded.kind == "vision" else "text"
     if p.loaded.kind in ("vlm",) or (kind == "text" and p.loaded.kind != "encoder"):
         raise CeloraError(f"celora attack: model.name '{cfg.model.name}' is not supported (text encoders and ViTs)")
+    if lm_prior is not None and kind != "text":
+        raise CeloraError("--lm-prior: a language-model prior applies to text attacks only")
+    if lm_weight < 0:
+        raise CeloraError(f"--lm-weight must be >= 0, got {lm_weight}")
     if not 0 <= client < cfg.num_clients:
         raise CeloraError(f"--client {client}: must be in [0, {cfg.num_clients})")
     model = p.loaded.model
@@ -91,6 +99,7 @@ def attack_experiment(
         def normalise(x: torch.Tensor) -> torch.Tensor:
             return proc(x * 255.0)
 
+    prior = _text_prior(lm_prior, lm_weight, p.loaded.tokenizer, model) if lm_prior is not None else None
     parts: list[AttackResult] = []
     clients: list[int] = []
     for k in range(cfg.num_clients):  # from ``client`` on, wrapping, until ``samples`` batches are attacked
@@ -124,6 +133,7 @@ def attack_experiment(
                 tokenizer=p.loaded.tokenizer,
                 normalise=normalise,
                 progress=progress,
+                prior=prior,
             )
         )
         clients.append(c)
@@ -143,8 +153,25 @@ def attack_experiment(
         "iterations": iterations,
         "seed": cfg.seed,
         "threat": asdict(threat),
+        "lm_prior": lm_prior,
+        "lm_weight": lm_weight if lm_prior is not None else None,
     }
     return result, meta
+
+
+def _text_prior(name: str, weight: float, tokenizer: Any, victim: torch.nn.Module) -> TextPrior:
+    """The zoo's causal LM ``name`` as a prior over the victim tokenizer's decoded text, on the victim's device."""
+    from celora.models.zoo import load_model
+
+    lm = load_model(name, 0, head="lm")
+    lm.model.to(next(victim.parameters()).device)
+    return TextPrior(
+        LMPrior(lm.model, lm.tokenizer),
+        lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True),
+        special_frame(tokenizer),
+        sorted(tokenizer.all_special_ids),
+        weight=weight,
+    )
 
 
 def _warm_up(cfg: ExperimentConfig, p: Any, rows: np.ndarray, steps: int) -> None:

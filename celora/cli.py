@@ -359,6 +359,10 @@ def attack(
     iterations: Annotated[int, typer.Option("--iterations", help="steps of the optimisation attacks")] = 200,
     warm_steps: Annotated[int, typer.Option("--warm-steps", help="local steps before the attack (B ≠ 0)")] = 10,
     client: Annotated[int, typer.Option("--client", help="the (first) attacked client")] = 0,
+    lm_prior: Annotated[
+        str | None, typer.Option("--lm-prior", help="text: a zoo causal LM read as a prior (e.g. smollm2)")
+    ] = None,
+    lm_weight: Annotated[float, typer.Option("--lm-weight", help="weight λ of the prior's log-likelihood")] = 0.1,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a key, e.g. --set model.max_length=32")] = (
         None
     ),
@@ -384,6 +388,8 @@ def attack(
             iterations=iterations,
             warm_steps=warm_steps,
             client=client,
+            lm_prior=lm_prior,
+            lm_weight=lm_weight,
         )
     files = write_outputs(result, meta, out_dir)
     console.print(files[1].read_text(encoding="utf-8"))

@@ -38,6 +38,7 @@ from torch import nn
 from celora.adapters.inject import adapter_layers, view_names
 from celora.errors import CeloraError
 from celora.privacy.attacks import ATTACKS
+from celora.privacy.attacks.lm_prior import TextPrior
 from celora.privacy.metrics import image_scores, summarize, text_scores
 
 Kind = Literal["text", "image"]
@@ -210,6 +211,7 @@ def attack_batch(
     tokenizer: Any = None,
     normalise: Callable[[torch.Tensor], torch.Tensor] | None = None,
     seed: int = 0,
+    prior: TextPrior | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Observe one batch as the server and reconstruct it; returns (metrics row, example)."""
     threat = settings.threat
@@ -259,10 +261,14 @@ def attack_batch(
             else:
                 with _grad_only(model, names):
                     opt = ATTACKS["text"](
-                        model, names, obs_list, given, lengths, iterations=settings.iterations, seed=seed
+                        model, names, obs_list, given, lengths, iterations=settings.iterations, seed=seed, prior=prior
                     )
-                hyps, start, method = opt.ids, opt.start_ids, "optimisation"
+                hyps, start, method = opt.ids, opt.start_ids, "optimisation" if prior is None else "optimisation+lm"
                 row["match_loss"], row["match_loss_start"] = opt.loss, opt.start_loss
+                if opt.nearest_ids is not None:  # what the same optimisation gives without the prior
+                    nearest = _text_metrics(tokenizer, refs, opt.nearest_ids)
+                    row.update({f"nearest_{k}": v for k, v in nearest.items()})
+                    row["token_loss"], row["token_loss_nearest"] = opt.token_loss, opt.nearest_token_loss
             row.update(_text_metrics(tokenizer, refs, hyps))
             if start is not None:
                 row.update({f"start_{k}": v for k, v in _text_metrics(tokenizer, refs, start).items()})
@@ -362,6 +368,7 @@ def run_attack(
     tokenizer: Any = None,
     normalise: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: Callable[[int, dict[str, Any]], None] | None = None,
+    prior: TextPrior | None = None,
 ) -> AttackResult:
     """Attack ``settings.samples`` disjoint batches of ``rows`` (one client's data); metrics with 95 % intervals."""
     b = settings.batch_size
@@ -390,6 +397,7 @@ def run_attack(
             tokenizer=tokenizer,
             normalise=normalise,
             seed=settings.seed + j,
+            prior=prior,
         )
         out_rows.append(row)
         examples.append(ex)
@@ -409,6 +417,8 @@ def _summary(
     """Means with 95 % Student-t intervals over the attacked batches (one row each), and the random floor."""
     keys = list(TEXT_KEYS if kind == "text" else IMAGE_KEYS)
     keys += [f"start_{k}" for k in keys] + list(HEAD_KEYS) + ["match_loss", "match_loss_start"]
+    if any("nearest_rouge1" in r for r in rows):  # with an LM prior: the same run read off without it
+        keys += [f"nearest_{k}" for k in TEXT_KEYS] + ["token_loss", "token_loss_nearest"]
     summary: dict[str, Any] = {
         "threat": settings.threat.name,
         "description": settings.threat.description,
