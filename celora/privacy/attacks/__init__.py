@@ -5,6 +5,8 @@
 * ``image`` — Inverting Gradients: cosine matching + total variation (image.py)
 * ``image-span`` — span inversion of the first adapted layer for ViT patches (image_span.py)
 * ``head``  — label and pooled feature from a linear head's gradient, iDLG (head.py)
+
+``lm_prior.py`` is not an attack: the language-model prior the ``text`` attack reads tokens off with.
 """
 
 from __future__ import annotations
