@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table  # noqa: E402
 
 from celora.errors import CeloraError  # noqa: E402
+from celora.eval import MetricSpec  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning with tri-matrix LoRA.")
 console = Console()
@@ -41,9 +42,10 @@ class RichObserver:
 
     def on_round_end(self, rnd: int, metrics: dict[str, Any]) -> None:
         self.progress.advance(self.round_task)
+        p = MetricSpec.of(metrics).primary
         self.progress.console.print(
-            f"round {rnd}: acc mean {metrics['acc_mean']:.3f} (after agg. {metrics['acc_mean_agg']:.3f}), "
-            f"worst-10% {metrics['acc_worst10']:.3f}, up {metrics['bytes_up']} B, down {metrics['bytes_down']} B, "
+            f"round {rnd}: {p} mean {metrics[f'{p}_mean']:.3f} (after agg. {metrics[f'{p}_mean_agg']:.3f}), "
+            f"worst-10% {metrics[f'{p}_worst10']:.3f}, up {metrics['bytes_up']} B, down {metrics['bytes_down']} B, "
             f"{metrics['wall_s']:.1f}s"
         )
 
@@ -158,10 +160,11 @@ def run(
         )
     s = result.summary
     bpcr = s["bytes_per_client_round"]
+    p = MetricSpec.of(s).primary
+    majority = f"majority-label baseline {s['acc_majority']:.3f} · " if "acc_majority" in s else ""
     console.print(
-        f"[bold]final[/bold]: acc mean {s['acc_mean']:.3f} · weighted {s['acc_weighted']:.3f} · "
-        f"worst-10% {s['acc_worst10']:.3f} · global {s['acc_global']:.3f} · "
-        f"majority-label baseline {s['acc_majority']:.3f} · "
+        f"[bold]final[/bold]: {p} mean {s[f'{p}_mean']:.3f} · weighted {s[f'{p}_weighted']:.3f} · "
+        f"worst-10% {s[f'{p}_worst10']:.3f} · global {s[f'{p}_global']:.3f} · {majority}"
         f"{bpcr['up']:.0f} B up / {bpcr['down']:.0f} B down per client-round · {s['wall_s']:.0f}s" + _task_extras(s)
     )
     if s.get("model_note"):
@@ -171,7 +174,8 @@ def run(
 
 def _task_extras(s: dict[str, Any]) -> str:
     """Extra metrics of the final line: the task's own (e.g. exact match) and the zero-shot baseline."""
-    extras = [k for k in s if k.endswith("_mean") and k not in ("acc_mean", "acc_mean_agg")]
+    p = MetricSpec.of(s).primary
+    extras = [k for k in s if k.endswith("_mean") and k not in (f"{p}_mean", f"{p}_mean_agg")]
     text = "".join(f" · {k.removesuffix('_mean').replace('_', ' ')} {s[k]:.3f}" for k in extras)
     zs = s.get("zero_shot")
     if zs:

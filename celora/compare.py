@@ -20,26 +20,25 @@ import pandas as pd
 
 from celora.config import ExperimentConfig, apply_overrides, build_config, dump_config
 from celora.errors import CeloraError
+from celora.eval import MetricSpec
 from celora.fl.run_folder import load_checkpoint
 from celora.fl.simulation import Observer, Prepared, Simulation, check_names, prepare
 from celora.fl.sites import SitesPrepared
 from celora.tables import frame_csv, frame_markdown
 
-CELL_KEYS = (
-    "method",
-    "seed",
-    "acc_mean",
-    "acc_weighted",
-    "acc_worst10",
-    "acc_mean_agg",
-    "acc_global",
-    "bytes_up_per_client_round",
-    "bytes_down_per_client_round",
-    "bytes_total",
-    "wall_s",
-    "update_epsilon",
-)
-TASK_KEYS = ("acc_zero_shot", "exact_match_mean")  # written when the task reports them (prompt task)
+SCORE_SUFFIXES = ("mean", "weighted", "worst10", "mean_agg", "global")  # of the task's primary metric
+COST_KEYS = ("bytes_up_per_client_round", "bytes_down_per_client_round", "bytes_total", "wall_s", "update_epsilon")
+EXTRA_KEYS = ("exact_match_mean", "nll_mean", "ppl_mean")  # written when the task reports them
+
+
+def cell_keys(primary: str = "acc") -> tuple[str, ...]:
+    """compare.csv's columns for a task whose primary metric is ``primary`` (accuracy: acc_mean, …)."""
+    return ("method", "seed", *(f"{primary}_{s}" for s in SCORE_SUFFIXES), *COST_KEYS)
+
+
+def primary_of(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The primary metric of a comparison's cells (all cells of one comparison share the task)."""
+    return MetricSpec.of(rows[0]).primary if rows else "acc"
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -104,21 +103,20 @@ def _update_epsilon(summary: dict[str, Any]) -> float:
 
 def _cell_row(summary: dict[str, Any], seed: int) -> dict[str, Any]:
     per = summary["bytes_per_client_round"]
+    spec = MetricSpec.of(summary)
+    p = spec.primary
     return {
         "method": summary["method"],
         "seed": seed,
-        "acc_mean": summary["acc_mean"],
-        "acc_weighted": summary["acc_weighted"],
-        "acc_worst10": summary["acc_worst10"],
-        "acc_mean_agg": summary["acc_mean_agg"],
-        "acc_global": summary["acc_global"],
+        **{f"{p}_{s}": summary[f"{p}_{s}"] for s in SCORE_SUFFIXES},
+        **({"primary_metric": spec.as_dict()} if p != "acc" else {}),
         "bytes_up_per_client_round": per["up"],
         "bytes_down_per_client_round": per["down"],
         "bytes_total": summary["bytes_up_total"] + summary["bytes_down_total"],
         "wall_s": summary["wall_s"],
         "update_epsilon": _update_epsilon(summary),
-        **({"acc_zero_shot": summary["zero_shot"]["acc_mean"]} if "zero_shot" in summary else {}),
-        **{k: summary[k] for k in TASK_KEYS if k in summary},
+        **({f"{p}_zero_shot": summary["zero_shot"][f"{p}_mean"]} if "zero_shot" in summary else {}),
+        **{k: summary[k] for k in EXTRA_KEYS if k in summary},
     }
 
 
@@ -197,36 +195,39 @@ def aggregate_rows(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> li
     """Per method: mean and sample std over seeds of every metric, and the paired difference to ``local``
     (``delta_local`` after local training, ``delta_local_agg`` after aggregation) when it ran too."""
     out = []
+    p = primary_of(rows)
     for m in methods:
         cell = [r for r in rows if r["method"] == m]
         if not cell:
             continue
-        agg: dict[str, Any] = {"method": m, "seeds": len(cell)}
-        for k in CELL_KEYS[2:]:
+        agg: dict[str, Any] = {"method": m, "seeds": len(cell), "primary": p}
+        for k in cell_keys(p)[2:]:
             agg[k], agg[k + "_std"] = _mean_std([r.get(k, float("nan")) for r in cell])
         nan = (float("nan"), float("nan"))
-        agg["delta_local"], agg["delta_local_std"] = _paired_delta(rows, m, "acc_mean") if m != REFERENCE else nan
+        agg["delta_local"], agg["delta_local_std"] = _paired_delta(rows, m, f"{p}_mean") if m != REFERENCE else nan
         agg["delta_local_agg"], agg["delta_local_agg_std"] = (
-            _paired_delta(rows, m, "acc_mean_agg") if m != REFERENCE else nan
+            _paired_delta(rows, m, f"{p}_mean_agg") if m != REFERENCE else nan
         )
         out.append(agg)
     return out
 
 
-TABLE_COLUMNS = (
-    "method",
-    "seeds",
-    "acc mean",
-    "worst-10 %",
-    "acc after agg.",
-    "Δ vs local (local step / after agg.)",
-    "global acc",
-    "up B/client-round",
-    "down B/client-round",
-    "total MB",
-    "wall s",
-    "update ε",
-)
+def table_columns(primary: str = "acc") -> tuple[str, ...]:
+    """The comparison table's header for a task whose primary metric is ``primary``."""
+    return (
+        "method",
+        "seeds",
+        f"{primary} mean",
+        "worst-10 %",
+        f"{primary} after agg.",
+        "Δ vs local (local step / after agg.)",
+        f"global {primary}",
+        "up B/client-round",
+        "down B/client-round",
+        "total MB",
+        "wall s",
+        "update ε",
+    )
 
 
 def _pm(mean: float, std: float, sign: str = "") -> str:
@@ -237,7 +238,8 @@ def _pm(mean: float, std: float, sign: str = "") -> str:
 
 
 def table_cells(a: dict[str, Any]) -> list[str]:
-    """One aggregated method as the text cells of ``TABLE_COLUMNS`` (shared by compare.md and the CLI)."""
+    """One aggregated method as the text cells of ``table_columns`` (shared by compare.md and the CLI)."""
+    p = a.get("primary", "acc")
     delta = "–"
     if not math.isnan(a["delta_local"]):
         step = _pm(a["delta_local"], a["delta_local_std"], "+")
@@ -245,11 +247,11 @@ def table_cells(a: dict[str, Any]) -> list[str]:
     return [
         a["method"],
         str(a["seeds"]),
-        _pm(a["acc_mean"], a["acc_mean_std"]),
-        _pm(a["acc_worst10"], a["acc_worst10_std"]),
-        _pm(a["acc_mean_agg"], a["acc_mean_agg_std"]),
+        _pm(a[f"{p}_mean"], a[f"{p}_mean_std"]),
+        _pm(a[f"{p}_worst10"], a[f"{p}_worst10_std"]),
+        _pm(a[f"{p}_mean_agg"], a[f"{p}_mean_agg_std"]),
         delta,
-        _pm(a["acc_global"], a["acc_global_std"]),
+        _pm(a[f"{p}_global"], a[f"{p}_global_std"]),
         f"{a['bytes_up_per_client_round']:,.0f}",
         f"{a['bytes_down_per_client_round']:,.0f}",
         f"{a['bytes_total'] / 1e6:.3f}",
@@ -261,7 +263,8 @@ def table_cells(a: dict[str, Any]) -> list[str]:
 def comparison_frame(agg: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """The comparison (accuracy mean ± std over seeds, paired Δ to local, bytes) as one frame of display strings:
     the CLI, compare.md and report.html render this same frame."""
-    return pd.DataFrame([table_cells(a) for a in agg], columns=list(TABLE_COLUMNS))
+    p = agg[0].get("primary", "acc") if agg else "acc"
+    return pd.DataFrame([table_cells(a) for a in agg], columns=list(table_columns(p)))
 
 
 def markdown_table(agg: Sequence[dict[str, Any]]) -> str:
@@ -278,8 +281,8 @@ def _plot_on(ax: Any, agg: Sequence[dict[str, Any]], title: str) -> None:
         mb = a["bytes_total"] / 1e6
         ax.errorbar(
             mb if mb > 0 else floor,
-            a["acc_mean"],
-            yerr=a["acc_mean_std"],
+            a[f"{a.get('primary', 'acc')}_mean"],
+            yerr=a[f"{a.get('primary', 'acc')}_mean_std"],
             fmt=markers[k % len(markers)],
             capsize=3,
             label=f"{a['method']}" + ("" if mb > 0 else " (0 B)"),
@@ -306,7 +309,8 @@ def panels_figure(panels: Mapping[str, Sequence[dict[str, Any]]]) -> Any:
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels) + 1.8, 4.2), sharey=True, squeeze=False)
     for ax, (title, agg) in zip(axes[0], panels.items(), strict=True):
         _plot_on(ax, agg, title)
-    axes[0][0].set_ylabel("personalized accuracy (mean over clients)")
+    first = next((a for agg in panels.values() for a in agg), {})
+    axes[0][0].set_ylabel(f"personalized {first.get('primary', 'acc')} (mean over clients)")
     if any(panels.values()):
         axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
@@ -343,7 +347,9 @@ def comparison_cells(folder: str | Path) -> tuple[list[dict[str, Any]], list[str
 
 def write_outputs(rows: Sequence[dict[str, Any]], out: Path, methods: Sequence[str]) -> list[dict[str, Any]]:
     """compare.csv (one row per cell), compare.md (aggregated), compare.png."""
-    keys = list(CELL_KEYS) + [k for k in TASK_KEYS if any(k in r for r in rows)]
+    p = primary_of(rows)
+    extra = (f"{p}_zero_shot", *EXTRA_KEYS)
+    keys = list(cell_keys(p)) + [k for k in extra if any(k in r for r in rows)]
     cells = pd.DataFrame([{k: r.get(k, "") for k in keys} for r in rows], columns=keys)
     (out / "compare.csv").write_text(frame_csv(cells), encoding="utf-8")
     agg = aggregate_rows(rows, methods)

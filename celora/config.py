@@ -33,7 +33,11 @@ class ModelConfig(_Section):
     name: str = Field("minilm", description="model zoo name (`celora models`) or a local Hugging Face model folder")
     rank: int = Field(8, ge=1, le=1024, description="adapter rank r (C is r×r)")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; default = rank (scaling 1)")
-    targets: list[str] | None = Field(None, min_length=1, description="module names to adapt; default per model")
+    targets: list[str] | Literal["all-linear"] | None = Field(
+        None,
+        description="module names to adapt, or \"all-linear\" (every linear layer of the blocks, not the LM head or "
+        "a task head); default per model",
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input x (0 = off)")
     init: Literal["kaiming", "paper"] = Field(
         "kaiming", description="init of A: kaiming-uniform as PEFT's LoRA, or N(0, 1e-3²) as in the authors' code"
@@ -98,7 +102,22 @@ class DataConfig(_Section):
     train_per_client: int | None = Field(None, ge=1, description="cap on each client's train split (stratified)")
     test_per_client: int | None = Field(None, ge=1, description="cap on each client's test split (stratified)")
     max_samples: int | None = Field(None, ge=2, description="use a seeded, label-stratified subset of this size")
-    task: str | None = Field(None, description="classify | prompt | … (celora.data.tasks); default per model")
+    task: str | None = Field(
+        None, description="classify | prompt | generate | … (celora.data.tasks, `celora datasets`); default per model"
+    )
+    format: Literal["auto", "columns", "alpaca", "chat"] = Field(
+        "auto",
+        description="generate task, own files: columns (data.prompt_column → data.response_column), alpaca "
+        "(instruction, input, output), chat (messages); auto detects it from the columns",
+    )
+    prompt_column: str = Field("prompt", description="generate task, format columns: the column holding the prompt")
+    response_column: str = Field(
+        "response", description="generate task, format columns: the column holding the response to learn"
+    )
+    system_column: str | None = Field(None, description="generate task: an optional column of system instructions")
+    max_response_tokens: int = Field(
+        24, ge=1, description="generate task: rows whose response is longer (in tokens) are skipped and counted"
+    )
     instruction: str | None = Field(None, description="prompt task: the instruction ({labels} = the label words)")
     verbalizers: list[str] | None = Field(None, min_length=2, description="prompt task: one answer word per label")
     sites: list[str] | None = Field(
@@ -115,7 +134,7 @@ class DataConfig(_Section):
     )
     global_test_path: str | None = Field(
         None,
-        description="with data.sites: an optional shared global test file (same columns) for acc_global; "
+        description="with data.sites: an optional shared global test file (same columns) for the global score; "
         "without it there is no global test set",
     )
 
@@ -244,7 +263,14 @@ class EvalConfig(_Section):
         "retried (was train.eval_batch_size, still read)",
     )
     every: int = Field(
-        1, ge=1, description="evaluate acc and acc_agg every k rounds (the final round always; other rounds: NaN)"
+        1,
+        ge=1,
+        description="evaluate the task's metrics (local step and after aggregation) every k rounds (the final round "
+        "always; other rounds: NaN); generation is the expensive part of a generative task's evaluation",
+    )
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="generate task: greedy answers stop after this many tokens; default "
+        "data.max_response_tokens + 1"
     )
     global_clients: int | None = Field(
         None,

@@ -3,35 +3,39 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 
-def worst_fraction_mean(acc: np.ndarray, fraction: float = 0.1) -> float:
-    """Mean accuracy of the worst ⌈fraction · N⌉ clients (at least one)."""
-    a = np.sort(acc[~np.isnan(acc)])
+def worst_fraction_mean(score: np.ndarray, fraction: float = 0.1, higher_is_better: bool = True) -> float:
+    """Mean score of the worst ⌈fraction · N⌉ clients (at least one): the lowest scores, or the highest where
+    lower is better (e.g. NLL)."""
+    a = np.sort(score[~np.isnan(score)])
     if a.size == 0:
         return float("nan")
     k = max(1, math.ceil(fraction * a.size))
-    return float(a[:k].mean())
+    return float((a[:k] if higher_is_better else a[-k:]).mean())
 
 
-def personalized_metrics(acc: np.ndarray, n_train: np.ndarray) -> dict[str, float]:
-    """acc_mean = (1/N) Σ acc_i; acc_weighted = Σ n_i acc_i / Σ n_i; acc_worst10 = worst-10 % mean.
+def personalized_metrics(
+    score: np.ndarray, n_train: np.ndarray, name: str = "acc", higher_is_better: bool = True
+) -> dict[str, float]:
+    """For the task's primary metric ``name`` (accuracy: ``acc``): <name>_mean = (1/N) Σ s_i;
+    <name>_weighted = Σ n_i s_i / Σ n_i; <name>_worst10 = worst-10 % mean (in the metric's direction).
 
     Clients not yet evaluated (NaN) are left out.
     """
-    acc = np.asarray(acc, dtype=float)
-    ok = ~np.isnan(acc)
+    score = np.asarray(score, dtype=float)
+    ok = ~np.isnan(score)
+    keys = (f"{name}_mean", f"{name}_weighted", f"{name}_worst10")
     if not ok.any():
-        return {"acc_mean": float("nan"), "acc_weighted": float("nan"), "acc_worst10": float("nan")}
+        return dict.fromkeys(keys, float("nan"))
     w = np.asarray(n_train, dtype=float)[ok]
-    return {
-        "acc_mean": float(acc[ok].mean()),
-        "acc_weighted": float((acc[ok] * w).sum() / w.sum()) if w.sum() > 0 else float(acc[ok].mean()),
-        "acc_worst10": worst_fraction_mean(acc),
-    }
+    mean = float(score[ok].mean())
+    weighted = float((score[ok] * w).sum() / w.sum()) if w.sum() > 0 else mean
+    return dict(zip(keys, (mean, weighted, worst_fraction_mean(score, higher_is_better=higher_is_better)), strict=True))
 
 
 def majority_baseline(labels: np.ndarray, train: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> float:
@@ -64,3 +68,50 @@ def global_eval_note(ids: Sequence[int], num_clients: int) -> dict[str, object]:
     """summary.json's ``global_eval``: which clients' final models the global accuracy averages."""
     how = "every client" if len(ids) == num_clients else "a seeded sample (eval.global_clients)"
     return {"clients": len(ids), "of": num_clients, "ids": [int(i) for i in ids], "sampled": how}
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """What a task scores: its metrics, and the primary one (``primary``, with its direction) that round rows,
+    worst-10 %, summaries, ``compare``, the report and headline tables read."""
+
+    primary: str = "acc"
+    higher_is_better: bool = True
+    metrics: tuple[str, ...] = ("acc",)
+
+    @property
+    def direction(self) -> str:
+        return "max" if self.higher_is_better else "min"
+
+    def as_dict(self) -> dict[str, object]:
+        """summary.json's ``primary_metric``."""
+        return {"name": self.primary, "direction": self.direction, "metrics": list(self.metrics)}
+
+    @classmethod
+    def of(cls, summary: Mapping[str, object]) -> MetricSpec:
+        """The spec a summary (or zero-shot / compare row) was written with; accuracy for folders written before
+        tasks declared their metrics."""
+        d = summary.get("primary_metric")
+        if not isinstance(d, Mapping):
+            return ACCURACY
+        return cls(str(d["name"]), d.get("direction", "max") == "max", tuple(d.get("metrics", (d["name"],))))
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether score ``a`` is better than ``b`` in this metric's direction."""
+        return a > b if self.higher_is_better else a < b
+
+
+ACCURACY = MetricSpec()
+
+
+_ROUGE: list[object] = []  # the rouge-score scorer, built on first use
+
+
+def rouge_l(reference: str, hypothesis: str) -> float:
+    """ROUGE-L F1 of a generated text against its reference (rouge-score: LCS of lower-cased alphanumeric
+    tokens, Porter-stemmed); 0 when either is empty."""
+    if not _ROUGE:
+        from rouge_score import rouge_scorer
+
+        _ROUGE.append(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True))
+    return float(_ROUGE[0].score(reference, hypothesis)["rougeL"].fmeasure)  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 from rich.table import Table
 
+from celora.eval import MetricSpec
 from celora.tables import frame_html, frame_markdown, frame_rich
 
 REGENERATE_CONFIG_DOC = "celora config --markdown > docs/configuration.md"
@@ -72,6 +73,14 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+METRIC_LABELS = {"acc": "accuracy", "rougeL": "ROUGE-L F1", "exact_match": "exact match", "nll": "response NLL"}
+
+
+def metric_label(name: str) -> str:
+    """A metric's name as the tables and plots print it (``acc`` → accuracy)."""
+    return METRIC_LABELS.get(name, name.replace("_", " "))
+
+
 def fmt_bytes(n: float) -> str:
     """1536 → '1.5 KB' (decimal units, as on the wire)."""
     for unit in ("B", "KB", "MB", "GB"):
@@ -82,42 +91,58 @@ def fmt_bytes(n: float) -> str:
 
 
 def rounds_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """One line per round: personalized accuracy (local step and after aggregation), bytes, time."""
+    """One line per round: the task's primary metric (local step and after aggregation), bytes, time."""
+    p = MetricSpec.of(rows[0]).primary if rows else "acc"
+    columns = ["round", f"{p} mean", f"{p} weighted", "worst 10%", f"{p} after agg.", "up", "down", "time"]
     return pd.DataFrame(
         [
-            {
-                "round": str(r["round"]),
-                "acc mean": f"{r['acc_mean']:.3f}",
-                "acc weighted": f"{r['acc_weighted']:.3f}",
-                "worst 10%": f"{r['acc_worst10']:.3f}",
-                "acc after agg.": f"{r['acc_mean_agg']:.3f}",
-                "up": fmt_bytes(r["bytes_up"]),
-                "down": fmt_bytes(r["bytes_down"]),
-                "time": f"{r['wall_s']:.1f}s",
-            }
+            dict(
+                zip(
+                    columns,
+                    (
+                        str(r["round"]),
+                        f"{r[f'{p}_mean']:.3f}",
+                        f"{r[f'{p}_weighted']:.3f}",
+                        f"{r[f'{p}_worst10']:.3f}",
+                        f"{r[f'{p}_mean_agg']:.3f}",
+                        fmt_bytes(r["bytes_up"]),
+                        fmt_bytes(r["bytes_down"]),
+                        f"{r['wall_s']:.1f}s",
+                    ),
+                    strict=True,
+                )
+            )
             for r in rows
         ],
-        columns=["round", "acc mean", "acc weighted", "worst 10%", "acc after agg.", "up", "down", "time"],
+        columns=columns,
     )
 
 
 def clients_frame(row: dict[str, Any]) -> pd.DataFrame:
-    """Per-client results of one round."""
+    """Per-client results of one round (the task's primary metric, loss, bytes)."""
+    p = MetricSpec.of(row).primary
+    columns = ["client", "n_train", p, f"{p} after agg.", "loss", "up", "down", "note"]
     return pd.DataFrame(
         [
-            {
-                "client": str(c["id"]),
-                "n_train": str(c["n_train"]),
-                "acc": f"{c['acc']:.3f}",
-                "acc after agg.": f"{c['acc_agg']:.3f}",
-                "loss": f"{c['loss']:.3f}",
-                "up": fmt_bytes(c["bytes_up"]),
-                "down": fmt_bytes(c["bytes_down"]),
-                "note": client_note(c),
-            }
+            dict(
+                zip(
+                    columns,
+                    (
+                        str(c["id"]),
+                        str(c["n_train"]),
+                        f"{c[p]:.3f}",
+                        f"{c[f'{p}_agg']:.3f}",
+                        f"{c['loss']:.3f}",
+                        fmt_bytes(c["bytes_up"]),
+                        fmt_bytes(c["bytes_down"]),
+                        client_note(c),
+                    ),
+                    strict=True,
+                )
+            )
             for c in row["clients"]
         ],
-        columns=["client", "n_train", "acc", "acc after agg.", "loss", "up", "down", "note"],
+        columns=columns,
     )
 
 
@@ -141,20 +166,23 @@ def client_note(c: dict[str, Any]) -> str:
 
 
 def plot_accuracy(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """accuracy.png: personalized accuracy (mean, worst-10 %, after aggregation) vs round."""
+    """accuracy.png: the task's primary metric, personalized (mean, worst-10 %, after aggregation) vs round."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     x = [r["round"] for r in rows]
+    spec = MetricSpec.of(rows[0]) if rows else MetricSpec()
+    p = spec.primary
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(x, [r["acc_mean"] for r in rows], "o-", label="mean (after local training)")
-    ax.plot(x, [r["acc_mean_agg"] for r in rows], "s--", label="mean (after aggregation)")
-    ax.plot(x, [r["acc_worst10"] for r in rows], "^:", label="worst 10 % clients")
+    ax.plot(x, [r[f"{p}_mean"] for r in rows], "o-", label="mean (after local training)")
+    ax.plot(x, [r[f"{p}_mean_agg"] for r in rows], "s--", label="mean (after aggregation)")
+    ax.plot(x, [r[f"{p}_worst10"] for r in rows], "^:", label="worst 10 % clients")
     ax.set_xlabel("round")
-    ax.set_ylabel("personalized test accuracy")
-    ax.set_ylim(0, 1.02)
+    ax.set_ylabel(f"personalized test {metric_label(p)}")
+    if spec.higher_is_better:
+        ax.set_ylim(0, 1.02)
     ax.set_xticks(x)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -261,19 +289,20 @@ def plot_label_distribution(partition: dict[str, Any]) -> Any:
 
 
 def plot_client_accuracy(row: dict[str, Any]) -> Any:
-    """Per-client accuracy of one round: after local training vs after receiving the server's message."""
+    """Per-client primary metric of one round: after local training vs after receiving the server's message."""
     import numpy as np
 
     clients = row["clients"]
+    p = MetricSpec.of(row).primary
     x = np.arange(len(clients))
     fig, ax = _figure()
-    ax.bar(x - 0.2, [c["acc"] for c in clients], 0.4, label="after local training")
-    ax.bar(x + 0.2, [c["acc_agg"] for c in clients], 0.4, label="after aggregation")
+    ax.bar(x - 0.2, [c[p] for c in clients], 0.4, label="after local training")
+    ax.bar(x + 0.2, [c[f"{p}_agg"] for c in clients], 0.4, label="after aggregation")
     ax.set_xticks(x, [str(c["id"]) for c in clients])
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("client")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"per-client accuracy, round {row['round']}")
+    ax.set_ylabel(f"test {metric_label(p)}")
+    ax.set_title(f"per-client {metric_label(p)}, round {row['round']}")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     return fig
 
@@ -311,6 +340,7 @@ def _run_html(d: Path) -> str:
     cfg = tomllib.loads(config_text) if config_text else {}
     model, data = cfg.get("model", {}), cfg.get("data", {})
     bpcr = summary.get("bytes_per_client_round", {"up": 0, "down": 0})
+    p = MetricSpec.of(summary).primary
     facts = [
         f"model {model.get('name', '?')} (rank {model.get('rank', '?')})",
         f"data {data.get('path') or data.get('name', '?')} ({data.get('partition', '?')}"
@@ -326,10 +356,10 @@ def _run_html(d: Path) -> str:
         f"<h1>celora run: {escape(str(summary['method']))}</h1>",
         f"<p class=sub>{escape(' · '.join(facts))} · folder {escape(d.name)}</p>",
         "<div class=cards>",
-        _card(f"{summary['acc_mean']:.3f}", "accuracy, mean over clients (local step)"),
-        _card(f"{summary.get('acc_mean_agg', float('nan')):.3f}", "after aggregation"),
-        _card(f"{summary['acc_worst10']:.3f}", "worst 10 % of clients"),
-        _card(f"{summary['acc_global']:.3f}", "global test set"),
+        _card(f"{summary[f'{p}_mean']:.3f}", f"{metric_label(p)}, mean over clients (local step)"),
+        _card(f"{summary.get(f'{p}_mean_agg', float('nan')):.3f}", "after aggregation"),
+        _card(f"{summary[f'{p}_worst10']:.3f}", "worst 10 % of clients"),
+        _card(f"{summary[f'{p}_global']:.3f}", "global test set"),
     ]
     if "acc_majority" in summary:
         parts.append(_card(f"{summary['acc_majority']:.3f}", "majority-label baseline"))
@@ -338,8 +368,9 @@ def _run_html(d: Path) -> str:
         _card(f"{fmt_bytes(summary['bytes_up_total'] + summary['bytes_down_total'])}", "total on the wire"),
         _card(f"{summary['wall_s']:.0f} s", "wall time"),
         "</div>",
-        "<p class=sub>Accuracy is personalized test accuracy: each client's model on its own test split, after its"
-        " local training (the model it deploys) and after it receives the server's message.</p>",
+        f"<p class=sub>{metric_label(p)[:1].upper()}{metric_label(p)[1:]} is personalized: each client's model on"
+        " its own test split, after its local training (the model it deploys) and after it receives the server's"
+        " message.</p>",
         f"<details><summary>resolved configuration (config.toml)</summary><pre>{escape(config_text)}</pre></details>",
         "<h2>Training</h2><div class=grid>",
         _img(d / "accuracy.png"),
@@ -369,15 +400,16 @@ def _compare_html(d: Path) -> str:
     cells, methods = comparison_cells(d)
     agg = aggregate_rows(cells, methods)
     seeds = sorted({c["seed"] for c in cells})
+    p = MetricSpec.of(cells[0]).primary if cells else "acc"
     cell_frame = pd.DataFrame(
         [
             {
                 "method": c["method"],
                 "seed": str(c["seed"]),
-                "acc mean": f"{c['acc_mean']:.3f}",
-                "acc after agg.": f"{c['acc_mean_agg']:.3f}",
-                "worst 10%": f"{c['acc_worst10']:.3f}",
-                "global acc": f"{c['acc_global']:.3f}",
+                f"{p} mean": f"{c[f'{p}_mean']:.3f}",
+                f"{p} after agg.": f"{c[f'{p}_mean_agg']:.3f}",
+                "worst 10%": f"{c[f'{p}_worst10']:.3f}",
+                f"global {p}": f"{c[f'{p}_global']:.3f}",
                 "up / client-round": fmt_bytes(c["bytes_up_per_client_round"]),
                 "total": fmt_bytes(c["bytes_total"]),
                 "wall": f"{c['wall_s']:.0f} s",
@@ -389,9 +421,10 @@ def _compare_html(d: Path) -> str:
         [
             f"<h1>celora comparison: {escape(d.name)}</h1>",
             f"<p class=sub>{len(methods)} methods × {len(seeds)} seeds ({', '.join(map(str, seeds))}), identical"
-            " partitions per seed; accuracy is personalized test accuracy, mean over clients; Δ vs local is the"
+            f" partitions per seed; {metric_label(p)} is personalized (each client on its own test split), mean over"
+            " clients; Δ vs local is the"
             " paired difference per seed (mean ± std).</p>",
-            "<h2>Accuracy vs bytes</h2>",
+            f"<h2>{metric_label(p)[:1].upper()}{metric_label(p)[1:]} vs bytes</h2>",
             _png(panels_figure({d.name: agg})),
             "<h2>Summary (mean ± std over seeds)</h2>",
             frame_html(comparison_frame(agg)),

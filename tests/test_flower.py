@@ -140,7 +140,7 @@ def test_lost_node_is_reported_not_dropped(tmp_path, make_cfg):
     assert not c2["participated"] and c2["rejected"].startswith("lost: no reply")
     assert rows[1]["rejected"] == 1 and rows[1]["participants"] == 2
     assert summary["flower"]["lost_clients"]["2"]["round"] == 2
-    assert summary["flower"]["acc_global_clients"] == 2
+    assert summary["flower"]["global_eval_clients"] == 2
     assert all(m.metadata.dst_node_id != 1002 for m in grid.sent if m.metadata.message_type == "evaluate")
 
 

@@ -150,7 +150,7 @@ def test_training_the_adapters_learns_the_answers() -> None:
     after = evaluate_metrics(lm.model, data, idx, task=PROMPT, extras=True)
     assert res.steps == 300
     assert after["loss"] < before["loss"] - 0.3
-    assert after["acc"] == 1.0 and after["exact_match"] == 1.0
+    assert after["score"] == 1.0 and after["exact_match"] == 1.0
 
 
 def test_default_task_per_model() -> None:

@@ -133,7 +133,7 @@ def test_vlm_exact_match_decodes_with_the_image_bound():
     with torch.no_grad():
         answers = task._greedy(vlm, batch, 3)
         with vlm.seeing(batch["pixel_values"], at=int(batch["image_position"])):
-            hidden = task._hidden(vlm, batch["input_ids"], batch["attention_mask"])
+            hidden = task.decoder_hidden(vlm, batch["input_ids"], batch["attention_mask"])
         first = vlm.get_output_embeddings()(hidden[torch.arange(6), batch["prompt_len"] - 1]).argmax(-1)
         with pytest.raises(RuntimeError, match="no image bound"):  # decoding needs the images
             task.greedy_answers_by_forward(vlm, batch, 1)

@@ -212,7 +212,7 @@ class ImagePromptTask(PromptTask):
         with self._seeing(model, batch):
             return super().loss(model, batch)
 
-    def score(self, model: nn.Module, batch: Batch) -> tuple[int, float]:
+    def score(self, model: nn.Module, batch: Batch) -> tuple[float, float]:
         with self._seeing(model, batch):
             return super().score(model, batch)
 

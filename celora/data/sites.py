@@ -24,7 +24,9 @@ import numpy as np
 
 from celora.config import DataConfig
 from celora.data.partition import stratified_sample, train_test_split
+from celora.data.formats import generative_reader
 from celora.data.sources import Dataset, load_dataset
+from celora.data.tasks import TASKS
 from celora.errors import CeloraError
 
 MAX_LABELS = 100_000  # a label message with more names is rejected (hostile input)
@@ -60,7 +62,10 @@ def site_error(index: int, path: str, reason: str | BaseException) -> CeloraErro
 
 
 def _read_file(data: DataConfig, path: str) -> Dataset:
-    """A labelled file with the ``data.*_column`` keys (the own-file reader; one class is enough)."""
+    """A labelled file with the ``data.*_column`` keys (the own-file reader; one class is enough), or a file of
+    generative rows (``data.format``, ``data.prompt_column``, …) for a generative task."""
+    if data.task is not None and data.task in TASKS and TASKS[data.task].rows == "generative":
+        return load_dataset(None, path=path, reader=generative_reader(data), min_classes=1)
     return load_dataset(
         None,
         path=path,

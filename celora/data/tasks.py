@@ -26,6 +26,7 @@ from torch import nn
 
 from celora.data.sources import Dataset
 from celora.errors import CeloraError
+from celora.eval import ACCURACY, MetricSpec
 from celora.registry import Registry
 
 Batch = dict[str, torch.Tensor]
@@ -50,6 +51,17 @@ class Task(ABC):
     head: ClassVar[str] = "classifier"  # which model the zoo builds: "classifier" | "lm"
     model_kinds: ClassVar[frozenset[str]] = frozenset({"encoder", "decoder"})
     zero_shot: ClassVar[bool] = False  # is the un-adapted model meaningful (evaluated before round 1)?
+    spec: ClassVar[MetricSpec] = ACCURACY  # the metrics it declares; ``score`` sums the primary one
+    rows: ClassVar[str] = "labelled"  # what a data file holds: "labelled" (text/label) | "generative" (prompts)
+
+    def configured(self, cfg: Any) -> Task:
+        """The task with a run's settings (an ``ExperimentConfig``); tasks without settings return themselves."""
+        return self
+
+    def prepare_rows(self, dataset: Dataset, processor: Any, max_length: int) -> Dataset:
+        """The rows this task can use, before the data is split (e.g. without responses that cannot fit);
+        all of them by default."""
+        return dataset
 
     def evaluates_zero_shot(self, model: nn.Module) -> bool:
         """Whether this model's un-adapted form is evaluated before round 1 (``zero_shot`` unless a task says)."""
@@ -64,8 +76,8 @@ class Task(ABC):
         """Mean training loss of one batch (a scalar with grad)."""
 
     @abstractmethod
-    def score(self, model: nn.Module, batch: Batch) -> tuple[int, float]:
-        """(number of correct predictions, summed per-example loss) over the batch."""
+    def score(self, model: nn.Module, batch: Batch) -> tuple[float, float]:
+        """(Σ per-example primary metric — accuracy: correct predictions —, Σ per-example loss) over the batch."""
 
     @abstractmethod
     def features(self, model: nn.Module, batch: Batch) -> np.ndarray:
@@ -74,6 +86,23 @@ class Task(ABC):
     def extra_metrics(self, model: nn.Module, batch: Batch) -> dict[str, float]:
         """Task-specific metrics summed over the batch (divided by n by the caller); none by default."""
         return {}
+
+    def evaluate(
+        self, model: nn.Module, data: TaskData, batch: Batch, extras: bool
+    ) -> tuple[float, float, dict[str, float]]:
+        """(Σ primary metric, Σ loss, Σ extra metrics if ``extras``) of one batch of ``data``'s rows:
+        :meth:`score` and :meth:`extra_metrics` unless a task needs the rows themselves (e.g. references)."""
+        s, loss = self.score(model, batch)
+        return s, loss, self.extra_metrics(model, batch) if extras else {}
+
+    def samples(self, model: nn.Module, data: TaskData, batch: Batch) -> list[dict[str, str]]:
+        """Examples a person reads (prompt, reference, output) for a batch's rows; none by default."""
+        return []
+
+    def finish_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Metrics derived from the per-example means of one client's rows (e.g. perplexity = exp(NLL)); none by
+        default."""
+        return metrics
 
     def site_statistics(self, model: nn.Module, data: TaskData, idx: np.ndarray) -> dict[str, torch.Tensor]:
         """Client side, once before round 1: what one site uploads for the task's shared set-up, computed
@@ -131,10 +160,10 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
     return to_numpy((hidden * m).sum(1) / m.sum(1).clamp_min(1))
 
 
-def count_and_sum(correct: torch.Tensor, loss_sum: torch.Tensor) -> tuple[int, float]:
+def count_and_sum(correct: torch.Tensor, loss_sum: torch.Tensor) -> tuple[float, float]:
     """(correct predictions, summed loss) of a batch, moved to the CPU in one transfer."""
     c, s = torch.stack([correct.double(), loss_sum.double()]).tolist()
-    return int(c), float(s)
+    return float(c), float(s)
 
 
 # --------------------------------------------------------------------------- classify
@@ -192,7 +221,7 @@ class ClassifyTask(Task):
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return nn.functional.cross_entropy(self._logits(model, batch), batch["labels"])
 
-    def score(self, model: nn.Module, batch: Batch) -> tuple[int, float]:
+    def score(self, model: nn.Module, batch: Batch) -> tuple[float, float]:
         logits, y = self._logits(model, batch), batch["labels"]
         return count_and_sum((logits.argmax(-1) == y).sum(), nn.functional.cross_entropy(logits, y, reduction="sum"))
 
@@ -337,12 +366,12 @@ class PromptTask(Task):
         return encode_prompts(processor, dataset.texts, dataset.labels, verbalizers, instruction, max_length)
 
     @staticmethod
-    def _hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def decoder_hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Last hidden states of the decoder body (after its final norm), (b, L, hidden)."""
         return model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state  # type: ignore[operator]
 
     @staticmethod
-    def _token_logprobs(model: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def target_logprobs(model: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """log p(target_t | <t) for every position with a target (flattened, in row order)."""
         pos = (target[:, 1:] != IGNORE).nonzero(as_tuple=True)
         h = hidden[:, :-1][pos]  # hidden state that predicts the next token
@@ -351,8 +380,8 @@ class PromptTask(Task):
         return logits.log_softmax(-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        hidden = self._hidden(model, batch["input_ids"], batch["attention_mask"])
-        return -self._token_logprobs(model, hidden, batch["target"]).mean()
+        hidden = self.decoder_hidden(model, batch["input_ids"], batch["attention_mask"])
+        return -self.target_logprobs(model, hidden, batch["target"]).mean()
 
     def _candidate_scores(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """(b, K) summed log-likelihood of each label word after each example's prompt.
@@ -375,16 +404,16 @@ class PromptTask(Task):
         mask = (in_word | in_prompt.unsqueeze(1)).long()
         target = torch.where(in_word, word, IGNORE)
         cand, mask, target = (t.reshape(b * k, width) for t in (cand, mask, target))
-        hidden = self._hidden(model, cand, mask)
-        lp = self._token_logprobs(model, hidden, target)
+        hidden = self.decoder_hidden(model, cand, mask)
+        lp = self.target_logprobs(model, hidden, target)
         owner = (target[:, 1:] != IGNORE).nonzero(as_tuple=True)[0]
         return lp.new_zeros(b * k).index_add_(0, owner, lp).view(b, k)
 
-    def score(self, model: nn.Module, batch: Batch) -> tuple[int, float]:
+    def score(self, model: nn.Module, batch: Batch) -> tuple[float, float]:
         verb = batch["verbalizer_ids"]
-        hidden = self._hidden(model, batch["input_ids"], batch["attention_mask"])
+        hidden = self.decoder_hidden(model, batch["input_ids"], batch["attention_mask"])
         target = batch["target"]
-        lp = self._token_logprobs(model, hidden, target)
+        lp = self.target_logprobs(model, hidden, target)
         owner = (target[:, 1:] != IGNORE).nonzero(as_tuple=True)[0]
         b = target.shape[0]
         per_row = lp.new_zeros(b).index_add_(0, owner, -lp) / torch.bincount(owner, minlength=b).clamp_min(1)
@@ -398,7 +427,7 @@ class PromptTask(Task):
 
     def features(self, model: nn.Module, batch: Batch) -> np.ndarray:
         """Mean of the decoder's last hidden states over the prompt tokens (the answer excluded)."""
-        hidden = self._hidden(model, batch["input_ids"], batch["attention_mask"])
+        hidden = self.decoder_hidden(model, batch["input_ids"], batch["attention_mask"])
         positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         return masked_mean(hidden, positions < batch["prompt_len"].unsqueeze(1))
 
@@ -448,7 +477,7 @@ class PromptTask(Task):
             mask = (
                 torch.arange(width, device=dev).unsqueeze(0) < torch.tensor(lengths, device=dev).unsqueeze(1)
             ).long()
-            hidden = cls._hidden(model, ids, mask)
+            hidden = cls.decoder_hidden(model, ids, mask)
             last = hidden[torch.arange(len(rows), device=dev), mask.sum(1) - 1]
             nxt = model.get_output_embeddings()(last).argmax(-1).tolist()  # type: ignore[operator]
             for r in list(open_rows):

@@ -28,7 +28,7 @@ from celora.fl.projector_setup import pretrain_projector
 from celora.fl.strategies import Strategy, Tensors, get_strategy
 from celora.models.device import CPU, Placement, resolve_placement
 from celora.models.vlm import VisionLanguageModel
-from celora.models.zoo import LoadedModel, bf16_on_cpu, load_model
+from celora.models.zoo import ALL_LINEAR, LoadedModel, all_linear_targets, bf16_on_cpu, load_model
 
 
 def frozen_factors(cfg: ExperimentConfig) -> set[str]:
@@ -159,12 +159,20 @@ def placement_of(cfg: ExperimentConfig) -> Placement:
     return resolve_placement(cfg.train.device, cfg.train.precision, bf16_on_cpu=bf16_on_cpu(cfg.model.name))
 
 
+def targets_of(loaded: LoadedModel, targets: list[str] | str | None) -> tuple[str, ...]:
+    """The modules to adapt: ``model.targets`` as given, every linear layer of the blocks (``"all-linear"``,
+    the task head and FedAvg modules left out), or the model's default."""
+    if targets == ALL_LINEAR:
+        return all_linear_targets(loaded.model, (*loaded.head_modules, *loaded.fedavg_modules))
+    return tuple(targets or loaded.default_targets)
+
+
 def load_backbone(
     cfg: ExperimentConfig, num_labels: int, placement: Placement = CPU
 ) -> tuple[LoadedModel, AdapterSpec, Task]:
     """The frozen base for ``num_labels`` classes with adapters injected (no data needed), in the placement's
     weight dtype (``place_model`` moves it to its device)."""
-    task = get_task(cfg.data.task or "classify")
+    task = get_task(cfg.data.task or "classify").configured(cfg)
     loaded = load_model(
         cfg.model.name,
         num_labels=num_labels,
@@ -182,7 +190,7 @@ def load_backbone(
     spec = AdapterSpec(
         rank=m.rank,
         alpha=m.alpha if m.alpha is not None else float(m.rank),
-        targets=tuple(m.targets or loaded.default_targets),
+        targets=targets_of(loaded, m.targets),
         dropout=m.dropout,
         init=m.init,
         basis=m.basis,

@@ -205,33 +205,34 @@ def evaluate_metrics(
     task: Task = CLASSIFY,
     extras: bool = False,
 ) -> dict[str, float]:
-    """``acc`` = correct / n, ``loss`` = Σ per-example loss / n on rows ``idx``; with ``extras`` also the
-    task's extra metrics (each Σ / n, e.g. exact_match). Batches of ``batch_size`` rows (a ``BatchFit``: halved
-    when one runs out of memory). Run it under ``Placement.autocast()`` for bf16/fp16."""
+    """``score`` = Σ per-example primary metric / n (accuracy: correct / n), ``loss`` = Σ per-example loss / n
+    on rows ``idx``; with ``extras`` also the task's extra metrics (each Σ / n, e.g. exact_match), then the
+    task's derived metrics (``finish_metrics``). Batches of ``batch_size`` rows (a ``BatchFit``: halved when one
+    runs out of memory). Run it under ``Placement.autocast()`` for bf16/fp16."""
     if len(idx) == 0:
-        return {"acc": float("nan"), "loss": float("nan")}
+        return {"score": float("nan"), "loss": float("nan")}
     model.eval()
 
-    def one(start: int, stop: int) -> tuple[int, float, dict[str, float]]:
+    def one(start: int, stop: int) -> tuple[float, float, dict[str, float]]:
         batch = batch_on(model, data, idx[start:stop])
-        c, s = task.score(model, batch)
-        return c, s, task.extra_metrics(model, batch) if extras else {}
+        return task.evaluate(model, data, batch, extras)
 
-    correct, loss_sum = 0, 0.0
+    correct, loss_sum = 0.0, 0.0
     more: dict[str, float] = {}
     for c, s, extra in _fit(batch_size).map(one, len(idx)):
         correct, loss_sum = correct + c, loss_sum + s
         for k, v in extra.items():
             more[k] = more.get(k, 0.0) + v
-    return {"acc": correct / len(idx), "loss": loss_sum / len(idx), **{k: v / len(idx) for k, v in more.items()}}
+    n = len(idx)
+    return task.finish_metrics({"score": correct / n, "loss": loss_sum / n, **{k: v / n for k, v in more.items()}})
 
 
 def evaluate(
     model: nn.Module, data: TaskData, idx: np.ndarray, batch_size: int | BatchFit = 64, *, task: Task = CLASSIFY
 ) -> tuple[float, float]:
-    """(accuracy, mean per-example loss) of the model on rows ``idx``."""
+    """(primary metric — accuracy for classification —, mean per-example loss) of the model on rows ``idx``."""
     m = evaluate_metrics(model, data, idx, batch_size, task=task)
-    return m["acc"], m["loss"]
+    return m["score"], m["loss"]
 
 
 @torch.no_grad()
@@ -363,7 +364,7 @@ class ClientRuntime:
             self.store.put(self.id, value)
 
     def evaluates(self, rnd: int) -> bool:
-        """Whether round ``rnd`` evaluates acc / acc_agg: every ``eval.every`` rounds, and the final round."""
+        """Whether round ``rnd`` evaluates score / score_agg: every ``eval.every`` rounds, and the final round."""
         return rnd >= self.cfg.rounds or rnd % self.cfg.eval.every == 0
 
     @property
@@ -380,21 +381,22 @@ class ClientRuntime:
             return evaluate_metrics(bench.model, self.data.data, idx, self.eval_fit, task=bench.task, extras=extras)
 
     def evaluate_test(self, extras: bool = False) -> dict[str, float]:
-        """acc, loss (and extras) of the state this client holds, on its own test rows."""
+        """score, loss (and extras) of the state this client holds, on its own test rows."""
         self.bench.load(self.state)
         return self._metrics(self.data.test_idx, extras)
 
     def evaluate_global(self) -> float:
-        """Accuracy of this client's model on the global test rows (NaN when there are none)."""
+        """Primary metric of this client's model on the global test rows (NaN when there are none)."""
         if len(self.data.global_idx) == 0:
             return float("nan")
         self.bench.load(self.state)
-        return self._metrics(self.data.global_idx, False)["acc"]
+        return self._metrics(self.data.global_idx, False)["score"]
 
     def zero_shot(self) -> dict[str, Any]:
         """The un-adapted model (ΔW = 0, also for bases whose C does not start at 0) on this client's test rows."""
         self.bench.load(self.bench.zero_delta_state())
-        return {"id": self.id, "n_train": self.n_train, **self._metrics(self.data.test_idx, True)}
+        m = self._metrics(self.data.test_idx, True)
+        return {"id": self.id, "n_train": self.n_train, self.bench.task.spec.primary: m.pop("score"), **m}
 
     def train(self, rnd: int, phase: Phase, idx: np.ndarray | None = None, salt: int | None = None) -> TrainResult:
         """Local training of the loaded state on rows ``idx`` (default: this client's train rows), seeded by
@@ -448,7 +450,7 @@ class ClientRuntime:
         rec.train_loss = res.loss
         if self.evaluates(rnd):
             rec.metrics = self._metrics(self.data.test_idx, extras=rnd == self.cfg.rounds)
-            rec.acc, rec.loss = rec.metrics.pop("acc"), rec.metrics.pop("loss")
+            rec.score, rec.loss = rec.metrics.pop("score"), rec.metrics.pop("loss")
         self.state = self.bench.snapshot()
         if not phase.shares:
             return None, rec
@@ -459,14 +461,14 @@ class ClientRuntime:
 
     def receive(self, blob: bytes, layout_round: int, *, evaluate: bool = True) -> tuple[float, float]:
         """Decode a server message (in the layout of the round that made it) into the held state; with
-        ``evaluate`` (and in a round that ``evaluates``), (acc, loss) on the test rows afterwards ("aggregated"),
+        ``evaluate`` (and in a round that ``evaluates``), (score, loss) on the test rows afterwards ("aggregated"),
         else NaNs."""
         phase = self.phases.phase(layout_round)
         self.state = {**self.state, **decode(blob, phase.down_layout, phase.dtype)}
         if not evaluate or not self.evaluates(layout_round):
             return float("nan"), float("nan")
         m = self.evaluate_test()
-        return m["acc"], m["loss"]
+        return m["score"], m["loss"]
 
     # ----------------------------------------------------------------- setup (once)
     def summary(self) -> ClientSummary:

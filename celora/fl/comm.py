@@ -19,7 +19,7 @@ from celora.assets import package_dir
 from celora.errors import CeloraError
 from celora.fl.payload import Layout, WireDtype, encode
 from celora.fl.strategies import STRATEGIES, get_strategy
-from celora.models.zoo import ZOO, default_targets
+from celora.models.zoo import ALL_LINEAR, ZOO, all_linear_targets, default_targets
 
 # Shapes of models whose weights are not shipped: enough to count bytes.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -90,7 +90,10 @@ def comm_table(
     cfg = model_config(name)
     with torch.device("meta"):
         backbone = AutoModel.from_config(cfg)
-    tg = tuple(targets) if targets else default_targets(backbone)
+    if targets == [ALL_LINEAR]:
+        tg = all_linear_targets(backbone)
+    else:
+        tg = tuple(targets) if targets else default_targets(backbone)
     inject_adapters(backbone, AdapterSpec(rank=rank, alpha=float(rank), targets=tg))
     shapes = {n: tuple(p.shape) for n, p in backbone.named_parameters()}
     rows = []

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from celora.adapters.inject import AdapterSpec
 from celora.config import ExperimentConfig
+from celora.data.formats import generative_reader
 from celora.data.partition import FederatedSplit, make_federated_split
 from celora.data.sources import Dataset, load_dataset
 from celora.data.tasks import Task, TaskData, get_task
@@ -122,6 +123,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared | SitesPrepared:
         return prepare_sites(cfg)
     placement = placement_of(cfg)
     d = cfg.data
+    generative = get_task(str(d.task)).rows == "generative"
     dataset = load_dataset(
         None if d.path else d.name,
         path=d.path,
@@ -132,7 +134,15 @@ def prepare(cfg: ExperimentConfig) -> Prepared | SitesPrepared:
         seed=cfg.seed,
         image_column=d.image_column,
         image_size=d.image_size,
+        reader=generative_reader(d) if generative else None,
     )
+    if d.instruction is not None or d.verbalizers is not None:
+        dataset = replace(
+            dataset, instruction=d.instruction or dataset.instruction, verbalizers=d.verbalizers or dataset.verbalizers
+        )
+    loaded, spec, task = load_backbone(cfg, len(dataset.label_names), placement)
+    place_model(loaded.model, placement, (*loaded.head_modules, *loaded.fedavg_modules))  # once: the base stays there
+    dataset = task.prepare_rows(dataset, loaded.tokenizer, cfg.model.max_length)  # before the split
     column_values = dataset.columns.get(d.column) if d.column else None
     split = make_federated_split(
         dataset.labels,
@@ -147,12 +157,6 @@ def prepare(cfg: ExperimentConfig) -> Prepared | SitesPrepared:
         train_per_client=d.train_per_client,
         test_per_client=d.test_per_client,
     )
-    if d.instruction is not None or d.verbalizers is not None:
-        dataset = replace(
-            dataset, instruction=d.instruction or dataset.instruction, verbalizers=d.verbalizers or dataset.verbalizers
-        )
-    loaded, spec, task = load_backbone(cfg, len(dataset.label_names), placement)
-    place_model(loaded.model, placement, (*loaded.head_modules, *loaded.fedavg_modules))  # once: the base stays there
     encoded = task.build(dataset, loaded.tokenizer, cfg.model.max_length)
     basis_note: dict[str, Any] = {}
     if cfg.model.basis == "gradient":  # before round 1, on the server's public proxy rows

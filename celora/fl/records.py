@@ -3,9 +3,10 @@
 Both runtimes (the in-process loop and the Flower strategy) build their metrics rows and summary here,
 so ``metrics.jsonl`` and ``summary.json`` have the same keys whichever runtime wrote them.
 
-Round row: personalized metrics (``celora.eval.personalized_metrics``) of the local-step accuracies
-(``acc_*``) and of the accuracies after the server's message (``acc_*_agg``), bytes, participants,
-rejected uploads, the ids of the clients that dropped out, wall time and one dict per client.
+Round row: personalized metrics (``celora.eval.personalized_metrics``) of the task's primary metric after
+local training (``<primary>_*``, e.g. ``acc_mean`` or ``rougeL_mean``) and after the server's message
+(``<primary>_*_agg``), bytes, participants, rejected uploads, the ids of the clients that dropped out, wall
+time and one dict per client (``score`` written under the primary metric's name).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from celora.eval import personalized_metrics
+from celora.eval import ACCURACY, MetricSpec, personalized_metrics
 
 log = logging.getLogger("celora")
 
@@ -28,9 +29,9 @@ class ClientRound:
     id: int
     n_train: int
     participated: bool
-    acc: float  # after local training: the model the client deploys
+    score: float  # the task's primary metric after local training: the model the client deploys
     loss: float
-    acc_agg: float  # after receiving its message from the server
+    score_agg: float  # after receiving its message from the server
     loss_agg: float
     train_loss: float = float("nan")
     bytes_up: int = 0
@@ -53,17 +54,23 @@ class ClientRound:
             id=i,
             n_train=n_train,
             participated=False,
-            acc=prev.acc if prev else nan,
+            score=prev.score if prev else nan,
             loss=prev.loss if prev else nan,
-            acc_agg=prev.acc_agg if prev else nan,
+            score_agg=prev.score_agg if prev else nan,
             loss_agg=prev.loss_agg if prev else nan,
         )
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ClientRound:
-        """Inverse of ``dataclasses.asdict`` (a row's ``clients`` entry)."""
+    def from_dict(cls, d: dict[str, Any], primary: str = "acc") -> ClientRound:
+        """Inverse of :meth:`as_row` (a row's ``clients`` entry) and of ``dataclasses.asdict``."""
+        d = {{primary: "score", f"{primary}_agg": "score_agg"}.get(k, k): v for k, v in d.items()}
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    def as_row(self, primary: str = "acc") -> dict[str, Any]:
+        """The ``clients`` entry of a round row: the fields, ``score`` under the primary metric's name."""
+        d = asdict(self)
+        return {{"score": primary, "score_agg": f"{primary}_agg"}.get(k, k): v for k, v in d.items()}
 
 
 class Observer(Protocol):
@@ -91,14 +98,17 @@ class Silent:
         log.info(text)
 
 
-def round_row(method: str, rnd: int, records: list[ClientRound], wall: float) -> dict[str, Any]:
+def round_row(
+    method: str, rnd: int, records: list[ClientRound], wall: float, spec: MetricSpec = ACCURACY
+) -> dict[str, Any]:
     """One line of metrics.jsonl from every client's record (ordered by client id)."""
-    accs = np.array([r.acc for r in records])
-    accs_agg = np.array([r.acc_agg for r in records])
+    scores = np.array([r.score for r in records])
+    scores_agg = np.array([r.score_agg for r in records])
     sizes = np.array([r.n_train for r in records])
-    row: dict[str, Any] = {"round": rnd, "method": method}
-    row.update(personalized_metrics(accs, sizes))
-    row.update({k + "_agg": v for k, v in personalized_metrics(accs_agg, sizes).items()})
+    name, up = spec.primary, spec.higher_is_better
+    row: dict[str, Any] = {"round": rnd, "method": method, "primary_metric": spec.as_dict()}
+    row.update(personalized_metrics(scores, sizes, name, up))
+    row.update({k + "_agg": v for k, v in personalized_metrics(scores_agg, sizes, name, up).items()})
     row["bytes_up"] = int(sum(r.bytes_up for r in records))
     row["bytes_down"] = int(sum(r.bytes_down for r in records))
     row["participants"] = int(sum(r.participated for r in records))
@@ -107,7 +117,7 @@ def round_row(method: str, rnd: int, records: list[ClientRound], wall: float) ->
     row["wall_s"] = round(wall, 3)
     for key in sorted({k for r in records for k in r.metrics}):
         row[f"{key}_mean"] = float(np.mean([r.metrics[key] for r in records if key in r.metrics]))
-    row["clients"] = [asdict(r) for r in records]
+    row["clients"] = [r.as_row(name) for r in records]
     return row
 
 
@@ -121,26 +131,27 @@ def summary_dict(
     method: str,
     rounds: list[dict[str, Any]],
     totals: dict[str, int],
-    acc_global: float,
-    acc_majority: float,
+    score_global: float,
+    acc_majority: float | None,
     payload: dict[str, Any],
     num_clients: int,
     seed: int,
     task: str | None,
     model_note: str | None,
     wall: float,
+    spec: MetricSpec = ACCURACY,
 ) -> dict[str, Any]:
-    """summary.json: the final round's accuracies, global accuracy, bytes (totals and per client-round)."""
+    """summary.json: the final round's primary metric (mean, weighted, worst-10 %, after aggregation), its
+    global-test mean, the majority-label baseline (classification), bytes (totals and per client-round)."""
     final = rounds[-1]
     client_rounds = sum(r["participants"] for r in rounds)
+    p = spec.primary
     return {
         "method": method,
-        "acc_mean": final["acc_mean"],
-        "acc_weighted": final["acc_weighted"],
-        "acc_worst10": final["acc_worst10"],
-        "acc_mean_agg": final["acc_mean_agg"],
-        "acc_global": acc_global,
-        "acc_majority": acc_majority,
+        "primary_metric": spec.as_dict(),
+        **{f"{p}_{k}": final[f"{p}_{k}"] for k in ("mean", "weighted", "worst10", "mean_agg")},
+        f"{p}_global": score_global,
+        **({"acc_majority": acc_majority} if acc_majority is not None else {}),
         "bytes_up_total": totals["up"],
         "bytes_down_total": totals["down"],
         "bytes_per_client_round": {
@@ -151,7 +162,7 @@ def summary_dict(
         "rounds": len(rounds),
         "num_clients": num_clients,
         "seed": seed,
-        "evaluated": "acc_* = after local training (local step); acc_*_agg = after receiving the server's message",
+        "evaluated": f"{p}_* = after local training (local step); {p}_*_agg = after receiving the server's message",
         "task": task,
         **{f"{k}_mean": final[f"{k}_mean"] for k in sorted(extra_keys(final))},
         **({"model_note": model_note} if model_note else {}),

@@ -32,6 +32,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from celora.config import ExperimentConfig, dump_config
+from celora.eval import MetricSpec
 
 log = logging.getLogger("celora")
 LOG_FILE = "celora.log"
@@ -110,13 +111,15 @@ class RunFolder:
 
     def append_row(self, row: dict[str, Any]) -> None:
         """Append one round's row to metrics.jsonl (and its headline to celora.log)."""
+        p = MetricSpec.of(row).primary
         log.info(
-            "round %d: acc mean %.3f (after agg. %.3f), worst-10%% %.3f, %d participants, %d rejected, "
+            "round %d: %s mean %.3f (after agg. %.3f), worst-10%% %.3f, %d participants, %d rejected, "
             "up %d B, down %d B, %.1fs",
             row["round"],
-            row["acc_mean"],
-            row["acc_mean_agg"],
-            row["acc_worst10"],
+            p,
+            row[f"{p}_mean"],
+            row[f"{p}_mean_agg"],
+            row[f"{p}_worst10"],
             row.get("participants", 0),
             row.get("rejected", 0),
             row["bytes_up"],
@@ -135,10 +138,12 @@ class RunFolder:
     def write_summary(self, summary: dict[str, Any]) -> None:
         """summary.json, the final line of celora.log; the run log closes."""
         self.write_json("summary.json", summary)
+        p = MetricSpec.of(summary).primary
         log.info(
-            "final: acc mean %.3f, global %.3f, %.0f B up / %.0f B down per client-round, %.0fs",
-            summary["acc_mean"],
-            summary.get("acc_global", float("nan")),
+            "final: %s mean %.3f, global %.3f, %.0f B up / %.0f B down per client-round, %.0fs",
+            p,
+            summary[f"{p}_mean"],
+            summary.get(f"{p}_global", float("nan")),
             summary["bytes_per_client_round"]["up"],
             summary["bytes_per_client_round"]["down"],
             summary["wall_s"],

@@ -84,6 +84,7 @@ class ServerCore:
             raise CeloraError(f"num_clients = {cfg.num_clients} but {len(infos)} clients reported")
         self.cfg = cfg
         self.bench = bench
+        self.spec = bench.task.spec  # the task's metrics: rows and the summary are keyed by its primary metric
         self.infos = infos
         self.n = cfg.num_clients
         self.n_train = np.array([int(info["n_train"]) for info in infos])
@@ -283,8 +284,8 @@ class ServerCore:
         records = rs.records
         for i in rs.sampled:
             rec = records.get(i)
-            if rec is not None and rec.participated and np.isnan(rec.acc_agg):  # no message to apply
-                rec.acc_agg, rec.loss_agg = rec.acc, rec.loss
+            if rec is not None and rec.participated and np.isnan(rec.score_agg):  # no message to apply
+                rec.score_agg, rec.loss_agg = rec.score, rec.loss
         for i in range(self.n):
             if i not in records:
                 records[i] = ClientRound.absent(i, int(self.n_train[i]), self.last.get(i))
@@ -292,7 +293,7 @@ class ServerCore:
             records[i].bytes_down += nbytes
         self.last.update({i: r for i, r in records.items() if r.participated})
         wall = rs.wall if rs.wall is not None else time.perf_counter() - rs.t0
-        row = round_row(self.cfg.method, rs.rnd, [records[i] for i in range(self.n)], wall)
+        row = round_row(self.cfg.method, rs.rnd, [records[i] for i in range(self.n)], wall, self.spec)
         self.record_diagnostics(rs, row)
         row.update(extra or {})
         self.totals["up"] += row["bytes_up"]
@@ -305,8 +306,9 @@ class ServerCore:
     def record_diagnostics(self, rs: RoundState, row: dict[str, Any]) -> None:
         """Does sharing do anything? Per round: mean pairwise cosine of the shared updates u_i = x_i − x_i^{sent},
         the weight matrix (weights_round_<t>.npy) and effective collaborators 1/Σ_j w_ij² where the strategy
-        has weights. The accuracy change of the aggregation step itself is acc_mean_agg − acc_mean."""
-        out: dict[str, Any] = {"aggregation_delta": row["acc_mean_agg"] - row["acc_mean"]}
+        has weights. The primary metric's change in the aggregation step itself: <p>_mean_agg − <p>_mean."""
+        p = self.spec.primary
+        out: dict[str, Any] = {"aggregation_delta": row[f"{p}_mean_agg"] - row[f"{p}_mean"]}
         uploads, sent = rs.uploads, rs.sent
         ids = sorted(i for i in uploads if i in sent)
         if len(ids) > 1:
@@ -364,18 +366,21 @@ class ServerCore:
         self.phase = self.phases.phase(rnd)
 
     # ----------------------------------------------------------------- summary
-    def acc_majority(self) -> float:
-        """Mean over clients of the own-majority-label baseline (clients without train or test left out)."""
+    def acc_majority(self) -> float | None:
+        """Mean over clients of the own-majority-label baseline (clients without train or test left out); None
+        when the task's primary metric is not accuracy."""
+        if self.spec.primary != "acc":
+            return None
         accs = [float(info["majority"]) for info in self.infos if not np.isnan(float(info["majority"]))]
         return float(np.mean(accs)) if accs else float("nan")
 
-    def summary(self, acc_global: float, wall: float, extra_setup_bytes: int = 0) -> dict[str, Any]:
+    def summary(self, score_global: float, wall: float, extra_setup_bytes: int = 0) -> dict[str, Any]:
         """summary.json's content (the records' keys, payload description, one-time setup bytes)."""
         s = summary_dict(
             method=self.cfg.method,
             rounds=self.rows,
             totals=self.totals,
-            acc_global=acc_global,
+            score_global=score_global,
             acc_majority=self.acc_majority(),
             payload={
                 "shared_factors": self.shared_factor_names(),
@@ -389,6 +394,7 @@ class ServerCore:
             task=self.cfg.data.task,
             model_note=self.bench.loaded.note,
             wall=wall,
+            spec=self.spec,
         )
         # one-time data summaries and task set-up, not per round
         s["bytes_setup_up"] = int(sum(self.setup_up.values())) + int(extra_setup_bytes)

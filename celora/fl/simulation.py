@@ -127,10 +127,14 @@ class Simulation:
     def zero_shot(self) -> dict[str, Any]:
         """The un-adapted model (ΔW = 0) on every client's test split, before round 1 (zero_shot.json)."""
         clients = [c.zero_shot() for c in self.clients]
+        spec = self.bench.task.spec
         out: dict[str, Any] = personalized_metrics(
-            np.array([c["acc"] for c in clients]), np.array([c["n_train"] for c in clients])
+            np.array([c[spec.primary] for c in clients]),
+            np.array([c["n_train"] for c in clients]),
+            spec.primary,
+            spec.higher_is_better,
         )
-        for key in sorted(set(clients[0]) - {"id", "n_train", "acc", "loss"}):
+        for key in sorted(set(clients[0]) - {"id", "n_train", spec.primary, "loss"}):
             out[f"{key}_mean"] = float(np.mean([c[key] for c in clients]))
         out["clients"] = clients
         self.obs.on_message(
@@ -207,11 +211,11 @@ class Simulation:
         return ckpt.round
 
     def _deliver(self, rnd: int, i: int, *, evaluate: bool) -> tuple[int, float, float]:
-        """Hand client i its pending message: (bytes, acc, loss after it — NaN unless ``evaluate``)."""
+        """Hand client i its pending message: (bytes, score, loss after it — NaN unless ``evaluate``)."""
         blob = self.server.message_blob(i)
-        acc, loss = self.clients[i].receive(blob, rnd, evaluate=evaluate)
+        score, loss = self.clients[i].receive(blob, rnd, evaluate=evaluate)
         self.server.delivered(i, blob)
-        return len(blob), acc, loss
+        return len(blob), score, loss
 
     def round(self, rnd: int) -> dict[str, Any]:
         """One round: sample, train, upload, aggregate, deliver; returns the metrics row."""
@@ -232,7 +236,7 @@ class Simulation:
         for i in rs.sampled:  # participants are online: deliver now and evaluate what they hold
             rec = rs.records[i]
             if rec.participated and server.pending(i):
-                nbytes, rec.acc_agg, rec.loss_agg = self._deliver(rnd, i, evaluate=True)
+                nbytes, rec.score_agg, rec.loss_agg = self._deliver(rnd, i, evaluate=True)
                 rec.bytes_down += nbytes
         return server.close_round(rs)
 
@@ -270,16 +274,16 @@ class Simulation:
         for c in self.clients:
             c.state = {k: v.clone() for k, v in shared.items()}
             m = c.evaluate_test()
-            rec = ClientRound(c.id, c.n_train, True, m["acc"], m["loss"], m["acc"], m["loss"], res.loss)
+            rec = ClientRound(c.id, c.n_train, True, m["score"], m["loss"], m["score"], m["loss"], res.loss)
             rs.records[c.id] = rec
             self.obs.on_client_done(rs.rnd, c.id, rec)
 
     def _finish(self, wall: float) -> dict[str, Any]:
         cfg = self.cfg
         ids = global_eval_clients(cfg.num_clients, cfg.eval.global_clients, cfg.seed)
-        g_accs = [self.clients[i].evaluate_global() for i in ids]
-        acc_global = float(np.mean(g_accs)) if len(self.clients[0].data.global_idx) else float("nan")
-        summary = self.server.summary(acc_global, wall, self.p.setup_bytes_up)
+        g_scores = [self.clients[i].evaluate_global() for i in ids]
+        score_global = float(np.mean(g_scores)) if len(self.clients[0].data.global_idx) else float("nan")
+        summary = self.server.summary(score_global, wall, self.p.setup_bytes_up)
         summary["global_eval"] = global_eval_note(ids, cfg.num_clients)
         if isinstance(self.p, SitesPrepared):  # the combined task set-up every site received
             summary["bytes_setup_down"] = self.p.setup.totals()["down"]

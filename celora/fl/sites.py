@@ -65,7 +65,20 @@ class SetupBytes:
 def concat_rows(a: Dataset, b: Dataset) -> Dataset:
     """The rows of ``a`` followed by those of ``b`` (same label space; extra columns dropped)."""
     images = None if a.images is None or b.images is None else np.concatenate([a.images, b.images])
-    return replace(a, texts=a.texts + b.texts, labels=np.concatenate([a.labels, b.labels]), columns={}, images=images)
+
+    def cat(x: list[Any] | None, y: list[Any] | None) -> list[Any] | None:
+        return None if x is None or y is None else x + y
+
+    return replace(
+        a,
+        texts=a.texts + b.texts,
+        labels=np.concatenate([a.labels, b.labels]),
+        columns={},
+        images=images,
+        responses=cat(a.responses, b.responses),
+        systems=cat(a.systems, b.systems),
+        histories=cat(a.histories, b.histories),
+    )
 
 
 def with_labels(cfg: ExperimentConfig, labels: list[str]) -> ExperimentConfig:
@@ -89,13 +102,16 @@ class SiteLoader:
     def client_data(self, labels: list[str], task: Task, loaded: LoadedModel) -> ClientData:
         """Step 2: the site's rows in the label space ``labels``, its own split, encoded by ``task``."""
         cfg, d = self.cfg, self.cfg.data
-        site = load_site(d, self.index, labels, seed=cfg.seed, path=self.path, dataset=self.raw)
+        raw = task.prepare_rows(self.raw, loaded.tokenizer, cfg.model.max_length)  # before the split
+        site = load_site(d, self.index, labels, seed=cfg.seed, path=self.path, dataset=raw)
         own = replace(
             site.dataset,
             instruction=d.instruction or site.dataset.instruction,
             verbalizers=d.verbalizers or site.dataset.verbalizers,
         )
         glob = load_global_test(d, labels)
+        if glob is not None:
+            glob = task.prepare_rows(glob, loaded.tokenizer, cfg.model.max_length)
         rows = own if glob is None else concat_rows(own, glob)
         encoded = task.build(rows, loaded.tokenizer, cfg.model.max_length)
         meta: dict[str, Any] = {

@@ -11,7 +11,7 @@ import contextlib
 import importlib.util
 import os
 import string
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -116,6 +116,29 @@ def default_targets(model: nn.Module) -> tuple[str, ...]:
         if set(pair) <= names:
             return pair
     return DEFAULT_TARGETS[-1]
+
+
+ALL_LINEAR = "all-linear"
+
+
+def all_linear_targets(model: nn.Module, exclude: Sequence[str] = ()) -> tuple[str, ...]:
+    """``model.targets = "all-linear"``: the names of every linear layer of the transformer blocks (q, k, v, o and
+    the MLP projections), not the LM head, a task head or the modules in ``exclude`` (e.g. a VLM's projector);
+    only the decoder's layers when the model has one."""
+    get_decoder = getattr(model, "get_decoder", None)
+    body = get_decoder() if callable(get_decoder) else model
+    skip: set[int] = set()
+    out_emb = getattr(model, "get_output_embeddings", None)
+    if callable(out_emb) and isinstance(out_emb(), nn.Module):
+        skip.add(id(out_emb()))
+    for name in exclude:
+        skip.update(id(m) for m in model.get_submodule(name).modules())
+    names = sorted(
+        {n.rpartition(".")[2] for n, m in body.named_modules() if isinstance(m, nn.Linear) and id(m) not in skip}
+    )
+    if not names:
+        raise CeloraError('model.targets = "all-linear": the model has no linear layer in its blocks')
+    return tuple(names)
 
 
 def _from_hf_dir(

@@ -211,9 +211,9 @@ def _deliver(rt: Any, msg: Message, how: str, reply: ConfigRecord, metrics: Metr
     blob = record_blob(arrays_of(msg.content, "down"))
     reply["received"] = digest(blob)
     layout_round = int(number(msg.content["celora"], "layout"))  # the sender's layout
-    acc, loss = rt.receive(blob, layout_round, evaluate=how == "eval")
+    score, loss = rt.receive(blob, layout_round, evaluate=how == "eval")
     if how == "eval":
-        metrics["acc_agg"], metrics["loss_agg"] = float(acc), float(loss)
+        metrics["score_agg"], metrics["loss_agg"] = float(score), float(loss)
 
 
 def _receive_pending(msg: Message, context: Context) -> tuple[Any, Any, ConfigRecord, MetricRecord]:
@@ -283,7 +283,7 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({"celora": reply})
     if bool(conf["fit"]):
         up, rec = rt.fit(int(number(conf, "round")))
-        metrics.update({"acc": rec.acc, "loss": rec.loss, "train_loss": rec.train_loss, "n_train": rec.n_train})
+        metrics.update({"score": rec.score, "loss": rec.loss, "train_loss": rec.train_loss, "n_train": rec.n_train})
         if up is not None:
             content["up"] = blob_record(up)
     _save_state(context, rt, int(number(conf, "round")))
@@ -300,7 +300,7 @@ def final(msg: Message, context: Context) -> Message:
     _save_state(context, rt, int(number(conf, "layout")) + 1)
     cfg = rt.cfg
     if rt.id in global_eval_clients(cfg.num_clients, cfg.eval.global_clients, cfg.seed):  # eval.global_clients
-        metrics["acc_global"] = rt.evaluate_global()
+        metrics["score_global"] = rt.evaluate_global()
     target = str(context.node_config.get("adapters-dir", "") or conf.get("adapters-dir", ""))
     if target:
         loaded = rt.bench.loaded

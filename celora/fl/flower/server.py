@@ -132,7 +132,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
         self.sent_msgs: dict[int, Message] = {}  # client → the message of the current round
         self.inflight: dict[int, _Delivery] = {}  # client → delivery carried by the current round's message
         self.pending_eval: set[int] = set()  # participants of the last aggregated round with a fresh message
-        self.global_acc: dict[int, float] = {}
+        self.global_score: dict[int, float] = {}
         self.adapters: dict[int, str] = {}
         self.site_bytes = SetupBytes()  # data.sites: label names and task statistics up, task set-up down
         self.site_stats: dict[int, bytes] = {}
@@ -491,7 +491,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
                 continue
             m = metrics_of(rep.content)
             rec = ClientRound.started(i, int(core.n_train[i]))
-            rec.acc, rec.loss, rec.train_loss = number(m, "acc"), number(m, "loss"), number(m, "train_loss")
+            rec.score, rec.loss, rec.train_loss = number(m, "score"), number(m, "loss"), number(m, "train_loss")
             if d.how == "missed":
                 rec.bytes_down += self._received(i, d, rep)
             core.fit_started(rs, i)
@@ -518,7 +518,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
         rec = self.rounds[d.round].records[i]
         rec.bytes_down += nbytes
         m = metrics_of(rep.content)
-        rec.acc_agg, rec.loss_agg = number(m, "acc_agg"), number(m, "loss_agg")
+        rec.score_agg, rec.loss_agg = number(m, "score_agg"), number(m, "loss_agg")
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -548,7 +548,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
         return msgs
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Close the last round; collect global accuracies and adapter locations."""
+        """Close the last round; collect the global-test scores and adapter locations."""
         rnd = server_round
         got = self._replies(rnd + 1, "evaluate", self.sent_msgs, replies)
         for i, d in self.inflight.items():
@@ -556,13 +556,13 @@ class CeloraFlowerStrategy(FlowerStrategy):
                 self._account_eval(i, d, got.get(i))
         for i, rep in got.items():
             m, conf = metrics_of(rep.content), config_of(rep.content)
-            if "acc_global" in m:  # the clients of eval.global_clients' sample
-                self.global_acc[i] = number(m, "acc_global")
+            if "score_global" in m:  # the clients of eval.global_clients' sample
+                self.global_score[i] = number(m, "score_global")
             if "adapter" in conf:
                 self.adapters[i] = str(conf["adapter"])
         self._finalize(rnd)
-        acc = float(np.mean(list(self.global_acc.values()))) if self.global_acc else float("nan")
-        return MetricRecord({"acc_global": acc})
+        score = float(np.mean(list(self.global_score.values()))) if self.global_score else float("nan")
+        return MetricRecord({"score_global": score})
 
     def summary(self) -> None:
         """Log the strategy's configuration (Flower's hook)."""
@@ -591,11 +591,11 @@ class CeloraFlowerStrategy(FlowerStrategy):
 
     def finish(self) -> dict[str, Any]:
         """The run summary: the in-process loop's keys, plus a ``flower`` section (bytes, lost clients)."""
-        accs = list(self.global_acc.values())
-        acc_global = float(np.mean(accs)) if accs else float("nan")
+        scores = list(self.global_score.values())
+        score_global = float(np.mean(scores)) if scores else float("nan")
         wall = self.wall_before + time.perf_counter() - self.t_run
-        summary = self.core.summary(acc_global, wall, self.site_bytes.totals()["up"])
-        summary["global_eval"] = global_eval_note(sorted(self.global_acc), self.n)
+        summary = self.core.summary(score_global, wall, self.site_bytes.totals()["up"])
+        summary["global_eval"] = global_eval_note(sorted(self.global_score), self.n)
         if self.cfg.data.sites is not None:
             summary["bytes_setup_down"] = self.site_bytes.totals()["down"]
         f = self.flower
@@ -611,7 +611,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
             "nodes": {str(i): node for i, node in sorted(self.node_of.items())},
             "lost_clients": {str(i): {"round": self.lost_round[i], "reason": r} for i, r in sorted(self.lost.items())},
             "joined_late": {str(i): rnd for i, rnd in sorted(self.joined.items())},
-            "acc_global_clients": len(self.global_acc),
+            "global_eval_clients": len(self.global_score),
             "adapters": {str(i): a for i, a in sorted(self.adapters.items())},
         }
         self.folder.write_summary(summary)

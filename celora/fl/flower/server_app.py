@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError  # noqa: E402
 
 from celora.config import ExperimentConfig, load_config  # noqa: E402
 from celora.errors import CeloraError  # noqa: E402
+from celora.eval import MetricSpec  # noqa: E402
 
 app = ServerApp()
 ERROR_FILE = "error.txt"  # the run's one-line error, when the ServerApp stops on a CeloraError
@@ -97,4 +98,5 @@ def main(grid: Grid, context: Context) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / ERROR_FILE).write_text(str(err), encoding="utf-8")
         raise
-    print(f"celora: run folder {out}; acc mean {summary['acc_mean']:.4f}", flush=True)
+    p = MetricSpec.of(summary).primary
+    print(f"celora: run folder {out}; {p} mean {summary[f'{p}_mean']:.4f}", flush=True)
