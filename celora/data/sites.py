@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from celora.config import DataConfig
-from celora.data.partition import stratified_sample, train_test_split
 from celora.data.formats import generative_reader
+from celora.data.partition import stratified_sample, train_test_split
 from celora.data.sources import Dataset, load_dataset
 from celora.data.tasks import TASKS
 from celora.errors import CeloraError

@@ -72,6 +72,7 @@ __all__ = [
     "train_local",
 ]
 CLASSIFY = TASKS["classify"]
+SAMPLES_PER_CLIENT = 3  # test prompts per client in samples.jsonl
 
 
 def batch_on(model: nn.Module, data: TaskData, idx: np.ndarray) -> Batch:
@@ -396,7 +397,23 @@ class ClientRuntime:
         """The un-adapted model (ΔW = 0, also for bases whose C does not start at 0) on this client's test rows."""
         self.bench.load(self.bench.zero_delta_state())
         m = self._metrics(self.data.test_idx, True)
-        return {"id": self.id, "n_train": self.n_train, self.bench.task.spec.primary: m.pop("score"), **m}
+        out = {"id": self.id, "n_train": self.n_train, self.bench.task.spec.primary: m.pop("score"), **m}
+        samples = self._samples()
+        return {**out, "samples": samples} if samples else out
+
+    def _samples(self) -> list[dict[str, str]]:
+        bench, idx = self.bench, self.data.test_idx[:SAMPLES_PER_CLIENT]
+        if len(idx) == 0:
+            return []
+        bench.model.eval()
+        with torch.no_grad(), bench.placement.autocast():
+            return bench.task.samples(bench.model, self.data.data, batch_on(bench.model, self.data.data, idx))
+
+    def samples(self) -> list[dict[str, str]]:
+        """What a person reads: the held model's greedy answers to its first test prompts (with the references),
+        for tasks that generate (none otherwise)."""
+        self.bench.load(self.state)
+        return self._samples()
 
     def train(self, rnd: int, phase: Phase, idx: np.ndarray | None = None, salt: int | None = None) -> TrainResult:
         """Local training of the loaded state on rows ``idx`` (default: this client's train rows), seeded by

@@ -19,6 +19,7 @@ private states, the server core's, RNGs, rows) is checkpointed atomically (``cel
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -134,7 +135,7 @@ class Simulation:
             spec.primary,
             spec.higher_is_better,
         )
-        for key in sorted(set(clients[0]) - {"id", "n_train", spec.primary, "loss"}):
+        for key in sorted(set(clients[0]) - {"id", "n_train", spec.primary, "loss", "samples"}):
             out[f"{key}_mean"] = float(np.mean([c[key] for c in clients]))
         out["clients"] = clients
         self.obs.on_message(
@@ -285,6 +286,7 @@ class Simulation:
         score_global = float(np.mean(g_scores)) if len(self.clients[0].data.global_idx) else float("nan")
         summary = self.server.summary(score_global, wall, self.p.setup_bytes_up)
         summary["global_eval"] = global_eval_note(ids, cfg.num_clients)
+        self.write_samples()
         if isinstance(self.p, SitesPrepared):  # the combined task set-up every site received
             summary["bytes_setup_down"] = self.p.setup.totals()["down"]
         if self.out is not None and self.export_adapters:
@@ -294,6 +296,30 @@ class Simulation:
             exporter = PeftExporter(p.loaded.model, p.spec, p.loaded.head_modules, p.loaded.source)
             self.folder.export_adapters(exporter, StatesView(self.store, [c.id for c in self.clients]))
         return summary
+
+    def write_samples(self) -> None:
+        """samples.jsonl: per client, its first test prompts with the reference, the zero-shot output and the final
+        output (tasks that generate; in-process only — under Flower a site's rows stay at the site)."""
+        if self.out is None:
+            return
+        zs_file = self.out / "zero_shot.json"
+        zero = json.loads(zs_file.read_text(encoding="utf-8")).get("clients", []) if zs_file.is_file() else []
+        before = {int(c["id"]): c.get("samples", []) for c in zero}
+        lines = []
+        for c in self.clients:
+            for k, s in enumerate(c.samples()):
+                old = before.get(c.id, [])
+                zero_out = old[k]["output"] if k < len(old) else None
+                lines.append(
+                    {
+                        "client": c.id,
+                        **{k2: s[k2] for k2 in ("prompt", "reference")},
+                        "zero_shot": zero_out,
+                        "final": s["output"],
+                    }
+                )
+        if lines:
+            self.folder.write_text("samples.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, **kwargs: Any) -> RunResult:
