@@ -1,4 +1,5 @@
-"""`celora` command line: run | compare | comm | report | attack | config | models | datasets | flower-sim."""
+"""`celora` command line: run | compare | comm | report | eval | generate | attack | config | models | datasets |
+flower-sim."""
 
 from __future__ import annotations
 
@@ -321,6 +322,46 @@ def report(
     console.print(rounds_table(rows))
     if rows:
         console.print(clients_table(rows[-1]))
+
+
+@app.command("eval")
+def eval_cmd(
+    folder: Annotated[Path, typer.Argument(help="a run folder, or one client's adapter folder in it")],
+    data: Annotated[
+        str | None, typer.Option("--data", help="score on every row of this file (the run's columns/format)")
+    ] = None,
+    base: Annotated[bool, typer.Option("--base", help="score the un-adapted base model instead")] = False,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="override a config key, e.g. train.device=cpu")
+    ] = None,
+) -> None:
+    """Score each client's exported adapter (reloaded with PEFT) with the task's metrics on its own test rows; a
+    finished run folder's scores equal its summary.json's final metrics after aggregation."""
+    from celora.fl.saved import evaluate_saved, summary_of
+    from celora.report import saved_eval_frame
+    from celora.tables import frame_rich
+
+    res = evaluate_saved(folder, data_file=data, base=base, overrides=overrides)
+    summary = None if (data or base) else summary_of(folder)
+    console.print(frame_rich(saved_eval_frame(res.clients, summary), title=f"celora eval {folder}"))
+    p = res.spec.primary
+    line = " · ".join(f"{k.removesuffix('_mean')} {v:.4f}" for k, v in res.means.items())
+    console.print(f"[bold]mean[/bold]: {line}")
+    if summary is not None and f"{p}_mean_agg" in summary:
+        console.print(f"summary.json: {p} mean after aggregation {summary[f'{p}_mean_agg']:.4f}")
+
+
+@app.command()
+def generate(
+    folder: Annotated[Path, typer.Argument(help="a client's adapter folder (or a run folder: its first client)")],
+    prompt: Annotated[str, typer.Option("--prompt", help="the user turn to answer")],
+    system: Annotated[str, typer.Option("--system", help="an optional system instruction")] = "",
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="default: the run's")] = None,
+) -> None:
+    """Answer one prompt with a saved generative adapter (greedy, the run's chat template)."""
+    from celora.fl.saved import generate_text
+
+    console.print(generate_text(folder, prompt, system=system, max_new_tokens=max_new_tokens), markup=False)
 
 
 @app.command("config")

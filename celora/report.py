@@ -146,6 +146,35 @@ def clients_frame(row: dict[str, Any]) -> pd.DataFrame:
     )
 
 
+def saved_eval_frame(clients: list[dict[str, Any]], summary: dict[str, Any] | None = None) -> pd.DataFrame:
+    """``celora eval``: one line per client (its task metrics), with the run's own final value after
+    aggregation beside the primary metric when the run folder has one."""
+    keys = [k for k in clients[0] if k not in ("client", "n_test")] if clients else []
+    if "nll" in keys:  # the generative loss is the response NLL: one column
+        keys.remove("loss")
+    rows = []
+    for c in clients:
+        row = {"client": str(c["client"]), "n_test": str(c["n_test"])}
+        row.update({metric_label(k): f"{c[k]:.3f}" for k in keys})
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if summary is not None and clients:
+        p = MetricSpec.of(summary).primary
+        metrics = json_rows(summary)
+        if metrics:
+            last = {int(c["id"]): c for c in metrics[-1]["clients"]}
+            frame[f"run's {metric_label(p)} after agg."] = [
+                f"{last[int(c['client'])][f'{p}_agg']:.3f}" if int(c["client"]) in last else "–" for c in clients
+            ]
+    return frame
+
+
+def json_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The metrics.jsonl rows next to a summary (``summary["_folder"]`` set by the caller), or none."""
+    folder = summary.get("_folder")
+    return read_metrics(folder) if folder and (Path(folder) / "metrics.jsonl").is_file() else []
+
+
 def rounds_table(rows: list[dict[str, Any]], title: str = "Results per round") -> Table:
     """The rounds as a rich table."""
     return frame_rich(rounds_frame(rows), title=title)

@@ -350,6 +350,7 @@ class ClientRuntime:
         self.eval_fit = eval_fit or BatchFit(cfg.eval.batch_size)  # shared by the clients of one model
         self.round_start: Tensors = {}  # the shared tensors this client held when its last fit started
         self.optimizer_state: dict[str, Any] | None = None  # AdamW moments kept across rounds (train.keep_optimizer)
+        self.agg_extras: dict[str, float] = {}  # task extras after the last receive (final round: <name>_agg)
 
     # ----------------------------------------------------------------- state
     @property
@@ -482,10 +483,13 @@ class ClientRuntime:
         else NaNs."""
         phase = self.phases.phase(layout_round)
         self.state = {**self.state, **decode(blob, phase.down_layout, phase.dtype)}
+        self.agg_extras = {}
         if not evaluate or not self.evaluates(layout_round):
             return float("nan"), float("nan")
-        m = self.evaluate_test()
-        return m["score"], m["loss"]
+        m = self.evaluate_test(extras=layout_round == self.cfg.rounds)
+        score, loss = m.pop("score"), m.pop("loss")
+        self.agg_extras = {f"{k}_agg": v for k, v in m.items()}  # the final round's extras after aggregation
+        return score, loss
 
     # ----------------------------------------------------------------- setup (once)
     def summary(self) -> ClientSummary:

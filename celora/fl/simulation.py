@@ -238,6 +238,7 @@ class Simulation:
             rec = rs.records[i]
             if rec.participated and server.pending(i):
                 nbytes, rec.score_agg, rec.loss_agg = self._deliver(rnd, i, evaluate=True)
+                rec.metrics.update(self.clients[i].agg_extras)
                 rec.bytes_down += nbytes
         return server.close_round(rs)
 

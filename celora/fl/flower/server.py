@@ -59,6 +59,7 @@ from celora.fl.flower.wire import (
     metrics_of,
     number,
     record_blob,
+    task_extras,
 )
 from celora.fl.prepare import check_names, prepare_model
 from celora.fl.records import ClientRound, Observer, Silent
@@ -492,6 +493,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
             m = metrics_of(rep.content)
             rec = ClientRound.started(i, int(core.n_train[i]))
             rec.score, rec.loss, rec.train_loss = number(m, "score"), number(m, "loss"), number(m, "train_loss")
+            rec.metrics = task_extras(m)
             if d.how == "missed":
                 rec.bytes_down += self._received(i, d, rep)
             core.fit_started(rs, i)
@@ -519,6 +521,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
         rec.bytes_down += nbytes
         m = metrics_of(rep.content)
         rec.score_agg, rec.loss_agg = number(m, "score_agg"), number(m, "loss_agg")
+        rec.metrics.update(task_extras(m))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -105,6 +105,14 @@ def arrays_of(content: Any, name: str) -> ArrayRecord:
     return rec
 
 
+EXTRA = "x."  # MetricRecord prefix of a task's extra metrics (exact_match, nll, …)
+
+
+def task_extras(rec: Any) -> dict[str, float]:
+    """The task's extra metrics a client reported (keys ``x.<name>``), as floats."""
+    return {k.removeprefix(EXTRA): number(rec, k) for k in rec if k.startswith(EXTRA)}
+
+
 def number(rec: Any, key: str) -> float:
     """A scalar of a Config/MetricRecord as float (PayloadError if missing or not a number)."""
     v = rec.get(key)
