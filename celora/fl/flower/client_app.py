@@ -43,7 +43,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 
 from celora.errors import CeloraError  # noqa: E402
 from celora.eval import global_eval_clients  # noqa: E402
-from celora.fl.flower.wire import EXTRA, arrays_of, blob_record, config_of, digest, number, record_blob  # noqa: E402
+from celora.fl.flower.wire import EXTRA, EXTRA_AGG, arrays_of, blob_record, config_of, digest, number, record_blob  # noqa: E402
 
 app = ClientApp()
 
@@ -214,7 +214,7 @@ def _deliver(rt: Any, msg: Message, how: str, reply: ConfigRecord, metrics: Metr
     score, loss = rt.receive(blob, layout_round, evaluate=how == "eval")
     if how == "eval":
         metrics["score_agg"], metrics["loss_agg"] = float(score), float(loss)
-        metrics.update({EXTRA + k: float(v) for k, v in rt.agg_extras.items()})
+        metrics.update({EXTRA_AGG + k: float(v) for k, v in rt.agg_extras.items()})
 
 
 def _receive_pending(msg: Message, context: Context) -> tuple[Any, Any, ConfigRecord, MetricRecord]:

@@ -50,6 +50,7 @@ from celora.errors import CeloraError
 from celora.eval import global_eval_note
 from celora.fl.client import partition_report
 from celora.fl.flower.wire import (
+    EXTRA_AGG,
     arrays_of,
     blob_record,
     config_of,
@@ -521,7 +522,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
         rec.bytes_down += nbytes
         m = metrics_of(rep.content)
         rec.score_agg, rec.loss_agg = number(m, "score_agg"), number(m, "loss_agg")
-        rec.metrics.update(task_extras(m))
+        rec.metrics.update(task_extras(m, EXTRA_AGG))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -105,12 +105,13 @@ def arrays_of(content: Any, name: str) -> ArrayRecord:
     return rec
 
 
-EXTRA = "x."  # MetricRecord prefix of a task's extra metrics (exact_match, nll, …)
+EXTRA = "x."  # MetricRecord prefix of a task's extra metrics after local training (exact_match, nll, …)
+EXTRA_AGG = "xa."  # … and after the server's message (one reply can carry both, of different rounds)
 
 
-def task_extras(rec: Any) -> dict[str, float]:
-    """The task's extra metrics a client reported (keys ``x.<name>``), as floats."""
-    return {k.removeprefix(EXTRA): number(rec, k) for k in rec if k.startswith(EXTRA)}
+def task_extras(rec: Any, prefix: str = EXTRA) -> dict[str, float]:
+    """The task's extra metrics a client reported under ``prefix``, as floats."""
+    return {k.removeprefix(prefix): number(rec, k) for k in rec if k.startswith(prefix)}
 
 
 def number(rec: Any, key: str) -> float:
