@@ -322,6 +322,11 @@ def report(
     console.print(rounds_table(rows))
     if rows:
         console.print(clients_table(rows[-1]))
+    if rows and (folder / "zero_shot.json").is_file():
+        from celora.report import zero_shot_frame
+        from celora.tables import frame_rich
+
+        console.print(frame_rich(zero_shot_frame(folder), title="Zero-shot → final (after aggregation), per client"))
 
 
 @app.command("eval")

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from rich.table import Table
 
@@ -416,9 +417,59 @@ def _run_html(d: Path) -> str:
     parts.append("</div>")
     if rows:
         parts += [f"<h3>After round {rows[-1]['round']}</h3>", frame_html(clients_frame(rows[-1]), left=0)]
+    if rows and (d / "zero_shot.json").is_file():
+        parts += ["<h2>Zero-shot → final, per client</h2>", frame_html(zero_shot_frame(d), left=1)]
+    if (d / "samples.jsonl").is_file():
+        parts += ["<h2>Samples: reference, zero-shot and final output</h2>", frame_html(samples_frame(d), left=5)]
     if (d / "weights.png").is_file():
         parts += ["<h2>Aggregation weights w_ij (last round)</h2>", _img(d / "weights.png")]
     return "".join(parts)
+
+
+def zero_shot_frame(run_dir: str | Path) -> pd.DataFrame:
+    """Per client: each metric of the un-adapted model (zero_shot.json) → of its final model (the last round,
+    after aggregation: the adapter it holds and exports), and bytes per client-round each way."""
+    d = Path(run_dir)
+    zero = {int(c["id"]): c for c in json.loads((d / "zero_shot.json").read_text(encoding="utf-8"))["clients"]}
+    rows = read_metrics(d)
+    spec = MetricSpec.of(rows[-1])
+    names = [spec.primary, *(m for m in spec.metrics if m != spec.primary)]
+    out = []
+    for c in rows[-1]["clients"]:
+        i = int(c["id"])
+        rounds = [r["clients"][i] for r in rows if r["clients"][i]["participated"]]
+        final = {
+            spec.primary: c[f"{spec.primary}_agg"],
+            **{k.removesuffix("_agg"): v for k, v in c["metrics"].items() if k.endswith("_agg")},
+        }
+        line = {"client": str(i)}
+        for m in names:
+            z, f = zero.get(i, {}).get(m), final.get(m)
+            if z is not None or f is not None:
+                line[metric_label(m)] = f"{z:.3f} → {f:.3f}" if z is not None and f is not None else "–"
+        line["up / client-round"] = fmt_bytes(np.mean([x["bytes_up"] for x in rounds]) if rounds else 0)
+        line["down / client-round"] = fmt_bytes(np.mean([x["bytes_down"] for x in rounds]) if rounds else 0)
+        out.append(line)
+    return pd.DataFrame(out)
+
+
+def samples_frame(run_dir: str | Path) -> pd.DataFrame:
+    """samples.jsonl side by side: client, prompt, reference, zero-shot output, final output."""
+    lines = (Path(run_dir) / "samples.jsonl").read_text(encoding="utf-8").splitlines()
+    items = [json.loads(x) for x in lines if x.strip()]
+    return pd.DataFrame(
+        [
+            {
+                "client": str(s["client"]),
+                "prompt": s["prompt"][:300],
+                "reference": s["reference"],
+                "zero-shot": s.get("zero_shot") or "",
+                "final": s["final"],
+            }
+            for s in items
+        ],
+        columns=["client", "prompt", "reference", "zero-shot", "final"],
+    )
 
 
 def _compare_html(d: Path) -> str:
