@@ -449,3 +449,72 @@ def test_flower_runtime_gives_the_in_process_metrics(tmp_path):
             assert ca["metrics"] == pytest.approx(cb["metrics"], abs=1e-6), (a["round"], ca["metrics"], cb["metrics"])
             assert (ca["bytes_up"], ca["bytes_down"]) == (cb["bytes_up"], cb["bytes_down"])
     assert summary["rougeL_mean"] == pytest.approx(ref.summary["rougeL_mean"], abs=1e-6)
+
+
+# --------------------------------------------------------------------------- sites, the VLM
+def test_sites_in_their_own_formats_run_the_generative_task(tmp_path):
+    alpaca = _write_jsonl(
+        tmp_path / "a.jsonl", [{"instruction": f"sum {i % 4} 1", "output": str(i % 4 + 1)} for i in range(12)]
+    )
+    chat = _write_jsonl(
+        tmp_path / "b.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": f"sum {i % 3} 2"},
+                    {"role": "assistant", "content": str(i % 3 + 2)},
+                ]
+            }
+            for i in range(12)
+        ],
+    )
+    cfg = load_config(
+        None,
+        [
+            "model.name=tiny-llama",
+            "model.rank=4",
+            "model.max_length=32",
+            "rounds=1",
+            "data.task=generate",
+            f"data.sites=['{alpaca}', '{chat}']",
+            "data.max_response_tokens=4",
+            "train.batch_size=8",
+            "train.threads=1",
+        ],
+    )
+    res = Simulation(cfg, prepared=prepare(cfg), export_adapters=False).run()
+    assert [c["n_train"] for c in res.rounds[-1]["clients"]] == [10, 10]  # each site's own rows, split 80/20
+    assert not math.isnan(res.summary["rougeL_mean"]) and not math.isnan(res.summary["nll_mean"])
+
+
+def test_image_generate_binds_each_rows_image(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            "model.name=tiny-vlm",
+            "model.rank=4",
+            "model.max_length=160",
+            "num_clients=2",
+            "rounds=1",
+            "data.name=digits",
+            "data.task=image-generate",
+            "data.max_samples=40",
+            "data.image_size=28",
+            "data.max_response_tokens=6",
+            "train.batch_size=8",
+            "train.threads=1",
+        ],
+    )
+    p = prepare(cfg)
+    data = p.provider().client(0).data
+    batch = data.batch(np.arange(4))
+    task = p.task
+    with torch.no_grad():
+        nll = task.evaluate(p.loaded.model, data, batch, True)[1]
+        other = dict(batch, pixel_values=torch.zeros_like(batch["pixel_values"]))  # the same rows, blank images
+        assert task.evaluate(p.loaded.model, data, other, True)[1] != pytest.approx(nll, abs=1e-6)
+    res = Simulation(cfg, tmp_path / "run", prepared=p).run()
+    assert res.summary["primary_metric"]["name"] == "rougeL" and "nll_mean" in res.summary
+    words = {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}
+    samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["reference"] in words for s in samples)

@@ -185,7 +185,8 @@ def generative_reader(data: DataConfig) -> Callable[[str, tuple[str, ...]], Data
 
 def as_generative(ds: Dataset) -> Dataset:
     """A labelled (classification) dataset as instruction → label word: the system turn is its instruction
-    (``{labels}`` = the label words), the user turn its text, the response the label word of its class."""
+    (``{labels}`` = the label words), the user turn its text (empty for an image set: the image is the user
+    turn), the response the label word of its class."""
     if ds.responses is not None:
         return ds
     words = ds.verbalizers or [str(v) for v in ds.label_names]
@@ -195,7 +196,7 @@ def as_generative(ds: Dataset) -> Dataset:
     n = len(ds)
     return Dataset(
         name=ds.name,
-        texts=list(ds.texts),
+        texts=list(ds.texts) if ds.images is None else [""] * n,
         labels=ds.labels,
         label_names=list(ds.label_names),
         columns=dict(ds.columns),

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from celora.assets import package_dir
+from celora.data.formats import as_generative
+from celora.data.generate import GenerateTask, GenerativeData, prompt_text_parts
 from celora.data.sources import Dataset, one_line, read_image, register_dataset
 from celora.data.tasks import (
     DEFAULT_INSTRUCTION,
@@ -265,5 +267,61 @@ class ImagePromptTask(PromptTask):
             model.projector.set_input_stats(setup["mean"], setup["std"])  # type: ignore[union-attr,operator]
 
 
+class ImageGenerateTask(GenerateTask, ImagePromptTask):
+    """Image + instruction → free-text response with a vision-language model: the ``generate`` task's rows, loss
+    and metrics (ROUGE-L, exact match, response NLL) with each row's image bound as the start of its user turn,
+    greedy answers decoded by full forwards; the projector's set-up statistics as ``image-prompt``."""
+
+    name = "image-generate"
+    model_kinds = frozenset({"vlm"})
+    greedy = staticmethod(PromptTask.greedy_answers_by_forward)
+
+    def evaluates_zero_shot(self, model: nn.Module) -> bool:
+        return ImagePromptTask.evaluates_zero_shot(self, model)
+
+    def prepare_rows(self, dataset: Dataset, processor: Any, max_length: int) -> Dataset:
+        return GenerateTask.prepare_rows(self, dataset, processor.tokenizer, max_length)
+
+    def build(self, dataset: Dataset, processor: Any, max_length: int) -> TaskData:
+        images = encode_images(dataset, processor.pixels, self.name)
+        rows = GenerateTask.build(self, dataset, processor.tokenizer, max_length)
+        assert isinstance(rows, GenerativeData)
+        ds = as_generative(dataset)
+        assert ds.systems is not None and ds.histories is not None
+        heads = {
+            tuple(token_ids(processor.tokenizer, prompt_text_parts(processor.tokenizer, s, h)[0]))
+            for s, h in zip(ds.systems, ds.histories, strict=True)
+        }
+        if len(heads) != 1:
+            raise CeloraError(f"data.task '{self.name}': every row needs the same system instruction and no history")
+        head = list(heads.pop())  # the prompt before the user turn: the image goes right after it
+        if any(rows.input_ids[r, : len(head)].tolist() != head for r in range(len(rows))):
+            raise CeloraError(
+                f"model.max_length {max_length} is too short for data.task '{self.name}': the prompt before the image "
+                f"has {len(head)} tokens"
+            )
+        return ImagePromptData(rows, images, len(head))
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        with self._seeing(model, batch):
+            return GenerateTask.loss(self, model, batch)
+
+    def evaluate(
+        self, model: nn.Module, data: TaskData, batch: Batch, extras: bool
+    ) -> tuple[float, float, dict[str, float]]:
+        assert isinstance(data, ImagePromptData)
+        with self._seeing(model, batch):
+            return GenerateTask.evaluate(self, model, data.prompts, batch, extras)
+
+    def samples(self, model: nn.Module, data: TaskData, batch: Batch) -> list[dict[str, str]]:
+        assert isinstance(data, ImagePromptData)
+        with self._seeing(model, batch):
+            return GenerateTask.samples(self, model, data.prompts, batch)
+
+    def features(self, model: nn.Module, batch: Batch) -> np.ndarray:
+        return ImagePromptTask.features(self, model, batch)
+
+
 register_task(ImageTask())
 register_task(ImagePromptTask())
+register_task(ImageGenerateTask())

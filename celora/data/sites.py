@@ -134,10 +134,14 @@ def _canonical_int(name: str) -> bool:
 
 
 def agree_labels(
-    site_labels: Sequence[Sequence[str]], sites: Sequence[str], declared: Sequence[str] | None = None
+    site_labels: Sequence[Sequence[str]],
+    sites: Sequence[str],
+    declared: Sequence[str] | None = None,
+    min_classes: int = 2,
 ) -> list[str]:
     """The label space of the run: ``declared`` (each site's names must lie in it), else the union of
-    the sites' names, sorted numerically when all are integers, else as strings; at least 2 classes."""
+    the sites' names, sorted numerically when all are integers, else as strings; at least ``min_classes``
+    classes (a generative task's rows have one)."""
     if declared is not None:
         allowed = set(declared)
         for k, names in enumerate(site_labels):
@@ -148,7 +152,7 @@ def agree_labels(
     union = sorted({n for names in site_labels for n in names})
     if all(_canonical_int(n) for n in union):
         union = sorted(union, key=int)
-    if len(union) < 2:
+    if len(union) < min_classes:
         raise CeloraError(
             f"data.sites: all sites hold the single label '{union[0] if union else ''}'; need at least 2 classes"
         )

@@ -35,7 +35,7 @@ from celora.data.sites import (
     site_path,
 )
 from celora.data.sources import Dataset
-from celora.data.tasks import Task
+from celora.data.tasks import TASKS, Task
 from celora.errors import CeloraError
 from celora.fl.backbone import Backbone, backbone_of, load_backbone, placement_of
 from celora.fl.client import ClientData
@@ -133,7 +133,8 @@ def agree_label_space(cfg: ExperimentConfig, messages: dict[int, bytes]) -> list
     if missing:
         raise CeloraError(f"no label names received from site(s) {missing}")
     names = [parse_label_message(messages[i], i) for i in range(len(sites))]
-    return agree_labels(names, sites, cfg.data.labels)
+    one_class = cfg.data.task in TASKS and TASKS[str(cfg.data.task)].rows == "generative"
+    return agree_labels(names, sites, cfg.data.labels, min_classes=1 if one_class else 2)
 
 
 def statistics_blob(task: Task, loaded: LoadedModel, data: ClientData) -> bytes:
