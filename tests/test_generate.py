@@ -312,6 +312,8 @@ def test_celora_eval_reprints_the_final_metrics(run_dir):
     assert res.means["rougeL_mean"] == pytest.approx(summary["rougeL_mean_agg"], abs=1e-6)
     one = evaluate_saved(run_dir / "adapters" / "client_1")
     assert [c["client"] for c in one.clients] == [1] and one.clients[0]["nll"] == pytest.approx(res.clients[1]["nll"])
+    on_file = evaluate_saved(run_dir, data_file=str(run_dir.parent / "rows.jsonl"))
+    assert [c["n_test"] for c in on_file.clients] == [36, 36]  # every row of the file, for each client's adapter
     base = evaluate_saved(run_dir, base=True)
     assert base.means["nll_mean"] == pytest.approx(summary["zero_shot"]["nll_mean"], abs=1e-4)
 

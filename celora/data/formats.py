@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from celora.config import DataConfig
-from celora.data.sources import SUPPORTED_SUFFIXES, Dataset, clean_text, read_columns
+from celora.data.sources import Dataset, clean_text, read_data_file
 from celora.data.tasks import DEFAULT_INSTRUCTION
 from celora.errors import CeloraError
 
@@ -109,13 +109,7 @@ def load_generative_file(
     path = Path(path)
     if fmt not in FORMATS:
         raise CeloraError(f"data.format '{fmt}' is unknown (known: {', '.join(FORMATS)})")
-    if not path.is_file():
-        raise CeloraError(f"data file '{path}' not found (data.path)")
-    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise CeloraError(
-            f"data file '{path}' has unsupported extension '{path.suffix}' (supported: {', '.join(SUPPORTED_SUFFIXES)})"
-        )
-    columns, n_rows = read_columns(path)
+    columns, n_rows = read_data_file(path)
     if n_rows == 0:
         raise CeloraError(f"data file '{path}' has no rows")
     if fmt == "auto":

@@ -39,6 +39,7 @@ from celora.data.tasks import (
     PromptTask,
     Task,
     TaskData,
+    answer_rows,
     register_task,
     row_index,
     token_ids,
@@ -134,19 +135,7 @@ class GenerativeData(LabelledRows):
 
     def batch(self, idx: np.ndarray | torch.Tensor) -> Batch:
         index = row_index(idx, self.input_ids)
-        mask = self.attention_mask[index]
-        length = max(1, int(mask.sum(dim=1).max()))
-        dev = self.input_ids.device
-        return {
-            "input_ids": self.input_ids[index, :length],
-            "attention_mask": mask[:, :length],
-            "target": self.target[index, :length],
-            "prompt_len": self.prompt_len[index],
-            "labels": self.labels_t[index],
-            "rows": index,
-            "end_id": torch.tensor(self.end_id, device=dev),
-            "pad_id": torch.tensor(self.pad_id, device=dev),
-        }
+        return {**answer_rows(self, index, self.attention_mask[index]), "rows": index}
 
 
 def normalise(text: str) -> str:

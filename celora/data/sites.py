@@ -61,7 +61,7 @@ def site_error(index: int, path: str, reason: str | BaseException) -> CeloraErro
     return CeloraError(f"site {index} ('{path}'): {text}")
 
 
-def _read_file(data: DataConfig, path: str) -> Dataset:
+def read_data(data: DataConfig, path: str) -> Dataset:
     """A labelled file with the ``data.*_column`` keys (the own-file reader; one class is enough), or a file of
     generative rows (``data.format``, ``data.prompt_column``, …) for a generative task."""
     if data.task is not None and data.task in TASKS and TASKS[data.task].rows == "generative":
@@ -97,7 +97,7 @@ def read_site(data: DataConfig, index: int, path: str | None = None, *, seed: in
     if not Path(path).is_file():
         raise site_error(index, path, "file not found")
     try:
-        ds = _read_file(data, path)
+        ds = read_data(data, path)
     except CeloraError as err:
         raise site_error(index, path, err) from None
     if data.max_samples is not None and data.max_samples < len(ds):
@@ -206,6 +206,6 @@ def load_global_test(data: DataConfig, labels: Sequence[str]) -> Dataset | None:
     if not Path(path).is_file():
         raise CeloraError(f"data.global_test_path: file not found: {path}")
     try:
-        return _relabel(_read_file(data, path), labels)
+        return _relabel(read_data(data, path), labels)
     except CeloraError as err:
         raise CeloraError(f"data.global_test_path '{path}': {err}") from None

@@ -228,6 +228,17 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def read_data_file(path: Path) -> tuple[dict[str, list[Any]], int]:
+    """:func:`read_columns` of a data file that exists and has a supported extension (CeloraError otherwise)."""
+    if not path.is_file():
+        raise CeloraError(f"data file '{path}' not found (data.path)")
+    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise CeloraError(
+            f"data file '{path}' has unsupported extension '{path.suffix}' (supported: {', '.join(SUPPORTED_SUFFIXES)})"
+        )
+    return read_columns(path)
+
+
 def read_columns(path: Path) -> tuple[dict[str, list[Any]], int]:
     """All columns of a data file as Python lists, plus the row count."""
     suffix = path.suffix.lower()
@@ -334,13 +345,7 @@ def load_file(
     least ``min_classes`` classes (a site of a federation may hold one).
     """
     path = Path(path)
-    if not path.is_file():
-        raise CeloraError(f"data file '{path}' not found (data.path)")
-    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise CeloraError(
-            f"data file '{path}' has unsupported extension '{path.suffix}' (supported: {', '.join(SUPPORTED_SUFFIXES)})"
-        )
-    columns, n_rows = read_columns(path)
+    columns, n_rows = read_data_file(path)
     names = list(columns)
     for field_name, col in (("text_column", text_column), ("label_column", label_column)):
         if col not in columns:

@@ -256,20 +256,36 @@ class PromptData(LabelledRows):
     def batch(self, idx: np.ndarray | torch.Tensor) -> Batch:
         index = row_index(idx, self.input_ids)
         mask = self.attention_mask[index]
-        length = max(1, int(mask.sum(dim=1).max()))
         width = max(len(v) for v in self.verbalizer_ids)
         dev = self.input_ids.device
         verb = torch.tensor([v + [-1] * (width - len(v)) for v in self.verbalizer_ids], dtype=torch.long, device=dev)
-        return {
-            "input_ids": self.input_ids[index, :length],
-            "attention_mask": mask[:, :length],
-            "target": self.target[index, :length],
-            "prompt_len": self.prompt_len[index],
-            "labels": self.labels_t[index],
-            "verbalizer_ids": verb,
-            "end_id": torch.tensor(self.end_id, device=dev),
-            "pad_id": torch.tensor(self.pad_id, device=dev),
-        }
+        return {**answer_rows(self, index, mask), "verbalizer_ids": verb}
+
+
+class AnswerRows(Protocol):
+    """Right-padded prompt + answer rows (the prompt and generative tasks' encoded data)."""
+
+    input_ids: torch.Tensor
+    target: torch.Tensor
+    prompt_len: torch.Tensor
+    labels_t: torch.Tensor
+    end_id: int
+    pad_id: int
+
+
+def answer_rows(data: AnswerRows, index: torch.Tensor, mask: torch.Tensor) -> Batch:
+    """Rows ``index`` (their attention ``mask``), trimmed to the longest row, with the end and pad token ids."""
+    length = max(1, int(mask.sum(dim=1).max()))
+    dev = data.input_ids.device
+    return {
+        "input_ids": data.input_ids[index, :length],
+        "attention_mask": mask[:, :length],
+        "target": data.target[index, :length],
+        "prompt_len": data.prompt_len[index],
+        "labels": data.labels_t[index],
+        "end_id": torch.tensor(data.end_id, device=dev),
+        "pad_id": torch.tensor(data.pad_id, device=dev),
+    }
 
 
 def chat_prompt_parts(tokenizer: Any, instruction: str) -> tuple[str, str]:

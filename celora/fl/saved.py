@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from celora.config import ExperimentConfig, apply_overrides, build_config, load_config
-from celora.data.sources import load_dataset
 from celora.errors import CeloraError
 from celora.eval import MetricSpec
 from celora.fl.client import batch_on, evaluate_metrics
@@ -93,19 +92,9 @@ def evaluate_saved(
     num_labels = len(provider.client(0).label_names)
     extra_data = None
     if data_file is not None:
-        from celora.data.formats import generative_reader
+        from celora.data.sites import read_data
 
-        d = cfg.data
-        raw = load_dataset(
-            None,
-            path=data_file,
-            text_column=d.text_column,
-            label_column=d.label_column,
-            image_column=d.image_column,
-            image_size=d.image_size,
-            min_classes=1,
-            reader=generative_reader(d) if task.rows == "generative" else None,
-        )
+        raw = read_data(cfg.data.model_copy(update={"task": task.name}), data_file)
         raw = task.prepare_rows(raw, p.loaded.tokenizer, cfg.model.max_length)
         extra_data = task.build(raw, p.loaded.tokenizer, cfg.model.max_length)
     rows = []
