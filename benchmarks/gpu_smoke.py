@@ -1,12 +1,13 @@
-"""GPU smoke check: MiniLM and SmolLM2, 2 clients, 1 round, in bf16 and fp32, on a CUDA (or MPS) device.
+"""GPU smoke check: MiniLM, SmolLM2 (classifier and generative), 2 clients, 1 round, bf16 and fp32, on CUDA / MPS.
 
     python benchmarks/gpu_smoke.py                       # every model × precision on the default accelerator
     python benchmarks/gpu_smoke.py --device cuda:1 --precision bf16
-    python benchmarks/gpu_smoke.py --device cpu --models tiny-bert tiny-llama   # dry run of this script on a CPU
+    python benchmarks/gpu_smoke.py --device cpu --models tiny-bert tiny-llama tiny-llama-gen   # a CPU dry run
 
-Prints one line per run (device, precision, wall, accuracy, train loss, peak accelerator memory) and checks
-that every base parameter sat on the device, that adapters and the head stayed fp32, and that accuracies are
-finite; exits 1 when a check fails. Without a CUDA or MPS device (and no --device cpu) it says so and exits 0.
+Prints one line per run (device, precision, wall, the task's primary metric, train loss, peak accelerator
+memory) and checks that every base parameter sat on the device, that adapters and the head stayed fp32, and
+that the metrics are finite; exits 1 when a check fails. Without a CUDA or MPS device (and no --device cpu)
+it says so and exits 0.
 Runs in a few minutes on one GPU (most of it loading SmolLM2 once per precision).
 """
 
@@ -39,6 +40,19 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "train": {"batch_size": 8, "lr": 1e-3},
         "eval": {"batch_size": 16},
     },
+    "smollm2-gen": {  # the generative task (configs/llm_titles.toml, smaller)
+        "model": {"name": "smollm2", "rank": 8, "max_length": 80},
+        "data": {
+            "name": "clothing-titles",
+            "task": "generate",
+            "max_samples": 400,
+            "train_per_client": 32,
+            "test_per_client": 12,
+            "max_response_tokens": 12,
+        },
+        "train": {"batch_size": 8, "lr": 2e-3},
+        "eval": {"batch_size": 12},
+    },
     "tiny-bert": {  # CPU dry run of this script
         "model": {"name": "tiny-bert", "rank": 4, "max_length": 48},
         "data": {"name": "bbcnews", "max_samples": 120},
@@ -47,6 +61,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "tiny-llama": {
         "model": {"name": "tiny-llama", "rank": 2, "max_length": 160},
         "data": {"name": "digits", "max_samples": 60, "task": "prompt"},
+        "train": {"batch_size": 8, "lr": 1e-2},
+    },
+    "tiny-llama-gen": {
+        "model": {"name": "tiny-llama", "rank": 2, "max_length": 48},
+        "data": {"name": "chatterbot", "task": "generate", "max_samples": 60, "max_response_tokens": 16},
         "train": {"batch_size": 8, "lr": 1e-2},
     },
 }
@@ -82,7 +101,8 @@ def run_one(name: str, device: str, precision: str) -> tuple[dict[str, Any], lis
     if p.placement.compute is not None and any(q.dtype != torch.float32 for q in trained):
         problems.append("an adapter or head parameter is not fp32 under autocast")
     s = res.summary
-    for key in ("acc_mean", "acc_mean_agg", "acc_global"):
+    metric = s["primary_metric"]["name"]
+    for key in (f"{metric}_mean", f"{metric}_mean_agg", f"{metric}_global"):
         if not math.isfinite(float(s[key])):
             problems.append(f"{key} = {s[key]}")
     train_loss = res.rounds[-1]["clients"][0]["train_loss"]
@@ -93,8 +113,9 @@ def run_one(name: str, device: str, precision: str) -> tuple[dict[str, Any], lis
         "model": name,
         "placement": p.placement.describe(),
         "wall_s": wall,
-        "acc_mean": s["acc_mean"],
-        "acc_global": s["acc_global"],
+        "metric": metric,
+        "score": s[f"{metric}_mean"],
+        "global": s[f"{metric}_global"],
         "train_loss": train_loss,
         "peak_MiB": peak,
     }
@@ -105,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default=None, help="cuda | cuda:N | mps | cpu (default: the accelerator)")
     ap.add_argument("--precision", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp16", "fp32", "auto"])
-    ap.add_argument("--models", nargs="+", default=["minilm", "smollm2"], choices=sorted(CONFIGS))
+    ap.add_argument("--models", nargs="+", default=["minilm", "smollm2", "smollm2-gen"], choices=sorted(CONFIGS))
     args = ap.parse_args(argv)
     device = args.device or accelerator()
     if device is None:
@@ -130,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             status = "ok  " if not problems else "FAIL"
             print(
                 f"{status} {row['model']:<10} {row['placement']:<24} wall {row['wall_s']:6.1f} s  "
-                f"acc {row['acc_mean']:.3f}  global {row['acc_global']:.3f}  train loss {row['train_loss']:.5f}  "
+                f"{row['metric']} {row['score']:.3f}  global {row['global']:.3f}  train loss {row['train_loss']:.5f}  "
                 f"peak {row['peak_MiB']:.0f} MiB" + ("" if not problems else "  " + "; ".join(problems))
             )
             failed += bool(problems)
