@@ -153,7 +153,10 @@ def run(
     plot_accuracy(result.rounds, out_dir / "accuracy.png", title=f"{cfg.method} · {scheme}")
     weights = result.diagnostics.get("weights")
     if weights is not None:
-        plot_weights(weights, out_dir / "weights.png", title=f"w_ij, round {cfg.rounds}")
+        groups = result.rounds[-1].get("components", {})  # a task mixture: each client's component
+        owner = {i: name for name, g in groups.items() for i in g["clients"]}
+        comps = [owner[i] for i in range(len(owner))] if groups else None
+        plot_weights(weights, out_dir / "weights.png", title=f"w_ij, round {cfg.rounds}", components=comps)
         tops = top_collaborators(weights)
         console.print(
             "top collaborators (client: partner w_ij …): "

@@ -81,6 +81,33 @@ class ModelConfig(_Section):
         return self
 
 
+class MixtureComponent(_Section):
+    """One component of a task mixture: a dataset (or file) in its own format, spread over its own clients."""
+
+    name: str | None = Field(None, description="a shipped dataset (`celora datasets`)")
+    path: str | None = Field(None, description="or your own file (its format: the keys below)")
+    label: str | None = Field(None, description="the component's name in results (default: name or file stem)")
+    clients: int = Field(1, ge=1, description="clients holding this component (its rows split iid among them)")
+    max_samples: int | None = Field(None, ge=2, description="a seeded subset of this size")
+    format: Literal["auto", "columns", "alpaca", "chat"] = Field("auto", description="generate task: as data.format")
+    prompt_column: str = Field("prompt", description="generate task: as data.prompt_column")
+    response_column: str = Field("response", description="generate task: as data.response_column")
+    system_column: str | None = Field(None, description="generate task: as data.system_column")
+    text_column: str = Field("text", description="classification: as data.text_column")
+    label_column: str = Field("label", description="classification: as data.label_column")
+    instruction: str | None = Field(None, description="the component's instruction (classification sets as prompts)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MixtureComponent:
+        if (self.name is None) == (self.path is None):
+            raise ValueError("data.mixture: give each component exactly one of name or path")
+        return self
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name or Path(str(self.path)).stem
+
+
 class DataConfig(_Section):
     name: str = Field("bbcnews", description="shipped dataset (`celora datasets`); ignored when data.path is set")
     partition: Literal["iid", "dirichlet", "pathological", "natural"] = Field(
@@ -132,6 +159,13 @@ class DataConfig(_Section):
         description="with data.sites: the declared label space (class ids in this order); default: the union "
         "of the sites' label names, agreed in the setup message",
     )
+    mixture: list[MixtureComponent] | None = Field(
+        None,
+        min_length=2,
+        description="a task mixture: [[data.mixture]] tables (name or path, label, clients, max_samples, format, "
+        "prompt_column, response_column, system_column, text_column, label_column, instruction); each client holds "
+        "one component and is scored on it; replaces data.name/data.path and the partition; num_clients = Σ clients",
+    )
     global_test_path: str | None = Field(
         None,
         description="with data.sites: an optional shared global test file (same columns) for the global score; "
@@ -148,6 +182,12 @@ class DataConfig(_Section):
                 if name in seen:
                     raise ValueError(f"data.labels: label '{name}' is listed twice")
                 seen.add(name)
+        if self.mixture is not None:
+            if self.sites is not None or self.path is not None:
+                raise ValueError("data.mixture replaces data.path and data.sites; give one")
+            titles = [c.title for c in self.mixture]
+            if len(set(titles)) < len(titles):
+                raise ValueError(f"data.mixture: component names {titles} repeat (set label)")
         if self.sites is None:
             for key in ("labels", "global_test_path"):
                 if getattr(self, key) is not None:
@@ -331,6 +371,13 @@ class ExperimentConfig(_Section):
             return data
         section = data.get("data")
         sites = section.get("sites") if isinstance(section, dict) else getattr(section, "sites", None)
+        mixture = section.get("mixture") if isinstance(section, dict) else getattr(section, "mixture", None)
+        if isinstance(mixture, list) and mixture and not sites:
+            total = sum(int(c.get("clients", 1) if isinstance(c, dict) else c.clients) for c in mixture)
+            given = data.get("num_clients")
+            if given is not None and given != total:
+                raise ValueError(f"num_clients = {given} but data.mixture's components hold {total} clients")
+            return {**data, "num_clients": total}
         if not isinstance(sites, list) or not sites:
             return data
         given = data.get("num_clients")

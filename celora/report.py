@@ -6,6 +6,7 @@ A table is one pandas frame of display strings, rendered as rich, Markdown, CSV 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -237,8 +238,11 @@ def top_collaborators(weights: Any, k: int = 3) -> dict[int, list[tuple[int, flo
     return out
 
 
-def plot_weights(weights: Any, path: str | Path, title: str = "aggregation weights w_ij") -> Path:
-    """weights.png: heatmap of the learned weight matrix (row i = client i's mix of C_j)."""
+def plot_weights(
+    weights: Any, path: str | Path, title: str = "aggregation weights w_ij", components: Sequence[str] | None = None
+) -> Path:
+    """weights.png: heatmap of the learned weight matrix (row i = client i's mix of C_j); with a task mixture's
+    ``components`` the ticks name each client's component and lines separate the components."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,6 +252,14 @@ def plot_weights(weights: Any, path: str | Path, title: str = "aggregation weigh
     im = ax.imshow(weights, cmap="viridis", vmin=0)
     ax.set_xlabel("client j (contributor)")
     ax.set_ylabel("client i (receiver)")
+    if components is not None:
+        ticks = [f"{i} {c}" for i, c in enumerate(components)]
+        ax.set_xticks(range(len(ticks)), ticks, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(ticks)), ticks, fontsize=6)
+        for k in range(1, len(components)):
+            if components[k] != components[k - 1]:
+                ax.axhline(k - 0.5, color="white", lw=1)
+                ax.axvline(k - 0.5, color="white", lw=1)
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()

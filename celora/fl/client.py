@@ -270,6 +270,7 @@ class ClientData:
             "label_hist": {name: int(counts[k]) for k, name in enumerate(self.label_names)},
             "majority": majority_baseline(self.labels, [self.train_idx], [self.test_idx]),
             "label_names": list(self.label_names),
+            **({"component": self.meta["component"]} if "component" in self.meta else {}),
         }
 
 
@@ -296,6 +297,9 @@ class PartitionedData:
             "skipped_rows": self.dataset.skipped_rows,
             "global_test": int(len(self.split.global_test_idx)),
         }
+        component = self.dataset.columns.get("component")
+        if component is not None and len(c.train_idx):  # a task mixture: the one component this client holds
+            meta["component"] = str(component[c.train_idx[0]])
         return ClientData(
             c.client_id,
             self.encoded,
@@ -310,12 +314,12 @@ class PartitionedData:
 
 def partition_report(infos: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     """partition.json from the clients' setup ``info`` (counts only) and a provider's ``meta``."""
-    keep = ("id", "n_train", "n_test", "label_hist")
+    keep = ("id", "n_train", "n_test", "label_hist", "component")
     return {
         "scheme": meta.get("scheme"),
         "num_clients": len(infos),
         "global_test": meta.get("global_test", 0),
-        "clients": [{k: info[k] for k in keep} for info in infos],
+        "clients": [{k: info[k] for k in keep if k in info} for info in infos],
         "dataset": meta.get("dataset"),
         "skipped_rows": meta.get("skipped_rows", 0),
     }

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from celora.adapters.inject import AdapterSpec
 from celora.config import ExperimentConfig
 from celora.data.formats import generative_reader
+from celora.data.mixture import MIXTURE_CLIENT, load_mixture
 from celora.data.partition import FederatedSplit, make_federated_split
 from celora.data.sources import Dataset, load_dataset
 from celora.data.tasks import Task, TaskData, get_task
@@ -94,7 +95,11 @@ def check_names(cfg: ExperimentConfig) -> ExperimentConfig:
         )
     if cfg.data.task != task.name:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"task": task.name})})
-    if cfg.data.sites is None and cfg.data.path is None and cfg.data.name not in DATASETS:
+    for comp in cfg.data.mixture or []:
+        if comp.name is not None and comp.name not in DATASETS:
+            raise CeloraError(f"data.mixture: unknown dataset '{comp.name}' (known: {', '.join(sorted(DATASETS))})")
+    no_rows = cfg.data.sites is None and cfg.data.path is None and cfg.data.mixture is None
+    if no_rows and cfg.data.name not in DATASETS:
         known = ", ".join(sorted(DATASETS))
         raise CeloraError(f"unknown data.name '{cfg.data.name}' (known: {known}; or set data.path)")
     if cfg.data.path is not None and not Path(cfg.data.path).is_file():
@@ -124,18 +129,21 @@ def prepare(cfg: ExperimentConfig) -> Prepared | SitesPrepared:
     placement = placement_of(cfg)
     d = cfg.data
     generative = get_task(str(d.task)).rows == "generative"
-    dataset = load_dataset(
-        None if d.path else d.name,
-        path=d.path,
-        text_column=d.text_column,
-        label_column=d.label_column,
-        column=d.column,
-        max_samples=d.max_samples,
-        seed=cfg.seed,
-        image_column=d.image_column,
-        image_size=d.image_size,
-        reader=generative_reader(d) if generative else None,
-    )
+    if d.mixture is not None:
+        dataset = load_mixture(d, generative=generative, seed=cfg.seed)
+    else:
+        dataset = load_dataset(
+            None if d.path else d.name,
+            path=d.path,
+            text_column=d.text_column,
+            label_column=d.label_column,
+            column=d.column,
+            max_samples=d.max_samples,
+            seed=cfg.seed,
+            image_column=d.image_column,
+            image_size=d.image_size,
+            reader=generative_reader(d) if generative else None,
+        )
     if d.instruction is not None or d.verbalizers is not None:
         dataset = replace(
             dataset, instruction=d.instruction or dataset.instruction, verbalizers=d.verbalizers or dataset.verbalizers
@@ -143,11 +151,12 @@ def prepare(cfg: ExperimentConfig) -> Prepared | SitesPrepared:
     loaded, spec, task = load_backbone(cfg, len(dataset.label_names), placement)
     place_model(loaded.model, placement, (*loaded.head_modules, *loaded.fedavg_modules))  # once: the base stays there
     dataset = task.prepare_rows(dataset, loaded.tokenizer, cfg.model.max_length)  # before the split
-    column_values = dataset.columns.get(d.column) if d.column else None
+    column = MIXTURE_CLIENT if d.mixture is not None else d.column  # a mixture: its clients are given
+    column_values = dataset.columns.get(column) if column else None
     split = make_federated_split(
         dataset.labels,
         cfg.num_clients,
-        d.partition,
+        "natural" if d.mixture is not None else d.partition,
         alpha=d.alpha,
         classes_per_client=d.classes_per_client,
         column_values=column_values,

@@ -33,6 +33,7 @@ import torch
 from celora.config import ExperimentConfig
 from celora.errors import CeloraError
 from celora.fl.backbone import Backbone, Phase, Phases
+from celora.fl.components import component_means, weight_shares
 from celora.fl.payload import Layout, PayloadError, decode, decode_named, encode, expected_size
 from celora.fl.records import ClientRound, Observer, Silent, round_row, summary_dict
 from celora.fl.run_folder import RunFolder
@@ -86,6 +87,8 @@ class ServerCore:
         self.bench = bench
         self.spec = bench.task.spec  # the task's metrics: rows and the summary are keyed by its primary metric
         self.infos = infos
+        comps = [info.get("component") for info in infos]
+        self.components: list[str] | None = [str(c) for c in comps] if all(c is not None for c in comps) else None
         self.n = cfg.num_clients
         self.n_train = np.array([int(info["n_train"]) for info in infos])
         self.phases = Phases(cfg, bench)
@@ -294,6 +297,8 @@ class ServerCore:
         self.last.update({i: r for i, r in records.items() if r.participated})
         wall = rs.wall if rs.wall is not None else time.perf_counter() - rs.t0
         row = round_row(self.cfg.method, rs.rnd, [records[i] for i in range(self.n)], wall, self.spec)
+        if self.components is not None:  # a task mixture: results per component
+            row["components"] = component_means(row["clients"], self.components, self.spec.primary)
         self.record_diagnostics(rs, row)
         row.update(extra or {})
         self.totals["up"] += row["bytes_up"]
@@ -317,6 +322,8 @@ class ServerCore:
             cos = update_cosine(u.double().cpu().numpy())
             out["update_cosine_mean"] = float(cos[~np.eye(len(ids), dtype=bool)].mean())
         diag = rs.diag
+        if self.components is not None:  # does the weighting pool a client with its own component?
+            out.update(weight_shares(diag, self.components, self.n_train, lam=self.cfg.aggregation.lam))
         if "weights" in diag and diag.get("participants") is not None:
             self.folder.save_npy(f"weights_round_{rs.rnd}.npy", diag["weights"])
             eff = diag.get("effective_collaborators", {})
@@ -396,6 +403,10 @@ class ServerCore:
             wall=wall,
             spec=self.spec,
         )
+        if self.components is not None and self.rows:
+            s["components"] = self.rows[-1]["components"]
+            shares = {k: v for k, v in self.rows[-1].get("diag", {}).items() if "component_share" in k}
+            s.update({f"final_{k}": v for k, v in shares.items()})
         # one-time data summaries and task set-up, not per round
         s["bytes_setup_up"] = int(sum(self.setup_up.values())) + int(extra_setup_bytes)
         s["bytes_up_total"] += s["bytes_setup_up"]

@@ -1,0 +1,103 @@
+"""A task mixture (``[[data.mixture]]``): several datasets, each in its own format, each on its own clients.
+
+Component c (a shipped dataset or a file) is read with its own keys, then its rows are split iid (seeded) over
+its ``clients``; all components become one dataset with two columns: ``component`` (its title) and
+``mixture_client`` (``<c:02d>/<k:03d>``, sorted in component order), which the natural partition turns into
+Σ_c clients (client ids follow the components' order). Each client is scored on its own component.
+
+Row types: under a generative task every component becomes prompt → response rows (a classification set as
+instruction → label word); under classification the label spaces are kept apart (``<component>:<label>``),
+one head over their union.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from celora.config import DataConfig, MixtureComponent
+from celora.data.formats import as_generative, generative_reader
+from celora.data.sources import Dataset, load_dataset
+from celora.errors import CeloraError
+
+COMPONENT = "component"
+MIXTURE_CLIENT = "mixture_client"
+
+
+def read_component(data: DataConfig, comp: MixtureComponent, *, generative: bool, seed: int) -> Dataset:
+    """One component's rows with its own keys (a generative task: as prompt → response rows)."""
+    keys = data.model_copy(
+        update={
+            "format": comp.format,
+            "prompt_column": comp.prompt_column,
+            "response_column": comp.response_column,
+            "system_column": comp.system_column,
+        }
+    )
+    try:
+        ds = load_dataset(
+            comp.name if comp.path is None else None,
+            path=comp.path,
+            text_column=comp.text_column,
+            label_column=comp.label_column,
+            max_samples=comp.max_samples,
+            seed=seed,
+            min_classes=1,
+            reader=generative_reader(keys) if generative and comp.path is not None else None,
+        )
+    except CeloraError as err:
+        raise CeloraError(f"data.mixture component '{comp.title}': {err}") from None
+    if comp.instruction is not None:
+        ds = dataclasses.replace(ds, instruction=comp.instruction)
+    return as_generative(ds) if generative else ds
+
+
+def concat(parts: list[Dataset], names: list[str]) -> Dataset:
+    """The components' rows one after another, with the ``component`` column; classification label spaces kept
+    apart as ``<component>:<label>`` (generative rows: the one class they share)."""
+    generative = all(p.responses is not None for p in parts)
+    label_names: list[str] = []
+    labels = []
+    for name, p in zip(names, parts, strict=True):
+        if generative:
+            labels.append(np.zeros(len(p), dtype=np.int64))
+            continue
+        labels.append(p.labels + len(label_names))
+        label_names += [f"{name}:{v}" for v in p.label_names]
+
+    def cat(field: str) -> list[Any] | None:
+        values = [getattr(p, field) for p in parts]
+        return None if any(v is None for v in values) else [x for v in values for x in v]
+
+    return Dataset(
+        name="mixture",
+        texts=[t for p in parts for t in p.texts],
+        labels=np.concatenate(labels),
+        label_names=parts[0].label_names if generative else label_names,
+        columns={
+            COMPONENT: np.asarray([n for n, p in zip(names, parts, strict=True) for _ in range(len(p))], dtype=object)
+        },
+        skipped_rows=sum(p.skipped_rows for p in parts),
+        responses=cat("responses"),
+        systems=cat("systems"),
+        histories=cat("histories"),
+    )
+
+
+def load_mixture(data: DataConfig, *, generative: bool, seed: int) -> Dataset:
+    """Every component of ``data.mixture``, concatenated, each row tagged with the client that holds it."""
+    assert data.mixture is not None
+    parts = [read_component(data, c, generative=generative, seed=seed) for c in data.mixture]
+    names = [c.title for c in data.mixture]
+    ds = concat(parts, names)
+    rng = np.random.default_rng([seed, 0x313])
+    owner: list[str] = []
+    for c, (comp, part) in enumerate(zip(data.mixture, parts, strict=True)):
+        if len(part) < 2 * comp.clients:
+            raise CeloraError(f"data.mixture component '{comp.title}': {len(part)} rows for {comp.clients} clients")
+        slot = np.empty(len(part), dtype=np.int64)
+        slot[rng.permutation(len(part))] = np.arange(len(part)) % comp.clients
+        owner += [f"{c:02d}/{k:03d}" for k in slot]
+    return dataclasses.replace(ds, columns={**ds.columns, MIXTURE_CLIENT: np.asarray(owner, dtype=object)})
