@@ -171,6 +171,11 @@ def run(
         f"worst-10% {s[f'{p}_worst10']:.3f} · global {s[f'{p}_global']:.3f} · {majority}"
         f"{bpcr['up']:.0f} B up / {bpcr['down']:.0f} B down per client-round · {s['wall_s']:.0f}s" + _task_extras(s)
     )
+    if s.get("components"):
+        from celora.report import components_frame
+        from celora.tables import frame_rich
+
+        console.print(frame_rich(components_frame(s), title="Per component (task mixture)"))
     if s.get("model_note"):
         console.print(f"note: {s['model_note']}")
     console.print(f"run folder: {out_dir}")

@@ -94,7 +94,9 @@ class MixtureComponent(_Section):
     response_column: str = Field("response", description="generate task: as data.response_column")
     system_column: str | None = Field(None, description="generate task: as data.system_column")
     text_column: str = Field("text", description="classification: as data.text_column")
-    label_column: str = Field("label", description="classification: as data.label_column")
+    label_column: str = Field(
+        "label", description="classification: as data.label_column; on a shipped set, one of its columns to predict"
+    )
     instruction: str | None = Field(None, description="the component's instruction (classification sets as prompts)")
 
     @model_validator(mode="after")

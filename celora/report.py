@@ -429,6 +429,8 @@ def _run_html(d: Path) -> str:
     parts.append("</div>")
     if rows:
         parts += [f"<h3>After round {rows[-1]['round']}</h3>", frame_html(clients_frame(rows[-1]), left=0)]
+    if summary.get("components"):
+        parts += ["<h2>Per component (task mixture)</h2>", frame_html(components_frame(summary), left=1)]
     if rows and (d / "zero_shot.json").is_file():
         parts += ["<h2>Zero-shot → final, per client</h2>", frame_html(zero_shot_frame(d), left=1)]
     if (d / "samples.jsonl").is_file():
@@ -436,6 +438,27 @@ def _run_html(d: Path) -> str:
     if (d / "weights.png").is_file():
         parts += ["<h2>Aggregation weights w_ij (last round)</h2>", _img(d / "weights.png")]
     return "".join(parts)
+
+
+def components_frame(summary: dict[str, Any]) -> pd.DataFrame:
+    """A task mixture's final results per component (primary metric after local training and after aggregation),
+    with the same-component share of the learned weights against FedAvg's."""
+    p = MetricSpec.of(summary).primary
+    rows = [
+        {
+            "component": name,
+            "clients": ", ".join(str(i) for i in c["clients"]),
+            f"{metric_label(p)} (local step)": f"{c[f'{p}_mean']:.3f}",
+            f"{metric_label(p)} after agg.": f"{c[f'{p}_mean_agg']:.3f}",
+        }
+        for name, c in summary["components"].items()
+    ]
+    frame = pd.DataFrame(rows)
+    if "final_same_component_share" in summary:
+        frame["same-component share of w_i (FedAvg's)"] = (
+            f"{summary['final_same_component_share']:.3f} ({summary['final_fedavg_same_component_share']:.3f})"
+        )
+    return frame
 
 
 def zero_shot_frame(run_dir: str | Path) -> pd.DataFrame:

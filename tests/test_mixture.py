@@ -52,6 +52,10 @@ def test_a_mixture_reports_per_component_and_celora_pools_within_components(tmp_
         assert d["same_component_share"] > d["fedavg_same_component_share"] + 0.1
         assert d["same_component_share_data"] > d["fedavg_same_component_share"]
     assert res.summary["final_same_component_share"] == res.rounds[-1]["diag"]["same_component_share"]
+    from celora.report import write_html_report
+
+    html = write_html_report(tmp_path / "run").read_text()
+    assert "Per component (task mixture)" in html and "math" in html and "words" in html
 
 
 def test_fedavg_share_is_the_sample_share_and_celora_global_equals_it(tmp_path):

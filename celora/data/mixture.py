@@ -49,15 +49,26 @@ def read_component(data: DataConfig, comp: MixtureComponent, *, generative: bool
         )
     except CeloraError as err:
         raise CeloraError(f"data.mixture component '{comp.title}': {err}") from None
+    if comp.name is not None and comp.label_column in ds.columns:  # a shipped set labelled by one of its columns
+        ds = relabel_by(ds, comp.label_column)
     if comp.instruction is not None:
         ds = dataclasses.replace(ds, instruction=comp.instruction)
     return as_generative(ds) if generative else ds
 
 
-def concat(parts: list[Dataset], names: list[str]) -> Dataset:
+def relabel_by(ds: Dataset, column: str) -> Dataset:
+    """The dataset with the values of ``column`` as its labels (sorted names; the set's own instruction and label
+    words no longer apply)."""
+    values = np.asarray([str(v) for v in ds.columns[column]], dtype=object)
+    names = sorted(set(values.tolist()))
+    position = {v: k for k, v in enumerate(names)}
+    labels = np.asarray([position[v] for v in values], dtype=np.int64)
+    return dataclasses.replace(ds, labels=labels, label_names=names, instruction=None, verbalizers=None)
+
+
+def concat(parts: list[Dataset], names: list[str], *, generative: bool) -> Dataset:
     """The components' rows one after another, with the ``component`` column; classification label spaces kept
     apart as ``<component>:<label>`` (generative rows: the one class they share)."""
-    generative = all(p.responses is not None for p in parts)
     label_names: list[str] = []
     labels = []
     for name, p in zip(names, parts, strict=True):
@@ -80,9 +91,9 @@ def concat(parts: list[Dataset], names: list[str]) -> Dataset:
             COMPONENT: np.asarray([n for n, p in zip(names, parts, strict=True) for _ in range(len(p))], dtype=object)
         },
         skipped_rows=sum(p.skipped_rows for p in parts),
-        responses=cat("responses"),
-        systems=cat("systems"),
-        histories=cat("histories"),
+        responses=cat("responses") if generative else None,
+        systems=cat("systems") if generative else None,
+        histories=cat("histories") if generative else None,
     )
 
 
@@ -91,7 +102,7 @@ def load_mixture(data: DataConfig, *, generative: bool, seed: int) -> Dataset:
     assert data.mixture is not None
     parts = [read_component(data, c, generative=generative, seed=seed) for c in data.mixture]
     names = [c.title for c in data.mixture]
-    ds = concat(parts, names)
+    ds = concat(parts, names, generative=generative)
     rng = np.random.default_rng([seed, 0x313])
     owner: list[str] = []
     for c, (comp, part) in enumerate(zip(data.mixture, parts, strict=True)):
