@@ -455,7 +455,7 @@ def components_frame(summary: dict[str, Any]) -> pd.DataFrame:
     ]
     frame = pd.DataFrame(rows)
     if "final_same_component_share" in summary:
-        frame["same-component share of w_i (FedAvg's)"] = (
+        frame["same-component share of w_i, all clients (FedAvg's)"] = (
             f"{summary['final_same_component_share']:.3f} ({summary['final_fedavg_same_component_share']:.3f})"
         )
     return frame
