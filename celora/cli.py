@@ -268,7 +268,9 @@ def compare(
 def comm(
     model: Annotated[str, typer.Option("--model", help="zoo name, shape name (smollm2-135m, llama-7b) or HF folder")],
     rank: Annotated[int, typer.Option("--rank", help="adapter rank r")] = 8,
-    targets: Annotated[str | None, typer.Option("--targets", help="comma-separated module names")] = None,
+    targets: Annotated[
+        str | None, typer.Option("--targets", help="comma-separated module names, or all-linear")
+    ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="wire precision fp32 | fp16 | int8")] = "fp32",
     num_labels: Annotated[
         int | None, typer.Option("--num-labels", help="K: add a K-class head where a method shares it")

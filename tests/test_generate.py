@@ -520,3 +520,13 @@ def test_image_generate_binds_each_rows_image(tmp_path):
     words = {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}
     samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert samples and all(s["reference"] in words for s in samples)
+
+
+def test_a_classification_set_runs_as_instruction_to_label_word(lm):
+    ds = Dataset("toy", ["great fit", "fell apart"], np.array([1, 0]), ["neg", "pos"], instruction="rate: {labels}")
+    data = GEN.build(ds, lm.tokenizer, 48)
+    assert isinstance(data, GenerativeData)
+    assert data.references == ["pos", "neg"] and data.labels.tolist() == [1, 0]  # the label word is the response
+    before, _ = prompt_text_parts(lm.tokenizer, "rate: neg, pos", [])
+    first = lm.tokenizer(before, add_special_tokens=False)["input_ids"]
+    assert data.input_ids[0, : len(first)].tolist() == first  # the instruction is the system turn
