@@ -32,6 +32,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from celora.config import ExperimentConfig, dump_config
+from celora.data.sources import one_line
 from celora.eval import MetricSpec
 
 log = logging.getLogger("celora")
@@ -303,18 +304,36 @@ def save_client_state(
     return path
 
 
-def load_client_state(folder: Path, upto: int) -> tuple[int, dict[str, torch.Tensor], Any] | None:
-    """(round, state, extra) of the newest readable state saved after a round ≤ ``upto`` (a damaged file is
-    skipped), or None."""
+def state_mismatch(state: Mapping[str, torch.Tensor], expect: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``state`` is not a state of this run's adapters (other tensor names or shapes), or None."""
+    if set(state) != set(expect):
+        missing, extra = sorted(set(expect) - set(state)), sorted(set(state) - set(expect))
+        return f"other tensors (missing {missing[:2]}, unexpected {extra[:2]})"
+    for name, t in expect.items():
+        if tuple(state[name].shape) != tuple(t.shape):
+            return f"tensor {name} has shape {tuple(state[name].shape)}, expected {tuple(t.shape)}"
+    return None
+
+
+def load_client_state(
+    folder: Path, upto: int, expect: Mapping[str, torch.Tensor] | None = None
+) -> tuple[int, dict[str, torch.Tensor], Any] | None:
+    """(round, state, extra) of the newest usable state saved after a round ≤ ``upto``, or None. A damaged
+    (e.g. truncated) file, or one of another model's tensors (names or shapes other than ``expect``'s), is refused
+    with one warning line and the previous one is tried."""
     for path in sorted(folder.glob("state-*.safetensors"), reverse=True):
         rnd = int(path.stem.removeprefix("state-"))
         if rnd > upto:
             continue
         try:
             state, extra = state_from_blob(path.read_bytes())
-            return rnd, state, extra
         except Exception as err:  # noqa: BLE001  (safetensors raises its own error type on a damaged file)
-            log.warning("client state %s is unusable (%s): trying the previous one", path, err)
+            log.warning("client state %s is unusable (%s): trying the previous one", path, one_line(err))
+            continue
+        why = state_mismatch(state, expect) if expect is not None else None
+        if why is None:
+            return rnd, state, extra
+        log.warning("client state %s is not this run's (%s): trying the previous one", path, why)
     return None
 
 

@@ -189,7 +189,8 @@ def _restore(context: Context, toml_text: str, i: int, upto: int) -> int:
     from celora.fl.run_folder import load_client_state, state_blob
 
     folder = _disk(context, toml_text, i)
-    found = load_client_state(folder, upto) if folder is not None else None
+    expect = _env(toml_text, context.node_config).bench.init_state  # a state of other tensors is refused
+    found = load_client_state(folder, upto, expect) if folder is not None else None
     for key in (_STATE, _OPT):
         if key in context.state:
             del context.state[key]
