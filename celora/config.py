@@ -164,9 +164,8 @@ class DataConfig(_Section):
     mixture: list[MixtureComponent] | None = Field(
         None,
         min_length=2,
-        description="a task mixture: [[data.mixture]] tables (name or path, label, clients, max_samples, format, "
-        "prompt_column, response_column, system_column, text_column, label_column, instruction); each client holds "
-        "one component and is scored on it; replaces data.name/data.path and the partition; num_clients = Σ clients",
+        description="a task mixture, one [[data.mixture]] table per component (keys: docs/tasks.md); each client "
+        "holds one component; num_clients = Σ clients",
     )
     global_test_path: str | None = Field(
         None,
