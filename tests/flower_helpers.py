@@ -7,8 +7,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
+
+from celora.errors import CeloraError
 
 FLOWER = ("train.lr=3e-2", "train.head_lr=5e-2", "data.partition=dirichlet", "data.alpha=0.3")  # on conftest's TINY
 
@@ -98,7 +100,10 @@ class MemoryGrid(Grid):
             node = msg.metadata.dst_node_id
             if node in self.dead and group >= self.dead[node]:
                 continue
-            reply = self.app(msg, self.contexts[node])
+            try:
+                reply = self.app(msg, self.contexts[node])
+            except CeloraError as err:  # as Flower does: the ClientApp's exception becomes an error reply
+                reply = Message(error=Error(code=0, reason=f"{type(err)}:<'{err}'>"), reply_to=msg)
             replies.append(self.tamper(msg, reply) if self.tamper else reply)
         return replies
 

@@ -225,3 +225,48 @@ def test_gradient_basis_needs_server_rows_which_sites_do_not_give(sites):
 
     with pytest.raises(CeloraError, match="model.basis = 'gradient'.*data.sites"):
         prepare(_cfg(sites, "model.basis=gradient", "model.train_ab=false"))
+
+
+def test_a_late_site_is_checked_against_the_labels_agreed_without_it(tmp_path, sites):
+    """min_clients=2: sites 0 and 1 agree on the label space; site 2 joins in round 2 and is checked against it —
+    with labels inside it joins, with a label outside it is refused with one line naming the site."""
+    from celora.fl.flower.server import CeloraFlowerStrategy
+
+    class Notes:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def on_round_start(self, rnd, clients):
+            pass
+
+        def on_client_done(self, rnd, client, record):
+            pass
+
+        def on_round_end(self, rnd, metrics):
+            pass
+
+        def on_message(self, text):
+            self.lines.append(text)
+
+    inside = write_site(tmp_path / "late_ok.csv", {"sport": 10, "money": 10}, seed=5)
+    outside = tmp_path / "late_bad.csv"
+    write_site(outside, {"sport": 10, "tech": 10}, seed=6)
+    outside.write_text(outside.read_text().replace(",tech\n", ",art\n"))  # a label no early site holds
+    outside = str(outside)
+    for late, joins in ((inside, True), (outside, False)):
+        notes = Notes()
+        files = [sites[0], sites[1], late]
+        cfg = _cfg(files, "min_clients=2")
+        strategy = CeloraFlowerStrategy(cfg, tmp_path / Path(late).stem, round_timeout=5, node_wait=1, export=False)
+        strategy.obs = notes
+        grid = MemoryGrid(3, joins={1002: (2, 2)}, node_configs=[{"site-path": s} for s in files])
+        summary = strategy.run(grid)
+        agreed = load_config(tmp_path / Path(late).stem / "config.toml").data.labels
+        assert agreed == ["money", "sport", "tech"]  # from sites 0 and 1 only
+        assert any("sites [2] join later" in line for line in notes.lines)
+        if joins:
+            assert summary["flower"]["joined_late"] == {"2": 2}
+        else:
+            assert "2" not in summary["flower"]["joined_late"]
+            refused = [line for line in notes.lines if "could not join" in line]
+            assert refused and "site 2" in refused[0] and "'art'" in refused[0] and "\n" not in refused[0]

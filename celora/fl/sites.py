@@ -126,15 +126,17 @@ class SiteLoader:
         )
 
 
-def agree_label_space(cfg: ExperimentConfig, messages: dict[int, bytes]) -> list[str]:
-    """Server side of step 1: the union of the sites' label names, from their messages."""
+def agree_label_space(cfg: ExperimentConfig, messages: dict[int, bytes], *, partial: bool = False) -> list[str]:
+    """Server side of step 1: the union of the sites' label names, from their messages (``partial``: of the sites
+    that answered; a site that joins later must hold labels inside it, which it checks when it loads its file)."""
     sites = cfg.data.sites or []
     missing = sorted(set(range(len(sites))) - set(messages))
-    if missing:
+    if missing and not partial:
         raise CeloraError(f"no label names received from site(s) {missing}")
-    names = [parse_label_message(messages[i], i) for i in range(len(sites))]
+    present = sorted(messages)
+    names = [parse_label_message(messages[i], i) for i in present]
     one_class = cfg.data.task in TASKS and TASKS[str(cfg.data.task)].rows == "generative"
-    return agree_labels(names, sites, cfg.data.labels, min_classes=1 if one_class else 2)
+    return agree_labels(names, [sites[i] for i in present], cfg.data.labels, min_classes=1 if one_class else 2)
 
 
 def statistics_blob(task: Task, loaded: LoadedModel, data: ClientData) -> bytes:

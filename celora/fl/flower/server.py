@@ -263,12 +263,12 @@ class CeloraFlowerStrategy(FlowerStrategy):
             self.label_bytes += len(messages[i])
             self._log_message("up", 0, "query.labels", i, rep)
         missing = sorted(set(range(self.n)) - set(messages))
-        if missing:
-            raise CeloraError(
-                f"data.sites: site(s) {missing} not connected for the label agreement; "
-                "declare data.labels to start without them"
-            )
-        return with_labels(cfg, agree_label_space(cfg, messages))
+        if missing and len(messages) < (cfg.min_clients or self.n):
+            raise CeloraError(f"data.sites: site(s) {missing} not connected for the label agreement")
+        labels = agree_label_space(cfg, messages, partial=True)
+        if missing:  # a late site checks its own labels against these when it joins (a conflict: one line)
+            self.obs.on_message(f"labels agreed by sites {sorted(messages)}: {labels}; sites {missing} join later")
+        return with_labels(cfg, labels)
 
     def _site_task_setup(self, grid: Grid, task: Any) -> None:
         """``data.sites``: combine the sites' task statistics and send the result to every site (counted)."""
@@ -373,7 +373,10 @@ class CeloraFlowerStrategy(FlowerStrategy):
             return
         wants = core.main_strategy.uses_data_summaries
         for rep in self._query_setup(grid, fresh, max(0, rnd - 1), wants):
-            if rep.has_error():
+            if rep.has_error():  # e.g. a late site whose labels lie outside the agreed label space
+                why = node_failure(rep)
+                log.warning("round %d: node %d could not join: %s", rnd, rep.metadata.src_node_id, why)
+                self.obs.on_message(f"round {rnd}: a node could not join: {why}")
                 continue
             i = int(number(config_of(rep.content), "partition-id"))
             if i in self.node_of and i not in self.lost:
