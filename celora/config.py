@@ -35,7 +35,7 @@ class ModelConfig(_Section):
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; default = rank (scaling 1)")
     targets: list[str] | Literal["all-linear"] | None = Field(
         None,
-        description="module names to adapt, or \"all-linear\" (every linear layer of the blocks, not the LM head or "
+        description='module names to adapt, or "all-linear" (every linear layer of the blocks, not the LM head or '
         "a task head); default per model",
     )
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input x (0 = off)")
@@ -167,6 +167,12 @@ class DataConfig(_Section):
         description="a task mixture, one [[data.mixture]] table per component (keys: docs/tasks.md); each client "
         "holds one component; num_clients = Σ clients",
     )
+    mixture_alpha: float | None = Field(
+        None,
+        gt=0,
+        description="with data.mixture: clients that mix tasks; each of the Σ clients draws its share of every "
+        "component from Dirichlet(α) (smaller = purer clients); default: each client holds one component",
+    )
     global_test_path: str | None = Field(
         None,
         description="with data.sites: an optional shared global test file (same columns) for the global score; "
@@ -189,6 +195,8 @@ class DataConfig(_Section):
             titles = [c.title for c in self.mixture]
             if len(set(titles)) < len(titles):
                 raise ValueError(f"data.mixture: component names {titles} repeat (set label)")
+        if self.mixture_alpha is not None and self.mixture is None:
+            raise ValueError("data.mixture_alpha needs data.mixture (the components the clients mix)")
         if self.sites is None:
             for key in ("labels", "global_test_path"):
                 if getattr(self, key) is not None:
@@ -310,8 +318,9 @@ class EvalConfig(_Section):
         "always; other rounds: NaN); generation is the expensive part of a generative task's evaluation",
     )
     max_new_tokens: int | None = Field(
-        None, ge=1, description="generate task: greedy answers stop after this many tokens; default "
-        "data.max_response_tokens + 1"
+        None,
+        ge=1,
+        description="generate task: greedy answers stop after this many tokens; default data.max_response_tokens + 1",
     )
     global_clients: int | None = Field(
         None,

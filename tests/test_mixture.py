@@ -111,3 +111,27 @@ def test_bad_mixtures_name_the_problem(tmp_path, mixture, needle):
 def test_num_clients_must_match_the_components(tmp_path):
     with pytest.raises(CeloraError, match="components hold 4 clients"):
         _mixture_cfg(tmp_path, "num_clients=3")
+
+
+def test_mixture_alpha_gives_clients_that_mix_tasks(tmp_path):
+    """data.mixture_alpha: small α → nearly pure clients, large α → clients holding both components; every client
+    has rows, is named by its majority component, and the draw is seeded."""
+    from celora.data.mixture import MIXTURE_CLIENT, load_mixture, mixed_owners
+
+    def purity(alpha: float) -> float:
+        owner = mixed_owners([200, 200], 4, alpha, np.random.default_rng(0))
+        comp = np.repeat([0, 1], 200)
+        return float(np.mean([max(np.mean(comp[owner == k]), 1 - np.mean(comp[owner == k])) for k in set(owner)]))
+
+    assert purity(0.05) > 0.95 and purity(100.0) < 0.65
+    cfg = _mixture_cfg(tmp_path, "data.mixture_alpha=1.0")
+    ds = load_mixture(cfg.data, generative=True, seed=0)
+    again = load_mixture(cfg.data, generative=True, seed=0)
+    assert (ds.columns[MIXTURE_CLIENT] == again.columns[MIXTURE_CLIENT]).all()
+    assert sorted(set(ds.columns[MIXTURE_CLIENT])) == ["000", "001", "002", "003"]
+    infos = Simulation(cfg, tmp_path / "run", prepared=prepare(cfg), export_adapters=False).infos
+    assert len(infos) == 4 and all(i["component"] in ("math", "words") for i in infos), infos
+    with pytest.raises(CeloraError, match="mixture_alpha needs data.mixture"):
+        load_config(None, ["data.mixture_alpha=0.5"])
+    with pytest.raises(CeloraError, match="rows for 50 clients"):
+        mixed_owners([40, 40], 50, 1.0, np.random.default_rng(0))

@@ -3,7 +3,9 @@
 Component c (a shipped dataset or a file) is read with its own keys, then its rows are split iid (seeded) over
 its ``clients``; all components become one dataset with two columns: ``component`` (its title) and
 ``mixture_client`` (``<c:02d>/<k:03d>``, sorted in component order), which the natural partition turns into
-Σ_c clients (client ids follow the components' order). Each client is scored on its own component.
+Σ_c clients (client ids follow the components' order). Each client is scored on its own component. With
+``data.mixture_alpha`` clients mix tasks instead (``mixed_owners``): each is scored on its own rows, each row by
+its component's task, and reported under the component most of its training rows come from.
 
 Row types: under a generative task every component becomes prompt → response rows (a classification set as
 instruction → label word); under classification the label spaces are kept apart (``<component>:<label>``),
@@ -104,11 +106,32 @@ def load_mixture(data: DataConfig, *, generative: bool, seed: int) -> Dataset:
     names = [c.title for c in data.mixture]
     ds = concat(parts, names, generative=generative)
     rng = np.random.default_rng([seed, 0x313])
-    owner: list[str] = []
+    if data.mixture_alpha is not None:
+        owner = mixed_owners([len(p) for p in parts], sum(c.clients for c in data.mixture), data.mixture_alpha, rng)
+        return dataclasses.replace(ds, columns={**ds.columns, MIXTURE_CLIENT: owner})
+    owners: list[str] = []
     for c, (comp, part) in enumerate(zip(data.mixture, parts, strict=True)):
         if len(part) < 2 * comp.clients:
             raise CeloraError(f"data.mixture component '{comp.title}': {len(part)} rows for {comp.clients} clients")
         slot = np.empty(len(part), dtype=np.int64)
         slot[rng.permutation(len(part))] = np.arange(len(part)) % comp.clients
-        owner += [f"{c:02d}/{k:03d}" for k in slot]
-    return dataclasses.replace(ds, columns={**ds.columns, MIXTURE_CLIENT: np.asarray(owner, dtype=object)})
+        owners += [f"{c:02d}/{k:03d}" for k in slot]
+    return dataclasses.replace(ds, columns={**ds.columns, MIXTURE_CLIENT: np.asarray(owners, dtype=object)})
+
+
+def mixed_owners(
+    sizes: list[int], clients: int, alpha: float, rng: np.random.Generator, min_rows: int = 4
+) -> np.ndarray:
+    """``data.mixture_alpha``: the client of every row when clients mix tasks. Client k draws its component
+    shares p_k ~ Dirichlet(α·1_C); component c's rows go to client k with probability p_kc / Σ_j p_jc (seeded),
+    redrawn until every client holds ≥ ``min_rows`` rows. Owner names ``<k:03d>`` (one client per name)."""
+    total = sum(sizes)
+    if total < min_rows * clients:
+        raise CeloraError(f"data.mixture_alpha: {total} rows for {clients} clients (at least {min_rows} each)")
+    for _ in range(100):
+        shares = rng.dirichlet(np.full(len(sizes), alpha), size=clients)  # clients × components
+        slots = [rng.choice(clients, size=n, p=shares[:, c] / shares[:, c].sum()) for c, n in enumerate(sizes)]
+        slot = np.concatenate(slots)
+        if np.bincount(slot, minlength=clients).min() >= min_rows:
+            return np.asarray([f"{k:03d}" for k in slot], dtype=object)
+    raise CeloraError(f"data.mixture_alpha = {alpha:g}: no draw in 100 gave every client {min_rows} rows (raise α)")

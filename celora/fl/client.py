@@ -298,8 +298,9 @@ class PartitionedData:
             "global_test": int(len(self.split.global_test_idx)),
         }
         component = self.dataset.columns.get("component")
-        if component is not None and len(c.train_idx):  # a task mixture: the one component this client holds
-            meta["component"] = str(component[c.train_idx[0]])
+        if component is not None and len(c.train_idx):  # a task mixture: the component most of its rows are from
+            values, counts = np.unique(component[c.train_idx].astype(str), return_counts=True)
+            meta["component"] = str(values[np.argmax(counts)])
         return ClientData(
             c.client_id,
             self.encoded,
