@@ -83,7 +83,11 @@ def run(
     ] = "inprocess",
     resume: Annotated[
         Path | None,
-        typer.Option("--resume", help="continue RUN_DIR from its last complete checkpoint, with its own config.toml"),
+        typer.Option(
+            "--resume",
+            help="continue RUN_DIR from its last complete checkpoint, with its own config.toml (both runtimes; "
+            "under flower the SuperNodes restore their state from RUN_DIR/flower/nodes)",
+        ),
     ] = None,
 ) -> None:
     """Run one federated experiment (in-process engine, or a local Flower deployment) and write its run folder."""
@@ -98,16 +102,16 @@ def run(
     if resume is not None:
         if config is not None or set_ or out is not None:
             raise CeloraError("--resume RUN_DIR uses the run's own config.toml and folder: drop CONFIG, --set, --out")
-        if runtime != "inprocess":
-            raise CeloraError("--resume: only the in-process runtime resumes from the CLI (Flower: see docs/flower.md)")
         if not (resume / "config.toml").is_file():
             raise CeloraError(f"--resume: {resume / 'config.toml'} not found (not a run folder)")
         if (resume / "summary.json").is_file():
             raise CeloraError(f"--resume: {resume} already finished (summary.json exists)")
         from celora.fl.run_folder import load_checkpoint
 
-        if load_checkpoint(resume) is None:
+        ckpt = load_checkpoint(resume)
+        if ckpt is None:
             raise CeloraError(f"--resume: {resume}: no complete checkpoint to resume from (checkpoints/ckpt-*.json)")
+        resumed_from = ckpt.round
         config = resume / "config.toml"
     cfg = load_config(config, set_ or [])
     for line in unused_keys(cfg):
@@ -118,6 +122,8 @@ def run(
         f"[bold]celora[/bold] {cfg.method} · model {cfg.model.name} · {cfg.num_clients} clients · "
         f"{cfg.rounds} rounds · data {data_label(cfg)} · runtime {runtime}"
     )
+    if resume is not None:
+        console.print(f"resuming {resume} from its checkpoint of round {resumed_from} of {cfg.rounds}")
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -130,7 +136,8 @@ def run(
         from celora.fl.flower.runner import run_flower
 
         with progress:
-            result = run_flower(cfg, out_dir, observer=RichObserver(progress, cfg.rounds), export=not no_export)
+            observer = RichObserver(progress, cfg.rounds)
+            result = run_flower(cfg, out_dir, observer=observer, export=not no_export, resume=resume is not None)
     else:
         with console.status("loading data and model (offline)…"):
             prepared = prepare(cfg)

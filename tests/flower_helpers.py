@@ -98,7 +98,7 @@ class MemoryGrid(Grid):
             self.group = max(self.group, group)
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
-            if node in self.dead and group >= self.dead[node]:
+            if node in self.dead and self.group >= self.dead[node]:  # dead from then on (setup queries too)
                 continue
             try:
                 reply = self.app(msg, self.contexts[node])

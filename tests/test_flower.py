@@ -3,6 +3,7 @@ SuperLink/SuperNode processes on loopback — insecure, and TLS with SuperNode a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -150,45 +151,83 @@ def test_digest_is_content_hash():
 
 
 # --------------------------------------------------------------------------- slow: real processes
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything below it, also what re-parented away in its children's sessions."""
+    import os
+    import signal
+
+    import psutil
+
+    procs = [*psutil.Process(pid).children(recursive=True), psutil.Process(pid)]
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=10)
+
+
 @pytest.mark.slow
-def test_flower_runtime_three_supernodes_on_loopback(tmp_path, inprocess, make_cfg, monkeypatch, capsys):
-    """`celora run CONFIG --runtime flower`, through the CLI: SuperLink + 3 SuperNodes, 2 rounds of celora."""
-    from celora import cli
+def test_flower_runtime_killed_then_resumed_from_the_cli(tmp_path, make_cfg, monkeypatch, capsys):
+    """`celora run CONFIG --runtime flower` (SuperLink + 3 SuperNodes, 3 rounds of celora) is SIGKILLed with every
+    process it started once round 2 is checkpointed; `celora run --runtime flower --resume RUN` restarts them,
+    the nodes restore their state from RUN/flower/nodes, and the run ends with the uninterrupted run's per-client
+    metrics and bytes."""
+    import subprocess
+
     from celora.config import dump_config
 
+    cfg = make_cfg("rounds=3")
+    ref = Simulation(cfg, prepared=prepare(cfg), export_adapters=False).run()
     out = tmp_path / "run"
-    (tmp_path / "tiny.toml").write_text(dump_config(make_cfg()), encoding="utf-8")
-    monkeypatch.setattr(
-        sys, "argv", ["celora", "run", str(tmp_path / "tiny.toml"), "--runtime", "flower", "--out", str(out)]
-    )
-    monkeypatch.setattr(cli.console, "width", 400)  # the printed lines unwrapped
+    (tmp_path / "tiny.toml").write_text(dump_config(cfg), encoding="utf-8")
+    celora = [sys.executable, "-m", "celora.cli", "run", str(tmp_path / "tiny.toml"), "--runtime", "flower"]
+    log = (tmp_path / "first.log").open("wb")
+    first = subprocess.Popen([*celora, "--out", str(out)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.monotonic()
+    try:
+        while not (out / "checkpoints" / "ckpt-000002.json").is_file():
+            assert first.poll() is None and time.monotonic() - t0 < 300, (tmp_path / "first.log").read_text()[-800:]
+            time.sleep(0.5)
+    finally:
+        _kill_tree(first.pid)
+        log.close()
+    assert not (out / "summary.json").is_file()
+    monkeypatch.setattr(sys, "argv", ["celora", "run", "--runtime", "flower", "--resume", str(out)])
+    monkeypatch.setattr(cli.console, "width", 400)  # the printed lines unwrapped
     cli.main()
     printed = capsys.readouterr().out
     rows = read_jsonl(out / "metrics.jsonl")
-    _assert_same_accuracies(inprocess.rounds, rows)
-    for f in ("config.toml", "partition.json", "summary.json", "similarity_data.npy", "weights_round_2.npy"):
+    _assert_same_accuracies(ref.rounds, rows)
+    for f in ("config.toml", "partition.json", "summary.json", "similarity_data.npy", "weights_round_3.npy"):
         assert (out / f).is_file(), f
     assert all((out / "adapters" / f"client_{i}" / "adapter_model.safetensors").is_file() for i in range(3))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["flower"]["lost_clients"] == {} and (out / "accuracy.png").is_file()  # the CLI's plot
     assert f"final: acc mean {summary['acc_mean']:.3f}" in printed and f"run folder: {out}" in printed
-    assert abs(summary["acc_global"] - inprocess.summary["acc_global"]) <= 1e-6
-    check_message_log(read_jsonl(out / "flower" / "messages.jsonl"), 3, 2)
-    assert len(list((out / "flower" / "nodes").glob("node_*/*-client_*/state-*.safetensors"))) == 3 * 3  # state-dir
-    assert time.monotonic() - t0 < 420
+    assert f"resuming {out} from its checkpoint of round 2 of 3" in printed
+    assert abs(summary["acc_global"] - ref.summary["acc_global"]) <= 1e-6
+    assert (summary["bytes_up_total"], summary["bytes_down_total"]) == (
+        ref.summary["bytes_up_total"],
+        ref.summary["bytes_down_total"],
+    )
+    check_message_log(read_jsonl(out / "flower" / "messages.jsonl"), 3, 0)  # (A, B never on the wire)
+    setups = [x for x in read_jsonl(out / "flower" / "messages.jsonl") if x["type"] == "query.setup"]
+    assert [x["state_round"] for x in setups] == [-1, -1, -1, 2, 2, 2]  # after resuming: each its own round-2 state
 
 
 @pytest.mark.slow
-def test_tls_node_auth_and_a_supernode_killed_mid_run(tmp_path, inprocess, make_cfg):
-    """TLS + SuperNode authentication; an unregistered SuperNode is refused; one SuperNode is killed after
-    round 1: round 2 completes with the others, the run finishes, and the dead client is reported."""
+def test_tls_node_auth_and_a_supernode_killed_and_restarted(tmp_path, inprocess, make_cfg):
+    """TLS + SuperNode authentication, 4 rounds; an unregistered SuperNode is refused; one SuperNode is SIGKILLed
+    after round 1 and restarted with the same node config: round 2 completes with the others and reports it lost,
+    the restarted node restores its own state from its state-dir and trains again in round 3, and the run finishes."""
     from celora.config import dump_config
     from celora.fl.flower.deploy import LocalDeployment, write_app
 
     out = tmp_path / "run"
-    app_dir = write_app(tmp_path / "app", dump_config(make_cfg()))
-    run_config = {"config": "experiment.toml", "out": str(out), "round-timeout": 150.0, "export": False}
+    app_dir = write_app(tmp_path / "app", dump_config(make_cfg("rounds=4")))
+    run_config = {"config": "experiment.toml", "out": str(out), "round-timeout": 60.0, "export": False}
     with LocalDeployment(tmp_path / "dep", 3, tls=True, auth=True) as dep:
         dep.start()
         intruder = dep.start_supernode(3, partition=0, key=True)  # its key was never registered
@@ -202,19 +241,24 @@ def test_tls_node_auth_and_a_supernode_killed_mid_run(tmp_path, inprocess, make_
             time.sleep(1.0)
         assert run.poll() is None, dep.procs["flwr-run"].tail()
         dep.kill("supernode-2")
-        run.wait(timeout=max(10.0, deadline + 120 - time.monotonic()))
+        dep.restart_supernode(2)  # the same node config: partition 2, its state-dir, its key
+        run.wait(timeout=max(10.0, deadline + 240 - time.monotonic()))
         assert run.returncode == 0, dep.procs["flwr-run"].tail()
         intruder_log = intruder.tail(200)
         intruder_code = intruder.popen.poll()
         superlink_log = dep.procs["superlink"].log.read_text(errors="replace")
     summary = json.loads((out / "summary.json").read_text())
     rows = read_jsonl(out / "metrics.jsonl")
-    assert summary["rounds"] == 2 and len(rows) == 2
+    assert summary["rounds"] == 4 and len(rows) == 4
     assert list(summary["flower"]["nodes"]) == ["0", "1", "2"]  # the intruder never joined
-    assert "2" in summary["flower"]["lost_clients"] and rows[1]["lost"] == [2]
+    lost = [r["lost"] for r in rows]
+    assert lost[:2] == [[], [2]] and lost[2] in ([], [2]) and lost[3] == [], lost  # back in round 3 or 4
     c2 = rows[1]["clients"][2]
     assert c2["rejected"].startswith("lost:") and not c2["participated"]
     assert rows[1]["participants"] == 2
+    assert rows[3]["clients"][2]["participated"]  # it trains again
+    rejoin = [x for x in read_jsonl(log) if x["type"] == "query.setup" and x["client"] == 2][-1]
+    assert rejoin["round"] >= 2 and rejoin["state_round"] == 1  # it restored its own round-1 A, B, head
     # round 1 is untouched by the loss, and round 2's local step of the survivors too
     # (client 2 died before its round-1 C̄_2 reached it: that message was never delivered)
     r1, ref1 = rows[0]["clients"], inprocess.rounds[0]["clients"]

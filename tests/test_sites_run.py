@@ -173,18 +173,13 @@ def test_global_test_file_is_every_site_s_global_rows(tmp_path, sites):
         assert sorted(data.labels[data.global_idx].tolist()) == [1, 1, 1, 2, 2, 2, 2]  # sport, tech
 
 
-def test_vlm_statistics_come_from_each_site_and_combine_to_the_pooled_ones(tmp_path):
-    """Image sites for the VLM: each site sends (n, mean, mean square) of its own ViT tokens; the projector's
-    μ, σ equal those of all training rows pooled, and the bytes are counted per site."""
+def _image_sites_cfg(tmp_path, sizes, *extra: str):
+    """Image sites for the tiny VLM: site k holds ``sizes[k]`` random 12×12 images labelled a / b."""
     from PIL import Image
-
-    from celora.data.images import ImagePromptData
-    from celora.fl.prepare import prepare
-    from celora.fl.sites import SitesPrepared
 
     rng = np.random.default_rng(0)
     paths = []
-    for k, n in enumerate((6, 9)):
+    for k, n in enumerate(sizes):
         (tmp_path / f"s{k}").mkdir()
         lines = ["file,y"]
         for r in range(n):
@@ -192,18 +187,40 @@ def test_vlm_statistics_come_from_each_site_and_combine_to_the_pooled_ones(tmp_p
             lines.append(f"{r}.png,{'ab'[(r + k) % 2]}")
         (tmp_path / f"s{k}" / "site.csv").write_text("\n".join(lines) + "\n")
         paths.append(str(tmp_path / f"s{k}" / "site.csv"))
-    cfg = load_config(
-        None,
-        [
-            "model.name=tiny-vlm",
-            "model.rank=2",
-            "model.max_length=160",
-            "data.image_column=file",
-            "data.label_column=y",
-            "data.image_size=28",
-            f"data.sites={json.dumps(paths)}",
-        ],
-    )
+    keys = ["model.name=tiny-vlm", "model.rank=2", "model.max_length=160", "data.image_column=file"]
+    keys += ["data.label_column=y", "data.image_size=28", f"data.sites={json.dumps(paths)}", *extra]
+    return load_config(None, keys)
+
+
+def test_a_late_vlm_site_gets_the_task_setup_the_others_got(tmp_path):
+    """min_clients=2 on three VLM image sites: sites 0, 1 start (their statistics make the projector's μ, σ); site 2
+    connects in round 2, joins, and receives that same combined task set-up before it trains."""
+    from celora.fl.flower.server import CeloraFlowerStrategy
+    from celora.fl.flower.wire import arrays_of, digest, record_blob
+
+    cfg = _image_sites_cfg(tmp_path, (6, 8, 7), "min_clients=2", "rounds=2", 'data.labels=["a", "b"]')
+    grid = MemoryGrid(3, joins={1002: (2, 2)})
+    strategy = CeloraFlowerStrategy(cfg, tmp_path / "run", round_timeout=5, node_wait=1, export=False)
+    summary = strategy.run(grid)
+    sent = [m for m in grid.sent if m.metadata.message_type == "query.task_setup"]
+    assert sorted(m.metadata.dst_node_id for m in sent) == [1000, 1001, 1002]
+    blobs = {digest(record_blob(arrays_of(m.content, "setup"))) for m in sent}
+    held = {digest(record_blob(grid.contexts[n].state["celora.task_setup"])) for n in (1000, 1001, 1002)}
+    assert len(blobs) == 1 and held == blobs  # the late site holds exactly what the others got
+    assert summary["flower"]["joined_late"] == {"2": 2}
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert rows[1]["clients"][2]["participated"]
+
+
+def test_vlm_statistics_come_from_each_site_and_combine_to_the_pooled_ones(tmp_path):
+    """Image sites for the VLM: each site sends (n, mean, mean square) of its own ViT tokens; the projector's
+    μ, σ equal those of all training rows pooled, and the bytes are counted per site."""
+
+    from celora.data.images import ImagePromptData
+    from celora.fl.prepare import prepare
+    from celora.fl.sites import SitesPrepared
+
+    cfg = _image_sites_cfg(tmp_path, (6, 9))
     p = prepare(cfg)
     assert isinstance(p, SitesPrepared)
     model = p.loaded.model

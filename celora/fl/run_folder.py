@@ -251,7 +251,7 @@ def save_checkpoint(run: Path, rnd: int, state: dict[str, Any], keep: int = 2) -
     return folder / f"{name}.json"
 
 
-def _read_checkpoint(marker: Path) -> Checkpoint:
+def read_checkpoint(marker: Path) -> Checkpoint:
     meta = json.loads(marker.read_text(encoding="utf-8"))
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"unknown checkpoint format {meta.get('format')!r}")
@@ -265,7 +265,7 @@ def load_checkpoint(run: Path) -> Checkpoint | None:
     """The newest complete checkpoint of ``run`` (a damaged one is logged and the previous one used)."""
     for marker in sorted(_checkpoint_dir(run).glob("ckpt-*.json"), reverse=True):
         try:
-            return _read_checkpoint(marker)
+            return read_checkpoint(marker)
         except (OSError, ValueError, KeyError, TypeError) as err:
             log.warning("checkpoint %s is unusable (%s): trying the previous one", marker.name, err)
     return None

@@ -301,6 +301,21 @@ class LocalDeployment:
         self.procs[proc.name] = proc
         return proc
 
+    def restart_supernode(self, i: int, timeout: float = 180.0, settle: float = 8.0) -> Proc:
+        """Start SuperNode ``i`` again after it died. With authentication its key names it, and the SuperLink refuses
+        a second activation until it has missed its heartbeats (Flower exit code 305): retried until ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            proc = self.start_supernode(i)
+            until = time.monotonic() + settle
+            while proc.alive() and time.monotonic() < until:
+                time.sleep(0.5)
+            if proc.alive():
+                return proc
+            if time.monotonic() > deadline:
+                raise CeloraError(f"supernode-{i} could not reconnect within {timeout:g}s: {proc.tail(3)}")
+            time.sleep(5.0)
+
     def start(self) -> LocalDeployment:
         """SuperLink, key registration (auth), then all SuperNodes."""
         self.start_superlink()

@@ -39,17 +39,23 @@ def run_flower(
     round_timeout: float = 600.0,
     timeout: float = 3600.0,
     sites: list[str] | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Run ``cfg`` on a local SuperLink + SuperNodes and return the run's summary and rows.
 
     With ``data.sites`` SuperNode i is started with its own file (``site-path`` in its node config:
-    ``sites[i]``, default ``data.sites[i]`` resolved here); the ServerApp never opens a site file."""
+    ``sites[i]``, default ``data.sites[i]`` resolved here); the ServerApp never opens a site file.
+    ``resume``: continue ``out_dir`` from its newest complete checkpoint on a fresh SuperLink; each SuperNode
+    restores its private state from its state folder (``out_dir/flower/nodes/node_i``), which a run keeps."""
     cfg = check_names(cfg)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)
     (out / ERROR_FILE).unlink(missing_ok=True)
     work = out / "flower"
+    if resume:  # the killed SuperLink's database lists nodes that are gone: the new one starts empty
+        for db in work.glob("superlink.db*"):
+            db.unlink()
     app_dir = write_app(work / "app", dump_config(cfg))
     dep = LocalDeployment(work, cfg.num_clients, tls=tls, auth=auth, sites=sites or cfg.data.sites)
     seen = 0
@@ -62,6 +68,7 @@ def run_flower(
             "out": str(out),
             "round-timeout": float(round_timeout),
             "export": export,
+            "resume": resume,
         }
         flwr_run = dep.run_app(app_dir, run_config, timeout)
         deadline = time.monotonic() + timeout

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
@@ -138,6 +139,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
         self.adapters: dict[int, str] = {}
         self.site_bytes = SetupBytes()  # data.sites: label names and task statistics up, task set-up down
         self.site_stats: dict[int, bytes] = {}
+        self.task_setup = b""  # data.sites: the combined task set-up every site gets (late joiners too)
         self.label_bytes = 0
         self.t_run = time.perf_counter()
         self.resume = resume
@@ -277,12 +279,39 @@ class CeloraFlowerStrategy(FlowerStrategy):
         combined = combine_setup(task, self.site_stats)
         if not combined:
             return
+        self.task_setup = combined
         nodes = [self.node_of[i] for i in sorted(self.node_of)]
         for rep in self._query_all(grid, nodes, "task_setup", {"setup": blob_record(combined)}):
-            i = self.client_of[rep.metadata.src_node_id]
-            if config_of(rep.content).get("received") != digest(combined):
-                raise CeloraError(f"client {i} confirmed a different task set-up than the one sent")
-            self.site_bytes.add("down", i, len(combined))
+            self._confirm_task_setup(rep)
+
+    def _confirm_task_setup(self, rep: Message) -> int:
+        """The client whose node confirmed the task set-up (counted); a different digest is an error."""
+        i = self.client_of[rep.metadata.src_node_id]
+        if config_of(rep.content).get("received") != digest(self.task_setup):
+            raise CeloraError(f"client {i} confirmed a different task set-up than the one sent")
+        self.site_bytes.add("down", i, len(self.task_setup))
+        return i
+
+    def _late_task_setup(self, grid: Grid, rnd: int, clients: list[int]) -> None:
+        """Clients that joined after the setup (late, or restarted with a fresh context) get the combined task
+        set-up the others got (e.g. the VLM projector's μ, σ); one that does not confirm it is lost."""
+        nodes = [self.node_of[i] for i in clients]
+        msgs = [
+            Message(
+                RecordDict({"setup": blob_record(self.task_setup)}),
+                dst_node_id=n,
+                message_type="query.task_setup",
+                group_id=str(rnd),
+            )
+            for n in nodes
+        ]
+        confirmed: set[int] = set()
+        for rep in grid.send_and_receive(msgs, timeout=self.round_timeout):
+            if not rep.has_error() and rep.metadata.src_node_id in self.client_of:
+                confirmed.add(self._confirm_task_setup(rep))
+        for i in clients:
+            if i not in confirmed:
+                self._lose(i, rnd, "lost: did not confirm the task set-up when it joined")
 
     def _query_setup(self, grid: Grid, nodes: list[int], resume_round: int, summary: bool) -> list[Message]:
         """Send the setup message (config, whether to upload a data summary, the round to restore) to ``nodes``."""
@@ -336,6 +365,9 @@ class CeloraFlowerStrategy(FlowerStrategy):
         summaries: dict[int, bytes] = {}
         infos: dict[int, dict[str, Any]] = {}
         for rep in replies:
+            if rep.has_error() and rep.error.code == ErrorCode.NODE_UNAVAILABLE:  # e.g. a node that died before
+                log.warning("setup: node %s is unavailable (no heartbeat): skipped", rep.metadata.src_node_id)
+                continue
             if rep.has_error():
                 raise CeloraError(node_failure(rep))
             i = int(number(config_of(rep.content), "partition-id"))
@@ -368,11 +400,17 @@ class CeloraFlowerStrategy(FlowerStrategy):
     def _join(self, grid: Grid, rnd: int) -> None:
         """SuperNodes that connected since the setup (late, or restarted after being lost) join the run."""
         core = self.core
-        fresh = [node for node in grid.get_node_ids() if node not in self.client_of]
+        lost_nodes = {self.node_of[i] for i in self.lost if i in self.node_of}
+        # new node ids, and listed nodes of lost clients (a SuperNode restarted with the same authentication key
+        # comes back under its old node id; a slow one that missed a deadline is asked again)
+        fresh = [node for node in grid.get_node_ids() if node not in self.client_of or node in lost_nodes]
         if not fresh:
             return
         wants = core.main_strategy.uses_data_summaries
+        joined: list[int] = []
         for rep in self._query_setup(grid, fresh, max(0, rnd - 1), wants):
+            if rep.has_error() and rep.error.code == ErrorCode.NODE_UNAVAILABLE:  # still listed, but gone
+                continue
             if rep.has_error():  # e.g. a late site whose labels lie outside the agreed label space
                 why = node_failure(rep)
                 log.warning("round %d: node %d could not join: %s", rnd, rep.metadata.src_node_id, why)
@@ -387,7 +425,10 @@ class CeloraFlowerStrategy(FlowerStrategy):
             self.lost.pop(i, None)
             self.lost_round.pop(i, None)
             self.joined[i] = rnd
+            joined.append(i)
             self.obs.on_message(f"round {rnd}: client {i} joined on node {self.node_of[i]}")
+        if joined and self.task_setup:
+            self._late_task_setup(grid, rnd, joined)
 
     # ----------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
