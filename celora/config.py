@@ -337,6 +337,20 @@ class EngineConfig(_Section):
         "| disk (one safetensors file per client in a temporary folder, inside the run folder if any: RAM does not "
         "grow with num_clients)",
     )
+    parallel_clients: int | Literal["auto"] = Field(
+        1,
+        description="how many sampled clients the in-process engine trains and evaluates together: their batches "
+        "stacked, the frozen base run once, each example's adapter (and head) its own client's; results equal "
+        "the sequential engine's (1) up to float rounding where the base has no dropout. auto: as many as the "
+        "GPU's free memory holds (on a CPU: the stacked batch beyond which a step gains nothing)",
+    )
+
+    @field_validator("parallel_clients", mode="before")
+    @classmethod
+    def _clients_or_auto(cls, v: Any) -> Any:
+        if v != "auto" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{v!r} is not a number of clients (>= 1) or 'auto'")
+        return v
 
 
 class ExperimentConfig(_Section):

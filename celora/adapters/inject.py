@@ -6,13 +6,16 @@ Parameter names in a view are the model's own: ``<module>.lora_A``, ``<module>.l
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
-from celora.adapters.trilora import Basis, Init, TriLoraLinear, module_seed
+from celora.adapters.trilora import Basis, ClientFactors, Init, TriLoraLinear, module_seed
 from celora.errors import CeloraError
 
 HEAD = "head"
@@ -134,3 +137,55 @@ def fold_head_scales(model: nn.Module) -> None:
     """Fold every layer's per-head scales into its C (C ← diag(s) C, s ← 1): ΔW unchanged."""
     for layer in adapter_layers(model).values():
         layer.fold_head_scales()
+
+
+class SegmentedModule(nn.Module):
+    """A module run with a different set of parameters on each client's rows (dim 0 of its first input):
+    client k's ``sizes[k]`` consecutive rows see ``params[k]`` (names relative to the module)."""
+
+    def __init__(self, inner: nn.Module, sizes: list[int], params: list[dict[str, torch.Tensor]]) -> None:
+        super().__init__()
+        self.inner, self.sizes, self.params = inner, sizes, params
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if x.shape[0] != sum(self.sizes):
+            raise ValueError(f"stacked batch has {x.shape[0]} rows, the clients {sum(self.sizes)}")
+        parts = [
+            functional_call(self.inner, p, (x_k, *args), kwargs)
+            for x_k, p in zip(x.split(self.sizes), self.params, strict=True)
+        ]
+        return torch.cat(parts)
+
+
+@contextmanager
+def clients_forward(
+    model: nn.Module, sizes: list[int], views: Sequence[dict[str, torch.Tensor]], head_modules: Sequence[str]
+) -> Iterator[None]:
+    """Inside, one forward pass of ``model`` serves several clients: the batch's rows are ``sizes[k]``
+    consecutive examples of client k, and each adapter layer and task head applies client k's tensors
+    ``views[k]`` (the model's parameter names: ``<module>.lora_A`` …, ``<module>.lora_S`` with heads > 1,
+    ``<head>.<param>``) to them. The frozen base runs once; the model's own adapter parameters are unused."""
+    layers = adapter_layers(model)
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for n, layer in layers.items():
+            layer.clients = ClientFactors(
+                sizes,
+                [v[f"{n}.lora_A"] for v in views],
+                [v[f"{n}.lora_C"] for v in views],
+                [v[f"{n}.lora_B"] for v in views],
+                [v[f"{n}.lora_S"] for v in views] if layer.lora_S is not None else None,
+            )
+        for head in head_modules:
+            parent_name, _, child = head.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            inner = model.get_submodule(head)
+            own = [{p: v[f"{head}.{p}"] for p, _ in inner.named_parameters()} for v in views]
+            setattr(parent, child, SegmentedModule(inner, sizes, own))
+            swapped.append((parent, child, inner))
+        yield
+    finally:
+        for layer in layers.values():
+            layer.clients = None
+        for parent, child, inner in swapped:
+            setattr(parent, child, inner)

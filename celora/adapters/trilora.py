@@ -2,11 +2,17 @@
 
 A: in×r, C: r×r (dense), B: r×out. Plain LoRA is this layer with C frozen at I. s_h (per-head scales,
 one per rank entry) exists only with ``heads > 1`` and is folded into C before anything travels.
+
+Several clients in one forward pass (``engine.parallel_clients``): with ``layer.clients`` set to a
+:class:`ClientFactors`, the stacked batch's rows are consecutive segments, one per client; the frozen
+W0 runs once over all of them and each segment's delta uses its own client's A, C, B (and s_h).
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -18,6 +24,44 @@ Init = Literal["kaiming", "paper"]
 Basis = str  # a name registered in celora.adapters.bases (random, svd, orthogonal, gradient)
 
 FACTORS = ("A", "B", "C")
+
+
+def c_grad_mask(mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A gradient hook keeping only the block-diagonal entries of C (heads > 1)."""
+    return lambda g: g * mask.to(g)
+
+
+@dataclass
+class ClientFactors:
+    """One layer's factors of several clients sharing a forward pass: client k owns ``sizes[k]`` consecutive
+    rows (dim 0) of the stacked input; ``S`` holds per-head scales (heads,) when the layer has heads > 1."""
+
+    sizes: list[int]
+    A: list[torch.Tensor]
+    C: list[torch.Tensor]
+    B: list[torch.Tensor]
+    S: list[torch.Tensor] | None = None
+
+    def delta(self, h: torch.Tensor, per_head: int) -> torch.Tensor:
+        """((h_k A_k) diag(s_k) C_k) B_k for every client's rows h_k of ``h``, stacked back in row order.
+        Equal segment sizes run as one batched matmul, others segment by segment."""
+        if h.shape[0] != sum(self.sizes):
+            raise ValueError(f"stacked batch has {h.shape[0]} rows, the clients {sum(self.sizes)}")
+        scales = None if self.S is None else [s.repeat_interleave(per_head) for s in self.S]
+        if len(set(self.sizes)) == 1:
+            k = len(self.sizes)
+            z = h.reshape(k, -1, h.shape[-1]) @ torch.stack(self.A)
+            if scales is not None:
+                z = z * torch.stack(scales).unsqueeze(1)
+            out = (z @ torch.stack(self.C)) @ torch.stack(self.B)
+            return out.reshape(*h.shape[:-1], out.shape[-1])
+        parts = []
+        for i, h_k in enumerate(h.split(self.sizes)):
+            z = h_k @ self.A[i]
+            if scales is not None:
+                z = z * scales[i]
+            parts.append((z @ self.C[i]) @ self.B[i])
+        return torch.cat(parts)
 
 
 def module_seed(seed: int, name: str) -> int:
@@ -62,11 +106,13 @@ class TriLoraLinear(nn.Module):
         self.heads = heads
         # heads > 1: a trainable scale per head and a block-diagonal C (off-block gradients masked)
         self.lora_S: nn.Parameter | None = None
+        self.c_mask: torch.Tensor | None = None  # block-diagonal mask of C's gradient (heads > 1)
         if heads > 1:
             self.lora_S = nn.Parameter(torch.ones(heads, device=dev))
             k = rank // heads
-            mask = torch.block_diag(*[torch.ones(k, k) for _ in range(heads)]).to(dev)
-            self.lora_C.register_hook(lambda g: g * mask.to(g))
+            self.c_mask = torch.block_diag(*[torch.ones(k, k) for _ in range(heads)]).to(dev)
+            self.lora_C.register_hook(c_grad_mask(self.c_mask))
+        self.clients: ClientFactors | None = None  # several clients' factors for one stacked forward
         self.reset_adapter(init=init, basis=basis, seed=seed)
 
     @torch.no_grad()
@@ -98,6 +144,10 @@ class TriLoraLinear(nn.Module):
         return self.scaling * (a @ self.lora_C @ self.lora_B).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.clients is not None:
+            h = self.dropout(x).to(self.clients.A[0].dtype)
+            delta = self.clients.delta(h, self.rank // self.heads)
+            return self.base(x) + (self.scaling * delta).to(x.dtype)
         h = self.dropout(x).to(self.lora_A.dtype)
         z = h @ self.lora_A
         scale = self.head_scale()

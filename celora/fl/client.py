@@ -30,7 +30,7 @@ Training, evaluation and pooling are tasks' (``celora.data.tasks``); the default
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -62,6 +62,7 @@ __all__ = [
     "ClientRuntime",
     "DataProvider",
     "Encoded",
+    "LocalTraining",
     "PartitionedData",
     "lr_factor",
     "TrainResult",
@@ -87,6 +88,93 @@ class TrainResult:
     optimizer_state: dict[str, Any] | None = None  # AdamW moments after training (train.keep_optimizer)
 
 
+class LocalTraining:
+    """One client's local training as :func:`train_local` runs it: AdamW on ``params`` (head at ``head_lr``), the
+    LR schedule over this call's steps, the seeded order of rows per epoch, gradient clipping, the step count.
+
+    ``batches()`` yields the rows of each step; for each, the caller computes the loss, calls ``zero_grad()``,
+    backpropagates ``scaled(loss)`` and calls ``step(loss)``. Several of these advance side by side when clients
+    train together (``celora.fl.batched``): each keeps its own optimizer, schedule and steps."""
+
+    def __init__(
+        self,
+        params: list[nn.Parameter] | list[torch.Tensor],
+        idx: np.ndarray,
+        *,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        head_params: Sequence[nn.Parameter] | Sequence[torch.Tensor] = (),
+        head_lr: float | None = None,
+        weight_decay: float = 0.0,
+        max_steps: int | None = None,
+        schedule: str = "constant",
+        warmup_steps: int = 0,
+        grad_clip: float | None = None,
+        seed: int = 0,
+        placement: Placement = CPU,
+        optimizer_state: dict[str, Any] | None = None,
+    ) -> None:
+        head_ids = {id(p) for p in head_params}
+        groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": lr}]
+        if head_params:
+            groups.append({"params": list(head_params), "lr": head_lr or lr})
+        self.opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+        if optimizer_state is not None:
+            resume_optimizer(self.opt, optimizer_state)
+        total = epochs * -(-len(idx) // batch_size)
+        total = min(total, max_steps) if max_steps is not None else total
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda t: lr_factor(t, total, schedule, warmup_steps))
+        self.trained = list({id(p): p for p in [*params, *head_params]}.values())
+        self.scaler = placement.grad_scaler()
+        self.idx, self.epochs, self.batch_size, self.max_steps = idx, epochs, batch_size, max_steps
+        self.grad_clip, self.seed = grad_clip, seed
+        self.losses: list[float] = []
+        self.steps = 0
+
+    def done(self) -> bool:
+        return self.max_steps is not None and self.steps >= self.max_steps
+
+    def batches(self) -> Iterator[np.ndarray]:
+        """The rows of each step: a seeded permutation of the client's rows per epoch, cut into batches,
+        until ``max_steps`` steps are done."""
+        gen = np.random.default_rng(self.seed)
+        for _ in range(self.epochs):
+            order = gen.permutation(self.idx)
+            for start in range(0, len(order), self.batch_size):
+                yield order[start : start + self.batch_size]
+                if self.done():
+                    return
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """What to backpropagate: the loss, × the GradScaler's scale with fp16."""
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
+    def step(self, loss: torch.Tensor) -> None:
+        """After backward: clip (unscaled) gradients, step AdamW and the schedule, record the loss."""
+        if self.scaler is None:
+            if self.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.trained, self.grad_clip)
+            self.opt.step()
+        else:
+            if self.grad_clip is not None:
+                self.scaler.unscale_(self.opt)
+                torch.nn.utils.clip_grad_norm_(self.trained, self.grad_clip)
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        self.sched.step()
+        self.losses.append(float(loss.detach()))
+        self.steps += 1
+
+    def result(self) -> TrainResult:
+        return TrainResult(
+            float(np.mean(self.losses)) if self.losses else float("nan"), self.steps, self.opt.state_dict()
+        )
+
+
 def train_local(
     model: nn.Module,
     data: TaskData,
@@ -94,19 +182,8 @@ def train_local(
     params: list[nn.Parameter],
     *,
     task: Task = CLASSIFY,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    head_params: Sequence[nn.Parameter] = (),
-    head_lr: float | None = None,
-    weight_decay: float = 0.0,
-    max_steps: int | None = None,
-    schedule: str = "constant",
-    warmup_steps: int = 0,
-    grad_clip: float | None = None,
-    seed: int = 0,
     placement: Placement = CPU,
-    optimizer_state: dict[str, Any] | None = None,
+    **settings: Any,
 ) -> TrainResult:
     """AdamW on ``params`` (head at ``head_lr``) for ``epochs`` passes over the client's rows.
 
@@ -115,52 +192,21 @@ def train_local(
     :func:`lr_factor` over this call's steps; with ``grad_clip`` the global gradient norm (unscaled) is
     clipped to it. Per-head scales of the adapters are folded into C at the end (ΔW unchanged). With
     ``optimizer_state`` (a previous result's) AdamW resumes from those moments (learning rates reset to lr,
-    head_lr); a state of other parameter shapes is ignored and the optimizer starts fresh.
+    head_lr); a state of other parameter shapes is ignored and the optimizer starts fresh. ``settings``: the
+    keyword arguments of :class:`LocalTraining` (epochs, batch_size, lr, head_params, head_lr, weight_decay,
+    max_steps, schedule, warmup_steps, grad_clip, seed, optimizer_state).
     """
-    head_ids = {id(p) for p in head_params}
-    groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": lr}]
-    if head_params:
-        groups.append({"params": list(head_params), "lr": head_lr or lr})
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    if optimizer_state is not None:
-        resume_optimizer(opt, optimizer_state)
-    total = epochs * -(-len(idx) // batch_size)
-    total = min(total, max_steps) if max_steps is not None else total
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, total, schedule, warmup_steps))
-    trained = list({id(p): p for p in [*params, *head_params]}.values())
-    scaler = placement.grad_scaler()
-    gen = np.random.default_rng(seed)
+    run = LocalTraining(params, idx, placement=placement, **settings)
     model.train()
-    losses: list[float] = []
-    steps = 0
-    for _ in range(epochs):
-        order = gen.permutation(idx)
-        for start in range(0, len(order), batch_size):
-            with placement.autocast():
-                loss = task.loss(model, batch_on(model, data, order[start : start + batch_size]))
-            opt.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                if grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(trained, grad_clip)
-                opt.step()
-            else:
-                scaler.scale(loss).backward()
-                if grad_clip is not None:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(trained, grad_clip)
-                scaler.step(opt)
-                scaler.update()
-            sched.step()
-            losses.append(float(loss.detach()))
-            steps += 1
-            if max_steps is not None and steps >= max_steps:
-                break
-        if max_steps is not None and steps >= max_steps:
-            break
+    for rows in run.batches():
+        with placement.autocast():
+            loss = task.loss(model, batch_on(model, data, rows))
+        run.zero_grad()
+        run.scaled(loss).backward()
+        run.step(loss)
     model.eval()
     fold_head_scales(model)
-    return TrainResult(float(np.mean(losses)) if losses else float("nan"), steps, opt.state_dict())
+    return run.result()
 
 
 def resume_optimizer(opt: torch.optim.Optimizer, state: dict[str, Any]) -> bool:
@@ -387,9 +433,9 @@ class ClientRuntime:
         with bench.placement.autocast():
             return evaluate_metrics(bench.model, self.data.data, idx, self.eval_fit, task=bench.task, extras=extras)
 
-    def evaluate_test(self, extras: bool = False) -> dict[str, float]:
-        """score, loss (and extras) of the state this client holds, on its own test rows."""
-        self.bench.load(self.state)
+    def evaluate_test(self, extras: bool = False, state: Tensors | None = None) -> dict[str, float]:
+        """score, loss (and extras) of the state this client holds (or of ``state``), on its own test rows."""
+        self.bench.load(self.state if state is None else state)
         return self._metrics(self.data.test_idx, extras)
 
     def evaluate_global(self) -> float:
@@ -421,36 +467,46 @@ class ClientRuntime:
         self.bench.load(self.state)
         return self._samples()
 
+    def train_settings(
+        self, rnd: int, idx: np.ndarray | None = None, salt: int | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """The rows (default: this client's train rows) and settings of its local training in round ``rnd``
+        (``LocalTraining``'s keyword arguments, the parameters left out), seeded by round and ``salt`` (default:
+        the client id)."""
+        cfg, t = self.cfg, self.cfg.train
+        salt = self.id if salt is None else salt
+        settings = {
+            "epochs": t.local_epochs,
+            "batch_size": t.batch_size,
+            "lr": t.lr,
+            "head_lr": t.head_lr,
+            "weight_decay": t.weight_decay,
+            "max_steps": t.max_steps,
+            "schedule": t.schedule,
+            "warmup_steps": t.warmup_steps,
+            "grad_clip": t.grad_clip,
+            "seed": cfg.seed * 7919 + rnd * 31 + salt,
+            "placement": self.bench.placement,
+            "optimizer_state": self.optimizer_state,
+        }
+        return (self.data.train_idx if idx is None else idx), settings
+
     def train(self, rnd: int, phase: Phase, idx: np.ndarray | None = None, salt: int | None = None) -> TrainResult:
         """Local training of the loaded state on rows ``idx`` (default: this client's train rows), seeded by
         round and ``salt`` (default: the client id)."""
-        cfg, t = self.cfg, self.cfg.train
-        salt = self.id if salt is None else salt
         params, head_params = phase.trainable(self.bench)
-        seeded(cfg.seed, rnd, salt)
+        seeded(self.cfg.seed, rnd, self.id if salt is None else salt)
+        rows, settings = self.train_settings(rnd, idx, salt)
         res = train_local(
-            self.bench.model,
-            self.data.data,
-            self.data.train_idx if idx is None else idx,
-            params,
-            task=self.bench.task,
-            epochs=t.local_epochs,
-            batch_size=t.batch_size,
-            lr=t.lr,
-            head_params=head_params,
-            head_lr=t.head_lr,
-            weight_decay=t.weight_decay,
-            max_steps=t.max_steps,
-            schedule=t.schedule,
-            warmup_steps=t.warmup_steps,
-            grad_clip=t.grad_clip,
-            seed=cfg.seed * 7919 + rnd * 31 + salt,
-            placement=self.bench.placement,
-            optimizer_state=self.optimizer_state,
+            self.bench.model, self.data.data, rows, params, task=self.bench.task, head_params=head_params, **settings
         )
-        if t.keep_optimizer:
-            self.optimizer_state = res.optimizer_state
+        self.trained(res)
         return res
+
+    def trained(self, res: TrainResult) -> None:
+        """After local training: keep the AdamW moments for the next round (train.keep_optimizer)."""
+        if self.cfg.train.keep_optimizer:
+            self.optimizer_state = res.optimizer_state
 
     def transform_upload(self, rnd: int, shared: Tensors) -> Tensors:
         """The shared tensors about to be encoded: unchanged, or with ``privacy.update_clip`` the DP update
@@ -464,17 +520,38 @@ class ClientRuntime:
     def fit(self, rnd: int) -> tuple[bytes | None, ClientRound]:
         """Train from the held state, evaluate (local step), and encode what the round's method shares.
 
-        Returns the upload blob (None if nothing travels) and the client's metrics record."""
+        Returns the upload blob (None if nothing travels) and the client's metrics record. Several clients
+        training together (``celora.fl.batched``) run the same ``start_fit`` and ``finish_fit`` around one
+        shared training and evaluation."""
+        phase, rec = self.start_fit(rnd)
+        self.bench.load(self.state)
+        res = self.train(rnd, phase)
+        metrics = self._metrics(self.data.test_idx, extras=rnd == self.cfg.rounds) if self.evaluates(rnd) else None
+        return self.finish_fit(rnd, phase, rec, res, self.bench.snapshot(), metrics)
+
+    def start_fit(self, rnd: int) -> tuple[Phase, ClientRound]:
+        """Open this client's round: its phase, a fresh record, the shared tensors it starts from."""
         phase = self.phases.phase(rnd)
         rec = ClientRound.started(self.id, self.n_train)
         self.round_start = {k: self.state[k] for k in phase.up_layout.names}
-        self.bench.load(self.state)
-        res = self.train(rnd, phase)
+        return phase, rec
+
+    def finish_fit(
+        self,
+        rnd: int,
+        phase: Phase,
+        rec: ClientRound,
+        res: TrainResult,
+        state: Tensors,
+        metrics: dict[str, float] | None,
+    ) -> tuple[bytes | None, ClientRound]:
+        """Close the round with the trained ``state`` and its local-step ``metrics`` (None: not evaluated):
+        keep the state, encode the upload."""
         rec.train_loss = res.loss
-        if self.evaluates(rnd):
-            rec.metrics = self._metrics(self.data.test_idx, extras=rnd == self.cfg.rounds)
+        if metrics is not None:
+            rec.metrics = metrics
             rec.score, rec.loss = rec.metrics.pop("score"), rec.metrics.pop("loss")
-        self.state = self.bench.snapshot()
+        self.state = state
         if not phase.shares:
             return None, rec
         shared = self.transform_upload(rnd, {k: self.state[k] for k in phase.up_layout.names})
@@ -486,14 +563,21 @@ class ClientRuntime:
         """Decode a server message (in the layout of the round that made it) into the held state; with
         ``evaluate`` (and in a round that ``evaluates``), (score, loss) on the test rows afterwards ("aggregated"),
         else NaNs."""
+        self.apply_message(blob, layout_round)
+        if not evaluate or not self.evaluates(layout_round):
+            return float("nan"), float("nan")
+        return self.aggregated(self.evaluate_test(extras=layout_round == self.cfg.rounds))
+
+    def apply_message(self, blob: bytes, layout_round: int) -> None:
+        """Decode a server message (in the layout of round ``layout_round``) into the held state."""
         phase = self.phases.phase(layout_round)
         self.state = {**self.state, **decode(blob, phase.down_layout, phase.dtype)}
         self.agg_extras = {}
-        if not evaluate or not self.evaluates(layout_round):
-            return float("nan"), float("nan")
-        m = self.evaluate_test(extras=layout_round == self.cfg.rounds)
+
+    def aggregated(self, m: dict[str, float]) -> tuple[float, float]:
+        """(score, loss) of the metrics after a message; the final round's extras kept as ``<name>_agg``."""
         score, loss = m.pop("score"), m.pop("loss")
-        self.agg_extras = {f"{k}_agg": v for k, v in m.items()}  # the final round's extras after aggregation
+        self.agg_extras = {f"{k}_agg": v for k, v in m.items()}
         return score, loss
 
     # ----------------------------------------------------------------- setup (once)

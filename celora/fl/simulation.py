@@ -33,6 +33,7 @@ from celora.config import ExperimentConfig
 from celora.errors import CeloraError
 from celora.eval import global_eval_clients, global_eval_note, personalized_metrics
 from celora.fl.backbone import Phases
+from celora.fl.batched import ParallelClients
 from celora.fl.client import ClientRuntime, partition_report
 from celora.fl.payload import Layout
 from celora.fl.prepare import Prepared, check_names, frozen_factors, prepare
@@ -101,6 +102,7 @@ class Simulation:
             for i in range(cfg.num_clients)
         ]
         self.infos = [c.info() for c in self.clients]
+        self.parallel = ParallelClients(cfg, self.bench, self.clients, self.obs.on_message)  # engine.parallel_clients
         self.server = ServerCore(cfg, self.bench, self.infos, observer=self.obs, folder=self.folder)
         self.zero_shot_summary: dict[str, Any] | None = None
         self.wall_before = 0.0  # seconds spent before a resume
@@ -231,30 +233,61 @@ class Simulation:
         if server.strategy.pooled:
             self._pooled_round(rs)
         else:
-            for i in rs.sampled:
-                self._client_round(rs, i)
+            for group in self.parallel.groups(rs.sampled):
+                self._clients_round(rs, group)
         server.aggregate(rs)
-        for i in rs.sampled:  # participants are online: deliver now and evaluate what they hold
-            rec = rs.records[i]
-            if rec.participated and server.pending(i):
-                nbytes, rec.score_agg, rec.loss_agg = self._deliver(rnd, i, evaluate=True)
+        due = [i for i in rs.sampled if rs.records[i].participated and server.pending(i)]
+        for group in self.parallel.groups(due):  # participants are online: deliver now and evaluate what they hold
+            for i, (nbytes, score, loss) in zip(group, self._deliver_evaluated(rnd, group), strict=True):
+                rec = rs.records[i]
+                rec.score_agg, rec.loss_agg = score, loss
                 rec.metrics.update(self.clients[i].agg_extras)
                 rec.bytes_down += nbytes
         return server.close_round(rs)
 
-    def _client_round(self, rs: RoundState, i: int) -> None:
-        server, rnd = self.server, rs.rnd
-        fails = rs.fails.get(i)
-        if fails == "before":  # offline this round: no message, no training
+    def _deliver_evaluated(self, rnd: int, group: list[int]) -> list[tuple[int, float, float]]:
+        """Hand each client of ``group`` its message and evaluate what it holds then (together where
+        ``engine.parallel_clients`` allows): (bytes, score, loss) per client, NaNs in rounds that do not evaluate."""
+        sizes = []
+        for i in group:
+            blob = self.server.message_blob(i)
+            self.clients[i].apply_message(blob, rnd)
+            self.server.delivered(i, blob)
+            sizes.append(len(blob))
+        clients = [self.clients[i] for i in group]
+        if not clients[0].evaluates(rnd):
+            return [(n, float("nan"), float("nan")) for n in sizes]
+        metrics = self.parallel.evaluate(clients, extras=rnd == self.cfg.rounds)
+        return [(n, *c.aggregated(m)) for n, c, m in zip(sizes, clients, metrics, strict=True)]
+
+    def _clients_round(self, rs: RoundState, group: list[int]) -> None:
+        """A group of sampled clients (one, or up to ``engine.parallel_clients`` trained together): pick up missed
+        messages, fit, upload; each client's drop-outs and bookkeeping as if it ran alone."""
+        ready: dict[int, int] = {}  # client → bytes of a missed message it picked up
+        for i in group:
+            missed = self._before_fit(rs, i)
+            if missed is not None:
+                ready[i] = missed
+        fits = self.parallel.fit([self.clients[i] for i in ready], rs.rnd)
+        for (i, missed), (up, rec) in zip(ready.items(), fits, strict=True):
+            self._after_fit(rs, i, up, rec, missed)
+
+    def _before_fit(self, rs: RoundState, i: int) -> int | None:
+        """Client i before training: None if it is offline this round, else the bytes of a missed message."""
+        server = self.server
+        if rs.fails.get(i) == "before":  # offline this round: no message, no training
             server.dropped(rs, i)
-            return
+            return None
         missed = 0
         if server.pending(i):  # a message it missed while not sampled
-            missed = self._deliver(rnd, i, evaluate=False)[0]
+            missed = self._deliver(rs.rnd, i, evaluate=False)[0]
         server.fit_started(rs, i)
-        up, rec = self.clients[i].fit(rnd)
+        return missed
+
+    def _after_fit(self, rs: RoundState, i: int, up: bytes | None, rec: ClientRound, missed: int) -> None:
+        server, rnd = self.server, rs.rnd
         rec.bytes_down += missed
-        if fails == "after":  # trained (and keeps its state), but the upload never arrives
+        if rs.fails.get(i) == "after":  # trained (and keeps its state), but the upload never arrives
             server.dropped(rs, i, missed)
             return
         server.add_record(rs, i, rec)
