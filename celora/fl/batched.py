@@ -174,11 +174,12 @@ def train_together(
         runs.append(LocalTraining(own, rows, head_params=[view[n] for n in trained if n in head_names], **settings))
         views.append(view)
     data, heads, placement = clients[0].data.data, bench.loaded.head_modules, bench.placement
-    streams: list[Iterator[np.ndarray | None]] = [r.batches() for r in runs]
+    streams = [r.batches() for r in runs]
     model.train()
     try:
         while True:
-            step = [(k, rows) for k, s in enumerate(streams) if (rows := next(s, None)) is not None]
+            nexts: list[tuple[int, np.ndarray | None]] = [(k, next(s, None)) for k, s in enumerate(streams)]
+            step = [(k, rows) for k, rows in nexts if rows is not None]
             if not step:
                 break
             ks, sizes = [k for k, _ in step], [len(rows) for _, rows in step]
