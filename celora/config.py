@@ -339,10 +339,9 @@ class EngineConfig(_Section):
     )
     parallel_clients: int | Literal["auto"] = Field(
         1,
-        description="how many sampled clients the in-process engine trains and evaluates together: their batches "
-        "stacked, the frozen base run once, each example's adapter (and head) its own client's; results equal "
-        "the sequential engine's (1) up to float rounding where the base has no dropout. auto: as many as the "
-        "GPU's free memory holds (on a CPU: the stacked batch beyond which a step gains nothing)",
+        description="sampled clients the in-process engine trains and evaluates together (batches stacked, the base "
+        "run once, each row its own client's adapter): 1 = one at a time; auto = what GPU memory holds (CPU: "
+        "where a bigger stacked step gains nothing)",
     )
 
     @field_validator("parallel_clients", mode="before")
