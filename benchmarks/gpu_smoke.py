@@ -3,12 +3,18 @@
     python benchmarks/gpu_smoke.py                       # every model × precision on the default accelerator
     python benchmarks/gpu_smoke.py --device cuda:1 --precision bf16
     python benchmarks/gpu_smoke.py --device cpu --models tiny-bert tiny-llama tiny-llama-gen   # a CPU dry run
+    python benchmarks/gpu_smoke.py --models minilm --precision bf16 --parallel 1 4 16 auto   # + a K sweep
 
 Prints one line per run (device, precision, wall, the task's primary metric, train loss, peak accelerator
 memory) and checks that every base parameter sat on the device, that adapters and the head stayed fp32, and
 that the metrics are finite; exits 1 when a check fails. Without a CUDA or MPS device (and no --device cpu)
 it says so and exits 0.
 Runs in a few minutes on one GPU (most of it loading SmolLM2 once per precision).
+
+``--parallel K …`` adds, per model and precision, a sweep of ``engine.parallel_clients`` over a bigger run
+(``--sweep-clients``, default 16 clients, 1 round): wall, round wall, peak GPU memory, the mean score after
+aggregation and its largest per-client difference from the first K (0 up to rounding without dropout; MiniLM
+and SmolLM2 have dropout in training, so their K > 1 differ by the dropout draws).
 """
 
 from __future__ import annotations
@@ -122,11 +128,55 @@ def run_one(name: str, device: str, precision: str) -> tuple[dict[str, Any], lis
     return row, problems
 
 
+def run_sweep(name: str, device: str, precision: str, ks: list[str], clients: int) -> list[dict[str, Any]]:
+    """One run per K of ``engine.parallel_clients`` (``clients`` clients, 1 round, up to 4 steps each)."""
+    spec = CONFIGS[name]
+    data = dict(spec["data"])
+    if "train_per_client" in data:
+        data["max_samples"] = clients * (data["train_per_client"] + data.get("test_per_client", 0))
+    train = {**spec["train"], "device": device, "precision": precision, "max_steps": 4}
+    rows, first = [], None
+    for k in ks:
+        cfg = build_config(
+            {
+                "rounds": 1,
+                "num_clients": clients,
+                "seed": 0,
+                **spec,
+                "data": data,
+                "train": train,
+                "engine": {"parallel_clients": k if k == "auto" else int(k)},
+            }
+        )
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        res = Simulation(cfg, None, export_adapters=False).run()
+        wall = time.perf_counter() - t0
+        metric = res.summary["primary_metric"]["name"]
+        per_client = [c[f"{metric}_agg"] for c in res.rounds[-1]["clients"]]
+        first = first or per_client
+        rows.append(
+            {
+                "k": k,
+                "wall_s": wall,
+                "round_s": res.rounds[-1]["wall_s"],
+                "peak_MiB": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else float("nan"),
+                "metric": metric,
+                "score": res.summary[f"{metric}_mean_agg"],
+                "max_diff": max(abs(a - b) for a, b in zip(per_client, first, strict=True)),
+            }
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default=None, help="cuda | cuda:N | mps | cpu (default: the accelerator)")
     ap.add_argument("--precision", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp16", "fp32", "auto"])
     ap.add_argument("--models", nargs="+", default=["minilm", "smollm2", "smollm2-gen"], choices=sorted(CONFIGS))
+    ap.add_argument("--parallel", nargs="+", default=[], metavar="K", help="engine.parallel_clients sweep (or auto)")
+    ap.add_argument("--sweep-clients", type=int, default=16, help="clients of the --parallel sweep's runs")
     args = ap.parse_args(argv)
     device = args.device or accelerator()
     if device is None:
@@ -155,6 +205,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"peak {row['peak_MiB']:.0f} MiB" + ("" if not problems else "  " + "; ".join(problems))
             )
             failed += bool(problems)
+            if not args.parallel:
+                continue
+            try:
+                sweep = run_sweep(name, device, precision, args.parallel, args.sweep_clients)
+            except Exception as err:
+                print(f"FAIL {name} {precision} parallel sweep: {type(err).__name__}: {err}")
+                failed += 1
+                continue
+            for r in sweep:
+                print(
+                    f"     {name:<10} {precision:<5} K={r['k']:<5} {args.sweep_clients} clients: "
+                    f"wall {r['wall_s']:6.1f} s  round {r['round_s']:6.1f} s  peak {r['peak_MiB']:.0f} MiB  "
+                    f"{r['metric']}_agg {r['score']:.3f}"
+                    f"  max per-client diff vs K={args.parallel[0]} {r['max_diff']:.4f}"
+                )
     print("gpu_smoke: all checks passed" if not failed else f"gpu_smoke: {failed} run(s) failed")
     return 1 if failed else 0
 
