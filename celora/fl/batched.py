@@ -38,6 +38,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,7 @@ import torch
 from torch import nn
 
 from celora.adapters.inject import adapter_layers, clients_forward
-from celora.adapters.trilora import c_grad_mask
+from celora.adapters.trilora import TriLoraLinear, c_grad_mask
 from celora.config import ExperimentConfig
 from celora.data.generate import GenerateTask
 from celora.data.tasks import IGNORE, Batch, ClassifyTask, PromptTask, Task
@@ -116,19 +117,32 @@ def scores_kind(task: Task) -> bool:
 
 
 # --------------------------------------------------------------------------- clients' views
-def client_view(bench: Backbone, state: Tensors, trainable: Collection[str] = ()) -> dict[str, torch.Tensor]:
+@dataclass
+class ModelIndex:
+    """The shared model's parameters by name and its adapter layers (looked up once per group, not per client)."""
+
+    params: dict[str, nn.Parameter]
+    layers: dict[str, TriLoraLinear]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelIndex:
+        return cls(dict(model.named_parameters()), adapter_layers(model))
+
+
+def client_view(
+    bench: Backbone, state: Tensors, trainable: Collection[str] = (), index: ModelIndex | None = None
+) -> dict[str, torch.Tensor]:
     """One client's adapter and head tensors on the model's device, as the forward of ``clients_forward`` reads
     them: its state's (A, C, B, head), the per-head scales s_h (1 at the start of training, as the shared model's
     after every fold); ``trainable`` names become leaves of their own that require grad (C's gradient masked to
     the heads' blocks as the layer's own)."""
-    model = bench.model
-    params = dict(model.named_parameters())
+    index = index or ModelIndex.of(bench.model)
     view: dict[str, torch.Tensor] = {}
     for n in bench.all_names:
-        p = params[n]
+        p = index.params[n]
         t = state[n].to(p.device, p.dtype)
         view[n] = t.clone().requires_grad_(True) if n in trainable else t
-    for n, layer in adapter_layers(model).items():
+    for n, layer in index.layers.items():
         if layer.lora_S is not None:
             s = layer.lora_S.detach().clone()
             view[f"{n}.lora_S"] = s.requires_grad_(True) if f"{n}.lora_S" in trainable else s
@@ -137,7 +151,7 @@ def client_view(bench: Backbone, state: Tensors, trainable: Collection[str] = ()
     return view
 
 
-def trained_state(bench: Backbone, state: Tensors, view: dict[str, torch.Tensor], trained: Sequence[str]) -> Tensors:
+def trained_state(state: Tensors, view: dict[str, torch.Tensor], trained: Sequence[str], index: ModelIndex) -> Tensors:
     """The client's state after training: its trained tensors (CPU fp32), per-head scales folded into C
     (C ← diag(s) C, as ``fold_head_scales``); the others unchanged."""
     out = dict(state)
@@ -145,9 +159,9 @@ def trained_state(bench: Backbone, state: Tensors, view: dict[str, torch.Tensor]
         if n in state:
             out[n] = view[n].detach().to("cpu", torch.float32).clone()
     with torch.no_grad():
-        for n, layer in adapter_layers(bench.model).items():
+        for n, layer in index.layers.items():
             s = f"{n}.lora_S"
-            if s in trained:
+            if s in view and view[s].requires_grad:
                 scale = view[s].repeat_interleave(layer.rank // layer.heads)
                 c = view[f"{n}.lora_C"] * scale[:, None].to(view[f"{n}.lora_C"])
                 out[f"{n}.lora_C"] = c.detach().to("cpu", torch.float32).clone()
@@ -162,13 +176,15 @@ def train_together(
     returns each client's result and trained state (nothing of the clients is changed)."""
     model, task = bench.model, bench.task
     params, head_params = phase.trainable(bench)
-    names = {id(p): n for n, p in model.named_parameters()}
+    index = ModelIndex.of(model)
+    names = {id(p): n for n, p in index.params.items()}
     trained = [names[id(p)] for p in params]
-    head_names = {names[id(p)] for p in head_params}
+    trainable, head_names = set(trained), {names[id(p)] for p in head_params}
+    seeded(clients[-1].cfg.seed, rnd, clients[-1].id)  # the torch RNG as the group's last client leaves it
+    held = [c.state for c in clients]  # read once (engine.state = disk: a file each)
     views, runs = [], []
-    for c in clients:
-        seeded(c.cfg.seed, rnd, c.id)  # the torch RNG as each client leaves it (no dropout draws)
-        view = client_view(bench, c.state, set(trained))
+    for c, state in zip(clients, held, strict=True):
+        view = client_view(bench, state, trainable, index)
         rows, settings = c.train_settings(rnd)
         own = [view[n] for n in trained]
         runs.append(LocalTraining(own, rows, head_params=[view[n] for n in trained if n in head_names], **settings))
@@ -193,7 +209,7 @@ def train_together(
                 runs[k].step(loss)
     finally:
         model.eval()
-    states = [trained_state(bench, c.state, v, trained) for c, v in zip(clients, views, strict=True)]
+    states = [trained_state(st, v, trained, index) for st, v in zip(held, views, strict=True)]
     return [r.result() for r in runs], states
 
 
@@ -205,7 +221,8 @@ def evaluate_together(
     ``evaluate_metrics`` gives them (Σ / n per client), from stacked batches of at most the evaluation batch size
     (halved when one runs out of memory)."""
     model, task, heads = bench.model, bench.task, bench.loaded.head_modules
-    views = [client_view(bench, st) for st in states]
+    index = ModelIndex.of(model)
+    views = [client_view(bench, st, (), index) for st in states]
     rows = [c.data.test_idx for c in clients]
     flat = np.concatenate(rows)
     owner = np.repeat(np.arange(len(clients)), [len(r) for r in rows])
@@ -340,9 +357,10 @@ class ParallelClients:
         bench, model = self.bench, self.bench.model
         phase = clients[0].phases.phase(1)
         params, _ = phase.trainable(bench)
-        names = {id(p): n for n, p in model.named_parameters()}
+        index = ModelIndex.of(model)
+        names = {id(p): n for n, p in index.params.items()}
         trainable = {names[id(p)] for p in params}
-        views = [client_view(bench, c.state, trainable) for c in clients]
+        views = [client_view(bench, c.state, trainable, index) for c in clients]
         batches = [c.data.train_idx[: self.cfg.train.batch_size] for c in clients]
         sizes = [len(b) for b in batches]
         batch = batch_on(model, clients[0].data.data, np.concatenate(batches))
