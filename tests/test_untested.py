@@ -139,19 +139,19 @@ def test_every_run_folder_has_its_log(tmp_path, tiny_config):
 
 class WireTap:
     """Every blob a Simulation actually puts on the wire: uploads (through its wire hook) and every download
-    (the server's message for a client, as delivered)."""
+    (the server's message for a client, as the client applied it: ServerCore.delivered)."""
 
     def __init__(self, sim):
         self.up: list[tuple[int, int, bytes]] = []
-        self.down: list[tuple[int, bool, bytes]] = []
+        self.down: list[tuple[int, bytes]] = []
         self.sim = sim
-        deliver = sim._deliver
+        delivered = sim.server.delivered
 
-        def tapped(rnd, i, *, evaluate):
-            self.down.append((i, evaluate, sim.server.message_blob(i)))
-            return deliver(rnd, i, evaluate=evaluate)
+        def tapped(i, blob, tensors=None):
+            self.down.append((i, blob))
+            return delivered(i, blob, tensors)
 
-        sim._deliver = tapped
+        sim.server.delivered = tapped
 
     def hook(self, rnd, client, blob):
         self.up.append((rnd, client, blob))
