@@ -9,7 +9,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 config="${1:-configs/mixture_encoder.toml}"
 seeds="${2:-0,1,2}"
-methods="${METHODS:-local,centralized,fedit,ffa,fedsa,celora-global,celora}"
+methods="${METHODS:-local,centralized,fedit,ffa,fedsa,celora-global,celora,celora-c-only,celora-grad}"
 out="benchmarks/results/mixture-$(basename "$config" .toml)"
-HF_HUB_OFFLINE=1 .venv/bin/celora compare "$config" --methods "$methods" --seeds "$seeds" --out "$out"
+# celora-c-only: only C travels (the head stays local); celora-grad: issue 15's best frozen basis (gradient, r = 32,
+# lr 5e-3, C only; 32 gradient rows: the mixture holds 36 global test rows), personalized
+declare -A variant=(
+  [celora-c-only]="celora;aggregation.head=local"
+  [celora-grad]="celora;aggregation.head=local;model.basis=gradient;model.rank=32;model.gradient_samples=32;train.lr=5e-3"
+)
+variant_args=()
+for label in ${methods//,/ }; do
+  if [[ -n "${variant[$label]:-}" ]]; then variant_args+=(--variant "$label=${variant[$label]}"); fi
+done
+HF_HUB_OFFLINE=1 .venv/bin/celora compare "$config" --methods "$methods" --seeds "$seeds" --out "$out" \
+  ${variant_args[@]+"${variant_args[@]}"}
 .venv/bin/python benchmarks/mixture_table.py "$out"
