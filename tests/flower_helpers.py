@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -129,3 +130,24 @@ def check_message_log(lines: list[dict[str, Any]], num_clients: int, rounds: int
         for x in got:
             assert x["tensors"]["down"] and all(e.startswith(("C:", "head:")) for e in x["tensors"]["down"])
             assert ups[(x["round"], x["client"])]["received"] == x["digest"], "client got another message"
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything below it, also what re-parented away in its children's sessions."""
+    import os
+    import signal
+
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:  # it ended already
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=10)

@@ -3,7 +3,6 @@ SuperLink/SuperNode processes on loopback — insecure, and TLS with SuperNode a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -151,72 +150,6 @@ def test_digest_is_content_hash():
 
 
 # --------------------------------------------------------------------------- slow: real processes
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a process and everything below it, also what re-parented away in its children's sessions."""
-    import os
-    import signal
-
-    import psutil
-
-    procs = [*psutil.Process(pid).children(recursive=True), psutil.Process(pid)]
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    for p in procs:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(p.pid, signal.SIGKILL)
-    psutil.wait_procs(procs, timeout=10)
-
-
-@pytest.mark.slow
-def test_flower_runtime_killed_then_resumed_from_the_cli(tmp_path, make_cfg, monkeypatch, capsys):
-    """`celora run CONFIG --runtime flower` (SuperLink + 3 SuperNodes, 3 rounds of celora) is SIGKILLed with every
-    process it started once round 2 is checkpointed; `celora run --runtime flower --resume RUN` restarts them,
-    the nodes restore their state from RUN/flower/nodes, and the run ends with the uninterrupted run's per-client
-    metrics and bytes."""
-    import subprocess
-
-    from celora.config import dump_config
-
-    cfg = make_cfg("rounds=3")
-    ref = Simulation(cfg, prepared=prepare(cfg), export_adapters=False).run()
-    out = tmp_path / "run"
-    (tmp_path / "tiny.toml").write_text(dump_config(cfg), encoding="utf-8")
-    celora = [sys.executable, "-m", "celora.cli", "run", str(tmp_path / "tiny.toml"), "--runtime", "flower"]
-    log = (tmp_path / "first.log").open("wb")
-    first = subprocess.Popen([*celora, "--out", str(out)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    t0 = time.monotonic()
-    try:
-        while not (out / "checkpoints" / "ckpt-000002.json").is_file():
-            assert first.poll() is None and time.monotonic() - t0 < 300, (tmp_path / "first.log").read_text()[-800:]
-            time.sleep(0.5)
-    finally:
-        _kill_tree(first.pid)
-        log.close()
-    assert not (out / "summary.json").is_file()
-    monkeypatch.setattr(sys, "argv", ["celora", "run", "--runtime", "flower", "--resume", str(out)])
-    monkeypatch.setattr(cli.console, "width", 400)  # the printed lines unwrapped
-    cli.main()
-    printed = capsys.readouterr().out
-    rows = read_jsonl(out / "metrics.jsonl")
-    _assert_same_accuracies(ref.rounds, rows)
-    for f in ("config.toml", "partition.json", "summary.json", "similarity_data.npy", "weights_round_3.npy"):
-        assert (out / f).is_file(), f
-    assert all((out / "adapters" / f"client_{i}" / "adapter_model.safetensors").is_file() for i in range(3))
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["flower"]["lost_clients"] == {} and (out / "accuracy.png").is_file()  # the CLI's plot
-    assert f"final: acc mean {summary['acc_mean']:.3f}" in printed and f"run folder: {out}" in printed
-    assert f"resuming {out} from its checkpoint of round 2 of 3" in printed
-    assert abs(summary["acc_global"] - ref.summary["acc_global"]) <= 1e-6
-    assert (summary["bytes_up_total"], summary["bytes_down_total"]) == (
-        ref.summary["bytes_up_total"],
-        ref.summary["bytes_down_total"],
-    )
-    check_message_log(read_jsonl(out / "flower" / "messages.jsonl"), 3, 0)  # (A, B never on the wire)
-    setups = [x for x in read_jsonl(out / "flower" / "messages.jsonl") if x["type"] == "query.setup"]
-    assert [x["state_round"] for x in setups] == [-1, -1, -1, 2, 2, 2]  # after resuming: each its own round-2 state
-
-
 @pytest.mark.slow
 def test_tls_node_auth_and_a_supernode_killed_and_restarted(tmp_path, inprocess, make_cfg):
     """TLS + SuperNode authentication, 4 rounds; an unregistered SuperNode is refused; one SuperNode is SIGKILLed

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -146,21 +147,55 @@ def test_a_node_failure_is_its_own_one_line_message():
 
 
 @pytest.mark.slow
-def test_real_supernodes_each_with_its_own_file(tmp_path, sites, inprocess):
-    """`celora run --runtime flower` path with real SuperLink + 3 SuperNodes on loopback: node i gets only
-    site-path = its own file; the ServerApp's config names site paths that do not exist."""
-    from celora.fl.flower.runner import run_flower
+def test_real_supernodes_with_their_own_files_killed_then_resumed_from_the_cli(
+    tmp_path, sites, inprocess, monkeypatch, capsys
+):
+    """`celora run CONFIG --runtime flower` with data.sites (real SuperLink + one SuperNode per file, node i given
+    only site-path = its own file) is SIGKILLed with every process it started once round 1 of 2 is checkpointed;
+    `celora run --runtime flower --resume RUN` restarts them, the nodes restore their state from RUN/flower/nodes,
+    and the run ends with the uninterrupted in-process run's per-client metrics and bytes, each client on its own
+    file. (That the server is never given the files: the in-memory grid test above.)"""
+    import subprocess
+
+    from flower_helpers import check_message_log, kill_tree
+
+    from celora.config import dump_config
 
     ref, _ = inprocess
-    server_view = [f"/nonexistent/celora-site-{k}.csv" for k in range(3)]
     out = tmp_path / "run"
-    cfg = _cfg(server_view, "rounds=1")  # one round keeps the real-process test short (a message ≈ 25 s on 2 cores)
-    res = run_flower(cfg, out, export=False, round_timeout=120, timeout=420, sites=sites)
-    _same_clients(ref.rounds[:1], res.rounds)  # round 1 of the 2-round in-process run
-    _check_own_files(res.rounds, json.loads((out / "partition.json").read_text()), sites)
-    logs = "\n".join((out / "flower" / f"supernode-{k}.log").read_text(errors="replace") for k in range(3))
+    (tmp_path / "sites.toml").write_text(dump_config(_cfg(sites)), encoding="utf-8")
+    celora = [sys.executable, "-m", "celora.cli", "run", str(tmp_path / "sites.toml"), "--runtime", "flower"]
+    log = (tmp_path / "first.log").open("wb")
+    first = subprocess.Popen([*celora, "--out", str(out)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.monotonic()
+    try:
+        while not (out / "checkpoints" / "ckpt-000001.json").is_file():
+            assert first.poll() is None and time.monotonic() - t0 < 300, (tmp_path / "first.log").read_text()[-800:]
+            time.sleep(0.5)
+    finally:
+        kill_tree(first.pid)
+        log.close()
+    assert not (out / "summary.json").is_file()
+    monkeypatch.setattr(sys, "argv", ["celora", "run", "--runtime", "flower", "--resume", str(out), "--no-export"])
+    monkeypatch.setattr(cli.console, "width", 400)  # the printed lines unwrapped
+    cli.main()
+    printed = capsys.readouterr().out
+    assert f"resuming {out} from its checkpoint of round 1 of 2" in printed and f"run folder: {out}" in printed
+    rows = read_jsonl(out / "metrics.jsonl")
+    _same_clients(ref.rounds, rows)
+    _check_own_files(rows, json.loads((out / "partition.json").read_text()), sites)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["flower"]["lost_clients"] == {} and np.isnan(summary["acc_global"])  # no global test file
+    assert (summary["bytes_up_total"], summary["bytes_down_total"]) == (
+        ref.summary["bytes_up_total"],
+        ref.summary["bytes_down_total"],
+    )
+    messages = read_jsonl(out / "flower" / "messages.jsonl")
+    check_message_log(messages, 3, 0)  # (A, B never on the wire)
+    setups = [x for x in messages if x["type"] == "query.setup"]
+    assert [x["state_round"] for x in setups] == [-1, -1, -1, 1, 1, 1]  # after resuming: each its own round-1 state
+    logs = "\n".join(p.read_text(errors="replace") for p in (out / "flower").glob("supernode-*.log"))
     assert "Traceback" not in logs
-    assert np.isnan(res.summary["acc_global"])  # no global test file given
 
 
 def test_global_test_file_is_every_site_s_global_rows(tmp_path, sites):

@@ -452,6 +452,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
             "lost_at": self.lost_at,
             "flower": self.flower,
             "wall_s": self.wall_before + time.perf_counter() - self.t_run,
+            "site_bytes": {"up": self.site_bytes.up, "down": self.site_bytes.down, "labels": self.label_bytes},
         }
 
     def _restore(self, st: dict[str, Any], rnd: int) -> None:
@@ -466,6 +467,11 @@ class CeloraFlowerStrategy(FlowerStrategy):
         self.lost_at = {int(t): dict(v) for t, v in st["lost_at"].items()}
         self.flower.update(st["flower"])
         self.wall_before = float(st["wall_s"])
+        if "site_bytes" in st:  # the set-up the run needed, counted once (not what a restart re-sends)
+            sb = st["site_bytes"]
+            self.site_bytes = SetupBytes({int(i): int(n) for i, n in sb["up"].items()})
+            self.site_bytes.down = {int(i): int(n) for i, n in sb["down"].items()}
+            self.label_bytes = int(sb["labels"])
         self.done = rnd
         self.folder.rewrite_rows(self.core.rows)
         self.obs.on_message(f"resumed from checkpoint round {rnd} of {self.cfg.rounds}")
