@@ -1,8 +1,8 @@
 """Issue 23's table from a mixture comparison folder: per method (mean ± std over seeds) the primary metric overall
 and per component (after aggregation), the paired difference to `local`, the same-component share of the learned
 weights against FedAvg's, and bytes per client-round; then celora's paired differences per seed to `local` and
-`fedit` with its fraction of fedit's bytes, and the equal-bytes view (`bytes.png` in the folder: every method's
-score against its bytes per client-round, up + down, mean ± std over seeds).
+`fedit` with its fraction of fedit's bytes (the equal-bytes view is `celora compare`'s compare.png
+in the same folder).
 
     python benchmarks/mixture_table.py benchmarks/results/mixture-mixture_encoder
 """
@@ -49,7 +49,6 @@ def main(folder: str) -> int:
         row = [method, str(len(seeds)), pm(score), pm(delta) if method != "local" else "–", *per, shares, f"{up:,.0f}"]
         print("| " + " | ".join(row) + " |")
     paired(cells, p)
-    plot_bytes(cells, p, Path(folder) / "bytes.png")
     return 0
 
 
@@ -68,31 +67,6 @@ def paired(cells: dict[str, dict[int, dict]], p: str, method: str = "celora") ->
         total = [sum(c["bytes_per_client_round"].values()) for c in mine.values()]
         fedit = [sum(c["bytes_per_client_round"].values()) for c in cells["fedit"].values()]
         print(f"{method}'s bytes per client-round: {np.mean(total) / np.mean(fedit):.3f} of fedit's")
-
-
-def plot_bytes(cells: dict[str, dict[int, dict]], p: str, path: Path) -> None:
-    """Score (after aggregation) against bytes per client-round (up + down), one point per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method, by_seed in cells.items():
-        b = np.mean([sum(c["bytes_per_client_round"].values()) for c in by_seed.values()])
-        v = np.asarray([c[f"{p}_mean_agg"] for c in by_seed.values()], dtype=float)
-        x = max(b, 1.0)  # local / centralized send nothing: drawn at 1 B on the log axis
-        ax.errorbar([x], [v.mean()], yerr=[v.std(ddof=1) if v.size > 1 else 0.0], fmt="o", capsize=3, label=method)
-        ax.annotate(method, (x, v.mean()), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes per client-round, up + down (log; 0 drawn at 1)")
-    ax.set_ylabel(f"mean per-client {p} after aggregation")
-    ax.set_title("task mixture: score against bytes")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

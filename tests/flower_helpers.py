@@ -139,11 +139,11 @@ def kill_tree(pid: int) -> None:
 
     import psutil
 
-    try:
-        root = psutil.Process(pid)
-        procs = [*root.children(recursive=True), root]
-    except psutil.NoSuchProcess:  # it ended already
-        return
+    from celora.fl.flower.deploy import descendants
+
+    procs = descendants(pid)
+    with contextlib.suppress(psutil.NoSuchProcess):  # it may have ended already
+        procs.append(psutil.Process(pid))
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()

@@ -469,8 +469,7 @@ class CeloraFlowerStrategy(FlowerStrategy):
         self.wall_before = float(st["wall_s"])
         if "site_bytes" in st:  # the set-up the run needed, counted once (not what a restart re-sends)
             sb = st["site_bytes"]
-            self.site_bytes = SetupBytes({int(i): int(n) for i, n in sb["up"].items()})
-            self.site_bytes.down = {int(i): int(n) for i, n in sb["down"].items()}
+            self.site_bytes = SetupBytes(*({int(i): int(n) for i, n in sb[side].items()} for side in ("up", "down")))
             self.label_bytes = int(sb["labels"])
         self.done = rnd
         self.folder.rewrite_rows(self.core.rows)
