@@ -11,12 +11,14 @@ import pytest
 import torch
 from torch import nn
 
+import celora.fl.backbone as backbone
 import celora.fl.batched as batched
 from celora.adapters.inject import clients_forward
 from celora.adapters.trilora import TriLoraLinear
 from celora.data.tasks import get_task
 from celora.errors import CeloraError
 from celora.fl.simulation import RunResult, Simulation
+from celora.models.segments import RandomStream, own_draws, unsplit_attention_dropout
 
 TOL = 1e-5
 PER_CLIENT = ("acc", "loss", "acc_agg", "loss_agg", "train_loss", "bytes_up", "bytes_down", "participated", "dropped")
@@ -106,6 +108,54 @@ def run_both(tiny_config: Any, *extra: str, k: int | str = 3) -> tuple[RunResult
 def test_parallel_clients_equal_one_at_a_time(tiny_config: Any, extra: tuple[str, ...]) -> None:
     seq, par, _ = run_both(tiny_config, *extra)
     assert_same_run(seq, par)
+
+
+def test_dropout_draws_each_clients_own_masks(tiny_config: Any, monkeypatch: Any) -> None:
+    """With dropout in the base (hidden and SDPA attention, p = 0.1) and on the adapters' input, clients trained
+    together draw the masks each draws alone: the same run to 1e-5 (with one stacked mask it is not)."""
+    real = backbone.load_model
+
+    def with_dropout(*args: Any, **kwargs: Any) -> Any:
+        loaded = real(*args, **kwargs)
+        for m in loaded.model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.1
+        return loaded
+
+    monkeypatch.setattr(backbone, "load_model", with_dropout)
+    seq, par, lines = run_both(tiny_config, "method=celora", "num_clients=4", "model.dropout=0.1")
+    assert_same_run(seq, par)
+    assert not [line for line in lines if "dropout" in line], lines
+
+
+def test_own_draws_trims_each_client_and_restores_the_generator() -> None:
+    x = torch.ones(5, 6, 3)
+    drop = nn.Dropout(0.5).train()
+    torch.manual_seed(3)
+    streams = [RandomStream(torch.device("cpu"))]
+    torch.manual_seed(4)
+    streams.append(RandomStream(torch.device("cpu")))
+    before = torch.get_rng_state()
+    with own_draws(drop, [2, 3], [4, 6], streams):
+        y = drop(x)
+    assert torch.equal(torch.get_rng_state(), before) and "forward" not in vars(drop)
+    torch.manual_seed(3)
+    a = nn.functional.dropout(torch.ones(2, 4, 3), 0.5)
+    torch.manual_seed(4)
+    b = nn.functional.dropout(torch.ones(3, 6, 3), 0.5)
+    assert torch.equal(y[:2, :4], a) and torch.equal(y[:2, 4:], x[:2, 4:]) and torch.equal(y[2:], b)
+    with own_draws(drop, [2, 3], [4, 6], streams):  # each stream goes on from where it stopped
+        again = drop(x)
+    assert not torch.equal(again[2:], b)
+
+
+def test_eager_attention_dropout_is_said_to_be_unsplit(tiny_bert: Any) -> None:
+    model = tiny_bert.model
+    assert unsplit_attention_dropout(model) == 0.0  # sdpa: an AttentionInterface function
+    model.config.attention_probs_dropout_prob = 0.1
+    assert unsplit_attention_dropout(model) == 0.0
+    model.set_attn_implementation("eager")
+    assert unsplit_attention_dropout(model) == 0.1
 
 
 def test_prompt_task_trains_together_and_evaluates_one_at_a_time(tiny_config: Any, tmp_path: Path) -> None:

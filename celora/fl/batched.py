@@ -15,10 +15,11 @@ side:
   loss over its own rows, so each client's gradient is its gradient alone (the base is frozen, the clients'
   tensors are disjoint).
 
-fp32 on a CPU, with a base without dropout, every client ends with the adapters, metrics and upload bytes of the
-sequential engine (K = 1) up to float rounding (tests/test_parallel.py). With dropout in the base (MiniLM: 0.1)
-the stacked pass draws other dropout masks than one client at a time: the same distribution, not the same
-numbers.
+Dropout (the base's, e.g. MiniLM's 0.1, and the adapters' ``model.dropout``) draws each client's masks on its own
+rows from its own torch stream, seeded as when it trains alone (``celora.models.segments.own_draws``). So fp32 on
+a CPU every client ends with the adapters, metrics and upload bytes of the sequential engine (K = 1) up to float
+rounding (tests/test_parallel.py); only an attention dropout outside transformers' ``AttentionInterface`` (the
+"eager" attention) is drawn once for the stacked batch (said once: the same distribution, not the same numbers).
 
 Tasks: classification (text or image) and the causal-LM tasks ``prompt`` and ``generate`` train together (their
 per-client loss is read from the stacked pass: logits or answer-token log-probabilities); a task whose loss
@@ -55,10 +56,12 @@ from celora.fl.client import ClientRuntime, LocalTraining, TrainResult, batch_on
 from celora.fl.records import ClientRound
 from celora.fl.strategies import Tensors
 from celora.models.device import is_out_of_memory, model_device, release_cached_memory
+from celora.models.segments import RandomStream, own_draws, unsplit_attention_dropout
 
 __all__ = ["ParallelClients", "evaluate_together", "train_together"]
 
 AUTO_CAP = 64  # the most clients "auto" stacks
+UNTRIMMED = 2**62  # a client length no row reaches
 
 
 # --------------------------------------------------------------------------- per-client losses of a stacked pass
@@ -101,6 +104,15 @@ def segment_losses(task: Task, model: nn.Module, batch: Batch, sizes: list[int])
     owner = torch.repeat_interleave(torch.arange(len(sizes), device=lp.device), torch.tensor(sizes, device=lp.device))
     counts = torch.bincount(owner[pos[0]], minlength=len(sizes)).tolist()
     return [-part.mean() for part in lp.split(counts)]
+
+
+def own_lengths(batch: Batch, sizes: list[int]) -> list[int]:
+    """The width each client's rows of a stacked batch have alone (trimmed to its longest row, as
+    ``data.batch``): from the attention mask; without one (images), rows are never trimmed."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return [UNTRIMMED] * len(sizes)
+    return [max(1, int(n)) for n in torch.stack([m.sum(1).max() for m in mask.split(sizes)]).tolist()]
 
 
 def scores_kind(task: Task) -> bool:
@@ -180,7 +192,11 @@ def train_together(
     names = {id(p): n for n, p in index.params.items()}
     trained = [names[id(p)] for p in params]
     trainable, head_names = set(trained), {names[id(p)] for p in head_params}
-    seeded(clients[-1].cfg.seed, rnd, clients[-1].id)  # the torch RNG as the group's last client leaves it
+    device = model_device(model)
+    draws = []  # each client's torch stream, seeded as it is when it trains alone
+    for c in clients:
+        seeded(c.cfg.seed, rnd, c.id)
+        draws.append(RandomStream(device))
     held = [c.state for c in clients]  # read once (engine.state = disk: a file each)
     views, runs = [], []
     for c, state in zip(clients, held, strict=True):
@@ -202,13 +218,15 @@ def train_together(
             batch = batch_on(model, data, np.concatenate([rows for _, rows in step]))
             for k in ks:
                 runs[k].zero_grad()
-            with clients_forward(model, sizes, [views[k] for k in ks], heads), placement.autocast():
+            masks = own_draws(model, sizes, own_lengths(batch, sizes), [draws[k] for k in ks])
+            with clients_forward(model, sizes, [views[k] for k in ks], heads), masks, placement.autocast():
                 losses = segment_losses(task, model, batch, sizes)
             torch.stack([runs[k].scaled(loss) for k, loss in zip(ks, losses, strict=True)]).sum().backward()
             for k, loss in zip(ks, losses, strict=True):
                 runs[k].step(loss)
     finally:
         model.eval()
+    draws[-1].make_current()  # the torch RNG as the group's last client leaves it
     states = [trained_state(st, v, trained, index) for st, v in zip(held, views, strict=True)]
     return [r.result() for r in runs], states
 
@@ -281,11 +299,11 @@ class ParallelClients:
         if any(c.data.data is not self.clients[0].data.data for c in self.clients):
             self.log("engine.parallel_clients: the clients read their own datasets (data.sites): one client at a time")
             return False
-        dropout = [m.p for m in self.bench.model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
-        if dropout:
+        p = unsplit_attention_dropout(self.bench.model)
+        if p:
             self.log(
-                f"engine.parallel_clients: the model has dropout (p = {max(dropout)}): clients trained together draw "
-                "other dropout masks than one at a time (results agree in distribution, not to float rounding)"
+                f"engine.parallel_clients: the model's attention dropout (p = {p}) is not split per client: clients "
+                "trained together draw other masks than one at a time (same distribution, not the same numbers)"
             )
         return True
 
@@ -367,7 +385,10 @@ class ParallelClients:
         model.train()
         try:
             start = time.perf_counter()
-            with clients_forward(model, sizes, views, bench.loaded.head_modules), bench.placement.autocast():
+            masks = own_draws(
+                model, sizes, own_lengths(batch, sizes), [RandomStream(model_device(model)) for _ in sizes]
+            )
+            with clients_forward(model, sizes, views, bench.loaded.head_modules), masks, bench.placement.autocast():
                 losses = segment_losses(bench.task, model, batch, sizes)
             torch.stack(losses).sum().backward()
             if model_device(model).type == "cuda":
