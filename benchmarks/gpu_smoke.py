@@ -13,8 +13,8 @@ Runs in a few minutes on one GPU (most of it loading SmolLM2 once per precision)
 
 ``--parallel K …`` adds, per model and precision, a sweep of ``engine.parallel_clients`` over a bigger run
 (``--sweep-clients``, default 16 clients, 1 round): wall, round wall, peak GPU memory, the mean score after
-aggregation and its largest per-client difference from the first K (0 up to rounding without dropout; MiniLM
-and SmolLM2 have dropout in training, so their K > 1 differ by the dropout draws).
+aggregation and its largest per-client difference from the first K (each client draws its own dropout masks,
+so in fp32 that is 0 up to rounding; under bf16 the stacked matmuls round differently: it bounds that difference).
 """
 
 from __future__ import annotations
