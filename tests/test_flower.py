@@ -59,6 +59,14 @@ def test_blob_travels_verbatim_and_flower_counts_it():
         record_blob(rec2)
 
 
+def test_flower_processes_run_without_telemetry():
+    """Flower's exit waits on a telemetry post; offline, a SuperExec whose SuperNode ends meanwhile raises SIGINT on
+    itself inside that wait and prints a KeyboardInterrupt traceback (CI): our processes run with telemetry off."""
+    from celora.fl.flower.deploy import flower_env
+
+    assert flower_env()["FLWR_TELEMETRY_ENABLED"] == "0"
+
+
 def test_certificates_and_node_keys_load_like_flower(tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec

@@ -75,14 +75,15 @@ def _bin(name: str) -> str:
 
 def flower_env(home: Path | None = None) -> dict[str, str]:
     """This process's environment for Flower's binaries: this environment's bin folder first on PATH (``flwr``
-    launches ``flower-superlink`` and ``flwr-simulation`` by name), runtime dependency installation and update
-    checks off, the hub offline; ``FLWR_HOME`` = ``home`` when given."""
+    launches ``flower-superlink`` and ``flwr-simulation`` by name), runtime dependency installation, update
+    checks and telemetry off, the hub offline; ``FLWR_HOME`` = ``home`` when given."""
     env = dict(os.environ)
     if home is not None:
         env["FLWR_HOME"] = str(home)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # else each exit waits on a telemetry post that offline never lands
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
