@@ -35,13 +35,15 @@ def point(n: int, k: str, sets: list[str]) -> dict[str, float]:
 
     cfg = load_config(ROOT / "configs" / "quickstart.toml", [*sets, f"num_clients={n}", f"engine.parallel_clients={k}"])
     t0 = time.perf_counter()
-    res = Simulation(cfg, export_adapters=False).run()
+    sim = Simulation(cfg, export_adapters=False)
+    res = sim.run()
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
     return {
         "round_s": sum(r["wall_s"] for r in res.rounds) / len(res.rounds),
         "process_s": time.perf_counter() - t0,
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "gpu_mb": gpu,
+        "k": float(sim.parallel.k or 1),  # what "auto" chose
         "acc": float(res.summary.get("acc_mean_agg", res.summary.get("acc_mean", float("nan")))),
     }
 

@@ -188,11 +188,28 @@ def test_out_of_memory_halves_the_group_and_nothing_is_lost(tiny_config: Any, mo
     assert any("ran out of memory" in line for line in lines), lines
 
 
-def test_auto_picks_a_k_and_says_so(tiny_config: Any) -> None:
-    seq, par, lines = run_both(tiny_config, "rounds=1", k="auto")
+def test_auto_picks_a_k_and_says_so(tiny_config: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batched, "AUTO_SECONDS", 0.0)  # each full group is one K's measurement
+    seq, par, lines = run_both(tiny_config, "rounds=2", "num_clients=6", k="auto")
     assert_same_run(seq, par)
     said = [line for line in lines if line.startswith("engine.parallel_clients = auto")]
-    assert len(said) == 1 and "clients together" in said[0], lines
+    assert len(said) == 2 and "timing K = 1, 2, 4" in said[0] and "clients together" in said[1], lines
+
+
+def test_speed_search_doubles_while_it_gains_then_settles_on_the_fastest() -> None:
+    search = batched.SpeedSearch(cap=64, min_seconds=1.0)
+    assert search.observe(1, 10, 0.5) is None and search.k == 1  # under a second: still K = 1
+    assert search.observe(1, 10, 0.5) is None and search.k == 2  # rate(1) = 20 rows/s
+    assert search.observe(1, 100, 0.1) is None and search.k == 2  # a partial group is not K = 2's rate
+    assert search.observe(2, 30, 1.0) is None and search.k == 4  # 30 ≥ 1.05 · 20
+    assert search.observe(4, 31, 1.0) == 4  # 31 < 1.05 · 30: stop, the fastest so far
+    assert search.rates == {1: 20.0, 2: 30.0, 4: 31.0}
+    slower = batched.SpeedSearch(cap=64, min_seconds=0.0)
+    slower.observe(1, 20, 1.0)
+    assert slower.observe(2, 10, 1.0) == 1  # stacking lost: back to one at a time
+    capped = batched.SpeedSearch(cap=3, min_seconds=0.0)
+    capped.observe(1, 10, 1.0)
+    assert capped.observe(2, 40, 1.0) == 2  # 4 > cap
 
 
 def test_config_rejects_a_bad_value(tiny_config: Any) -> None:

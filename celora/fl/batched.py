@@ -29,8 +29,9 @@ logits); the causal-LM tasks evaluate one client at a time (their scoring runs c
 Clients must read one shared dataset (the partitioned default; ``data.sites`` trains one at a time).
 
 ``engine.parallel_clients = "auto"``: on a GPU, K from the free memory and the measured memory of one and two
-clients' steps; on a CPU, the smallest K whose stacked step is within 10 % of the rows per second of twice as
-many clients (measured once on the clients' own first batches). A group that runs out of memory is halved and
+clients' steps; on a CPU, K from the run's own work (``SpeedSearch``): the round's groups are timed while K
+doubles from 1, and K settles on the fastest in training rows per second once doubling stops gaining 5 %
+(no probe steps are spent: the results are the same at every K). A group that runs out of memory is halved and
 retried (nothing of it was kept), and later groups use the halved K.
 """
 
@@ -39,7 +40,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,8 @@ from celora.models.segments import RandomStream, own_draws, unsplit_attention_dr
 __all__ = ["ParallelClients", "evaluate_together", "train_together"]
 
 AUTO_CAP = 64  # the most clients "auto" stacks
+AUTO_SECONDS = 1.0  # on a CPU, the least time of full groups "auto" times per K
+AUTO_ROWS = 256  # on a CPU, the most rows of one stacked step "auto" tries (16 clients of batch 16: ~4.5 GB, MiniLM)
 UNTRIMMED = 2**62  # a client length no row reaches
 
 
@@ -274,6 +277,35 @@ def evaluate_together(
 
 
 # --------------------------------------------------------------------------- the engine's side
+@dataclass
+class SpeedSearch:
+    """K for "auto" on a CPU from timed groups of real work: K = 1, 2, 4, … each measured on full groups (at least
+    ``min_seconds`` of them) as rate(K) = Σ training rows / Σ seconds; K doubles while rate(2K) ≥ ``gain`` ·
+    max rate so far and 2K ≤ ``cap``, then settles on argmax rate."""
+
+    cap: int
+    gain: float = 1.05
+    min_seconds: float = 1.0
+    k: int = 1
+    rates: dict[int, float] = field(default_factory=dict)
+    rows: float = 0.0
+    seconds: float = 0.0
+
+    def observe(self, size: int, rows: float, seconds: float) -> int | None:
+        """A group of ``size`` clients and ``rows`` training rows took ``seconds``: the settled K, or None."""
+        if size < self.k:  # a partial group (the round's last) is not this K's rate
+            return None
+        self.rows, self.seconds = self.rows + rows, self.seconds + seconds
+        if self.seconds < self.min_seconds:
+            return None
+        rate, best = self.rows / self.seconds, max(self.rates.values(), default=0.0)
+        self.rates[self.k], self.rows, self.seconds = rate, 0.0, 0.0
+        if rate < self.gain * best or 2 * self.k > self.cap:
+            return max(self.rates, key=lambda k: self.rates[k])
+        self.k *= 2
+        return None
+
+
 class ParallelClients:
     """How the in-process engine runs a round's clients: in groups of up to K (``engine.parallel_clients``),
     each group trained and evaluated together; K = 1 (or a task or data that cannot) runs each client's own
@@ -285,6 +317,7 @@ class ParallelClients:
         self.cfg, self.bench, self.clients, self.log = cfg, bench, clients, log
         setting = cfg.engine.parallel_clients
         self.k: int | None = setting if isinstance(setting, int) else None  # None: "auto", decided on first use
+        self.search: SpeedSearch | None = None  # "auto" on a CPU while it times K
         self.trains = self.k != 1 and self._can_train()
         self.evaluates = self.trains and scores_kind(bench.task)
 
@@ -308,14 +341,35 @@ class ParallelClients:
         return True
 
     # ----------------------------------------------------------------- groups
-    def groups(self, ids: Sequence[int]) -> list[list[int]]:
-        """``ids`` in order, cut into groups of at most K."""
+    def groups(self, ids: Sequence[int], *, timed: bool = True) -> Iterator[list[int]]:
+        """``ids`` in order, in groups of at most K. Under "auto" on a CPU each group is timed from when it is
+        handed out to when the next is asked for (``timed``: the fit groups, whose rate chooses K)."""
         if not self.trains:
-            return [[i] for i in ids]
-        if self.k is None:
-            self.k = self._auto([self.clients[i] for i in ids])
-        k = self.k
-        return [list(ids[s : s + k]) for s in range(0, len(ids), k)]
+            yield from ([i] for i in ids)
+            return
+        if self.k is None and self.search is None:
+            self._auto([self.clients[i] for i in ids])
+        pos = 0
+        while pos < len(ids):
+            group = list(ids[pos : pos + (self.k or self._searching().k)])
+            pos += len(group)
+            start = time.perf_counter()
+            yield group
+            if self.k is None and timed:
+                self._timed(group, time.perf_counter() - start)
+
+    def _searching(self) -> SpeedSearch:
+        assert self.search is not None, "auto: no K and no search"
+        return self.search
+
+    def _timed(self, group: list[int], seconds: float) -> None:
+        search = self._searching()
+        rows = sum(len(self.clients[i].data.train_idx) for i in group)
+        k = search.observe(len(group), rows, seconds)
+        if k is not None:
+            self.k = k
+            rates = ", ".join(f"{n}: {r:.0f}" for n, r in search.rates.items())
+            self.log(f"engine.parallel_clients = auto: {k} clients together (CPU, training rows/s at K = {rates})")
 
     def fit(self, clients: Sequence[ClientRuntime], rnd: int) -> list[tuple[bytes | None, ClientRound]]:
         """Each client's ``fit`` of round ``rnd`` (upload blob, record), its group trained together. A group that
@@ -355,19 +409,28 @@ class ParallelClients:
         return evaluate_together(self.bench, clients, states)
 
     # ----------------------------------------------------------------- "auto"
-    def _auto(self, sample: Sequence[ClientRuntime]) -> int:
-        """K for ``engine.parallel_clients = "auto"`` (see the module docstring), said in one line."""
+    def _auto(self, sample: Sequence[ClientRuntime]) -> None:
+        """Start "auto" (see the module docstring), said in one line: on a GPU K now, on a CPU a ``SpeedSearch``."""
         cap = max(1, min(AUTO_CAP, self.cfg.sampled_per_round))
-        if cap == 1:
-            return 1
         device = model_device(self.bench.model)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if device.type == "cuda":
-                k, why = self._auto_memory(sample, cap, device)
-            else:
-                k, why = self._auto_speed(sample, cap)
-        self.log(f"engine.parallel_clients = auto: {k} clients together ({why})")
-        return k
+        if cap == 1:
+            self.k = 1
+        elif device.type == "cuda":
+            start = time.perf_counter()
+            with torch.random.fork_rng(devices=[device]):
+                self.k, why = self._auto_memory(sample, cap, device)
+            self.log(
+                f"engine.parallel_clients = auto: {self.k} clients together ({why}; measured in "
+                f"{time.perf_counter() - start:.1f} s)"
+            )
+        else:
+            rows = [min(len(c.data.train_idx), self.cfg.train.batch_size) for c in sample]
+            per_client = max(1, int(np.median(rows)) if rows else 1)
+            self.search = SpeedSearch(cap=max(1, min(cap, AUTO_ROWS // per_client)), min_seconds=AUTO_SECONDS)
+            self.log(
+                f"engine.parallel_clients = auto: timing K = 1, 2, 4, … up to {self.search.cap} on the run's own "
+                "groups (CPU)"
+            )
 
     def _probe(self, sample: Sequence[ClientRuntime], k: int) -> float:
         """Seconds of one stacked forward + backward of k clients' first batches (no optimizer step)."""
@@ -396,22 +459,6 @@ class ParallelClients:
             return time.perf_counter() - start
         finally:
             model.eval()
-
-    def _auto_speed(self, sample: Sequence[ClientRuntime], cap: int) -> tuple[int, str]:
-        rows = [min(len(c.data.train_idx), self.cfg.train.batch_size) for c in sample]
-        per_client = max(1.0, float(np.median(rows)) if rows else 1.0)
-
-        def rate(k: int) -> float:
-            self._probe(sample, k)  # warm-up
-            return k * per_client / min(self._probe(sample, k) for _ in range(2))
-
-        k, r = 1, rate(1)
-        while 2 * k <= cap:
-            r2 = rate(2 * k)
-            if r2 < 1.1 * r:
-                break
-            k, r = 2 * k, r2
-        return k, f"CPU: {r:.0f} rows/s in steps of {k} × ~{per_client:.0f} rows; twice as many gain < 10 %"
 
     def _auto_memory(self, sample: Sequence[ClientRuntime], cap: int, device: torch.device) -> tuple[int, str]:
         def peak(k: int) -> int:

@@ -237,7 +237,9 @@ class Simulation:
                 self._clients_round(rs, group)
         server.aggregate(rs)
         due = [i for i in rs.sampled if rs.records[i].participated and server.pending(i)]
-        for group in self.parallel.groups(due):  # participants are online: deliver now and evaluate what they hold
+        for group in self.parallel.groups(
+            due, timed=False
+        ):  # participants are online: deliver now and evaluate what they hold
             for i, (nbytes, score, loss) in zip(group, self._deliver_evaluated(rnd, group), strict=True):
                 rec = rs.records[i]
                 rec.score_agg, rec.loss_agg = score, loss
