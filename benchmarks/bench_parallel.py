@@ -8,8 +8,8 @@ Each point is its own process (a fresh peak RSS): configs/quickstart.toml (MiniL
 (5,000 rows, IID: BBC News is too small for 1,000 clients), 1 round, ``--set num_clients=N
 engine.parallel_clients=K``. Printed: the round's wall (metrics.jsonl's ``wall_s``: train, evaluate twice,
 upload, aggregate, deliver), its ratio to K = 1 at the same N and to the first N at the same K, the process's
-peak RSS (and peak GPU memory on a GPU), the mean accuracy after aggregation. Goal (issue 25, this CPU):
-1,000 clients ≤ 1.2 × the wall of 10, and no K slower than K = 1.
+peak RSS (and peak GPU memory on a GPU), the mean accuracy after aggregation, the K used
+(what "auto" chose). Goal (issue 25, this CPU): 1,000 clients ≤ 1.2 × the wall of 10, and no K slower than K = 1.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main() -> int:
     print(f"configs/quickstart.toml --set {' '.join(sets)}")
     print(
         f"{'clients':>7} {'K':>5} {'round':>9} {'vs K=1':>7} {'vs N0':>6} {'process':>8} {'peak RSS':>9} "
-        f"{'peak GPU':>9} {'acc_agg':>7}"
+        f"{'peak GPU':>9} {'acc_agg':>7} {'K used':>6}"
     )
     rows: dict[tuple[int, str], dict[str, float]] = {}
     for n in args.clients:
@@ -81,7 +81,7 @@ def main() -> int:
             print(
                 f"{n:>7} {k:>5} {m['round_s']:8.1f}s {m['round_s'] / one['round_s']:6.2f}x "
                 f"{m['round_s'] / first['round_s']:5.2f}x {m['process_s']:7.1f}s {m['rss_mb']:7.0f}MB "
-                f"{m['gpu_mb']:7.0f}MB {m['acc']:7.3f}",
+                f"{m['gpu_mb']:7.0f}MB {m['acc']:7.3f} {m['k']:6.0f}",
                 flush=True,
             )
     return 0

@@ -341,7 +341,7 @@ class EngineConfig(_Section):
         1,
         description="sampled clients the in-process engine trains and evaluates together (batches stacked, the base "
         "run once, each row its own client's adapter): 1 = one at a time; auto = what GPU memory holds (CPU: "
-        "where a bigger stacked step gains nothing)",
+        "the fastest K timed on the run's own groups)",
     )
 
     @field_validator("parallel_clients", mode="before")
