@@ -12,8 +12,10 @@ seeds="${2:-0,1,2}"
 methods="${METHODS:-local,centralized,fedit,ffa,fedsa,celora-global,celora,celora-c-only,celora-grad}"
 out="benchmarks/results/mixture-$(basename "$config" .toml)"
 # celora-c-only: only C travels (the head stays local); celora-grad: issue 15's best frozen basis (gradient, r = 32,
-# lr 5e-3, C only; 32 gradient rows: the mixture holds 36 global test rows), personalized
+# lr 5e-3, C only; 32 gradient rows: the mixture holds 36 global test rows), personalized; celora-resp: data summaries
+# of the prompt and the response tokens (data.summary_features = input+response, generate task only)
 declare -A variant=(
+  [celora-resp]="celora;data.summary_features=input+response"
   [celora-c-only]="celora;aggregation.head=local"
   [celora-grad]="celora;aggregation.head=local;model.basis=gradient;model.rank=32;model.gradient_samples=32;train.lr=5e-3"
 )

@@ -147,6 +147,12 @@ class DataConfig(_Section):
     max_response_tokens: int = Field(
         24, ge=1, description="generate task: rows whose response is longer (in tokens) are skipped and counted"
     )
+    summary_features: Literal["input", "input+response"] = Field(
+        "input",
+        description="what each client's data summary is fitted on: input (the frozen model's pooled features of "
+        "the inputs; a decoder's: the prompt tokens) or input+response (generate task: the mean of the prompt-token "
+        "and the response-token means, so tasks with the same inputs and different outputs separate)",
+    )
     instruction: str | None = Field(None, description="prompt task: the instruction ({labels} = the label words)")
     verbalizers: list[str] | None = Field(None, min_length=2, description="prompt task: one answer word per label")
     sites: list[str] | None = Field(
@@ -195,6 +201,8 @@ class DataConfig(_Section):
             titles = [c.title for c in self.mixture]
             if len(set(titles)) < len(titles):
                 raise ValueError(f"data.mixture: component names {titles} repeat (set label)")
+        if self.summary_features != "input" and self.task not in (None, "generate"):
+            raise ValueError(f"data.summary_features = '{self.summary_features}' needs data.task = 'generate'")
         if self.mixture_alpha is not None and self.mixture is None:
             raise ValueError("data.mixture_alpha needs data.mixture (the components the clients mix)")
         if self.sites is None:

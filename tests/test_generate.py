@@ -530,3 +530,56 @@ def test_a_classification_set_runs_as_instruction_to_label_word(lm):
     before, _ = prompt_text_parts(lm.tokenizer, "rate: neg, pos", [])
     first = lm.tokenizer(before, add_special_tokens=False)["input_ids"]
     assert data.input_ids[0, : len(first)].tolist() == first  # the instruction is the system turn
+
+
+# --------------------------------------------------------------------------- data summaries (data.summary_features)
+def test_input_response_features_separate_same_prompts_with_different_responses(lm):
+    prompts = [p for p, _ in PAIRS]
+    n = len(prompts)
+
+    def build(responses: list[str]) -> GenerativeData:
+        ds = Dataset(
+            "toy",
+            prompts,
+            np.zeros(n, dtype=np.int64),
+            ["all"],
+            responses=responses,
+            systems=["answer"] * n,
+            histories=[[] for _ in range(n)],
+        )
+        data = GEN.build(ds, lm.tokenizer, 96)  # room for both prompts uncut
+        assert isinstance(data, GenerativeData)
+        return data
+
+    digits, words = build([r for _, r in PAIRS]), build(["a short title here"] * n)
+    assert torch.equal(digits.input_ids[:, :4], words.input_ids[:, :4]) and torch.equal(
+        digits.prompt_len, words.prompt_len
+    )
+    idx = np.arange(n)
+    lm.model.eval()
+    with torch.no_grad():
+        f = {
+            (name, view): GEN.summary_features(lm.model, d.batch(idx), view)
+            for name, d in (("digits", digits), ("words", words))
+            for view in ("input", "input+response")
+        }
+        batch = words.batch(idx)
+        out = lm.model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        hidden = out.last_hidden_state.float()
+    # the prompt-only view cannot tell the two tasks apart; prompt + response can
+    np.testing.assert_allclose(f["digits", "input"], f["words", "input"], atol=1e-5)
+    assert np.abs(f["digits", "input+response"] - f["words", "input+response"]).max() > 1e-3
+    for r in range(n):  # ½ (prompt-token mean + response-token mean) of the last hidden states
+        p = int(batch["prompt_len"][r])
+        resp = (batch["target"][r] != IGNORE).nonzero().flatten()
+        want = (hidden[r, :p].mean(0) + hidden[r, resp].mean(0)) / 2
+        np.testing.assert_allclose(f["words", "input+response"][r], want.numpy(), atol=1e-4)
+
+
+def test_input_response_summaries_need_the_generate_task(tmp_path):
+    with pytest.raises(ValueError, match=r"data.summary_features = 'input\+response' needs the generate task"):
+        get_task("classify").summary_features(None, {}, "input+response")  # type: ignore[arg-type]
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[data]\ntask = "classify"\nsummary_features = "input+response"\n', encoding="utf-8")
+    with pytest.raises(CeloraError, match=r"data.summary_features = 'input\+response' needs data.task = 'generate'"):
+        load_config(cfg)

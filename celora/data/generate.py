@@ -40,6 +40,7 @@ from celora.data.tasks import (
     Task,
     TaskData,
     answer_rows,
+    masked_mean,
     register_task,
     row_index,
     token_ids,
@@ -289,6 +290,17 @@ class GenerateTask(Task):
     def features(self, model: nn.Module, batch: Batch) -> np.ndarray:
         """Mean of the decoder's last hidden states over the prompt tokens (the response excluded)."""
         return PromptTask().features(model, batch)
+
+    def summary_features(self, model: nn.Module, batch: Batch, view: str = "input") -> np.ndarray:
+        """``input``: :meth:`features`; ``input+response``: ½ (mean_t∈prompt h_t + mean_t∈response h_t), the last
+        hidden states of one forward (the response's end token included)."""
+        if view != "input+response":
+            return super().summary_features(model, batch, view)
+        hidden = PromptTask.decoder_hidden(model, batch["input_ids"], batch["attention_mask"])
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        prompt = masked_mean(hidden, positions < batch["prompt_len"].unsqueeze(1))
+        response = masked_mean(hidden, batch["target"] != IGNORE)
+        return (prompt + response) / 2
 
 
 register_task(GenerateTask())

@@ -83,6 +83,12 @@ class Task(ABC):
     def features(self, model: nn.Module, batch: Batch) -> np.ndarray:
         """One pooled feature vector per example, (b, hidden) float32."""
 
+    def summary_features(self, model: nn.Module, batch: Batch, view: str = "input") -> np.ndarray:
+        """The vectors a client's data summary is fitted on (``data.summary_features``): :meth:`features`."""
+        if view != "input":
+            raise ValueError(f"data.summary_features = '{view}' needs the generate task (this run's: {self.name})")
+        return self.features(model, batch)
+
     def extra_metrics(self, model: nn.Module, batch: Batch) -> dict[str, float]:
         """Task-specific metrics summed over the batch (divided by n by the caller); none by default."""
         return {}

@@ -284,11 +284,20 @@ def evaluate(
 
 @torch.no_grad()
 def pooled_features(
-    model: nn.Module, data: TaskData, idx: np.ndarray, batch_size: int | BatchFit = 64, *, task: Task = CLASSIFY
+    model: nn.Module,
+    data: TaskData,
+    idx: np.ndarray,
+    batch_size: int | BatchFit = 64,
+    *,
+    task: Task = CLASSIFY,
+    view: str = "input",
 ) -> np.ndarray:
-    """One vector per example from the task (encoder: masked mean of the last hidden states), (n, hidden)."""
+    """One vector per example from the task (encoder: masked mean of the last hidden states; ``view``:
+    ``data.summary_features``), (n, hidden)."""
     model.eval()
-    out = _fit(batch_size).map(lambda a, b: task.features(model, batch_on(model, data, idx[a:b])), len(idx))
+    out = _fit(batch_size).map(
+        lambda a, b: task.summary_features(model, batch_on(model, data, idx[a:b]), view), len(idx)
+    )
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -586,7 +595,9 @@ class ClientRuntime:
         cfg, bench, d = self.cfg, self.bench, self.data
         bench.load(bench.init_state)  # ΔW = 0 at init: the frozen backbone's features
         with bench.placement.autocast():
-            feats = pooled_features(bench.model, d.data, d.train_idx, self.eval_fit, task=bench.task)
+            feats = pooled_features(
+                bench.model, d.data, d.train_idx, self.eval_fit, task=bench.task, view=cfg.data.summary_features
+            )
         labels = d.labels[d.train_idx]
         pr = cfg.privacy
         if pr.summary_epsilon is None:
