@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from celora import cli
-from celora.config import load_config
+from celora.config import build_config, load_config
 from celora.data.formats import load_generative_file
 from celora.data.generate import GenerateTask, GenerativeData, encode_row, prompt_text_parts
 from celora.data.sources import Dataset
 from celora.data.tasks import IGNORE, get_task
 from celora.errors import CeloraError
-from celora.fl.simulation import Simulation, prepare
+from celora.fl.simulation import Simulation, check_names, prepare
 from celora.models.zoo import load_model
 
 GEN = get_task("generate")
@@ -577,8 +577,16 @@ def test_input_response_features_separate_same_prompts_with_different_responses(
 
 
 def test_input_response_summaries_need_the_generate_task(tmp_path):
-    with pytest.raises(ValueError, match=r"data.summary_features = 'input\+response' needs the generate task"):
+    with pytest.raises(ValueError, match=r"data.summary_features = 'input\+response': task 'classify' pools"):
         get_task("classify").summary_features(None, {}, "input+response")  # type: ignore[arg-type]
+    # data.task unset: the task the model resolves to (classify on an encoder) is checked before any data is read
+    unset = build_config({"model": {"name": "tiny-bert"}, "data": {"summary_features": "input+response"}})
+    with pytest.raises(CeloraError, match=r"summary_features = 'input\+response' needs.*this run's task: 'classify'"):
+        check_names(unset)
+    generate = build_config(
+        {"model": {"name": "tiny-llama"}, "data": {"task": "generate", "summary_features": "input+response"}}
+    )
+    assert check_names(generate).data.summary_features == "input+response"
     cfg = tmp_path / "c.toml"
     cfg.write_text('[data]\ntask = "classify"\nsummary_features = "input+response"\n', encoding="utf-8")
     with pytest.raises(CeloraError, match=r"data.summary_features = 'input\+response' needs data.task = 'generate'"):

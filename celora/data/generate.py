@@ -153,6 +153,7 @@ class GenerateTask(Task):
     zero_shot = True
     rows = "generative"
     spec = MetricSpec("rougeL", True, ("rougeL", "exact_match", "nll", "ppl"))
+    summary_views = ("input", "input+response")
     greedy = staticmethod(PromptTask.greedy_answers)
 
     def __init__(self, max_response_tokens: int = 24, max_new_tokens: int | None = None) -> None:
@@ -297,10 +298,7 @@ class GenerateTask(Task):
         if view != "input+response":
             return super().summary_features(model, batch, view)
         hidden = PromptTask.decoder_hidden(model, batch["input_ids"], batch["attention_mask"])
-        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        prompt = masked_mean(hidden, positions < batch["prompt_len"].unsqueeze(1))
-        response = masked_mean(hidden, batch["target"] != IGNORE)
-        return (prompt + response) / 2
+        return (PromptTask.prompt_mean(hidden, batch) + masked_mean(hidden, batch["target"] != IGNORE)) / 2
 
 
 register_task(GenerateTask())

@@ -53,6 +53,7 @@ class Task(ABC):
     zero_shot: ClassVar[bool] = False  # is the un-adapted model meaningful (evaluated before round 1)?
     spec: ClassVar[MetricSpec] = ACCURACY  # the metrics it declares; ``score`` sums the primary one
     rows: ClassVar[str] = "labelled"  # what a data file holds: "labelled" (text/label) | "generative" (prompts)
+    summary_views: ClassVar[tuple[str, ...]] = ("input",)  # the data.summary_features values it can pool
 
     def configured(self, cfg: Any) -> Task:
         """The task with a run's settings (an ``ExperimentConfig``); tasks without settings return themselves."""
@@ -85,8 +86,8 @@ class Task(ABC):
 
     def summary_features(self, model: nn.Module, batch: Batch, view: str = "input") -> np.ndarray:
         """The vectors a client's data summary is fitted on (``data.summary_features``): :meth:`features`."""
-        if view != "input":
-            raise ValueError(f"data.summary_features = '{view}' needs the generate task (this run's: {self.name})")
+        if view not in self.summary_views:
+            raise ValueError(f"data.summary_features = '{view}': task '{self.name}' pools {self.summary_views}")
         return self.features(model, batch)
 
     def extra_metrics(self, model: nn.Module, batch: Batch) -> dict[str, float]:
@@ -449,7 +450,11 @@ class PromptTask(Task):
 
     def features(self, model: nn.Module, batch: Batch) -> np.ndarray:
         """Mean of the decoder's last hidden states over the prompt tokens (the answer excluded)."""
-        hidden = self.decoder_hidden(model, batch["input_ids"], batch["attention_mask"])
+        return self.prompt_mean(self.decoder_hidden(model, batch["input_ids"], batch["attention_mask"]), batch)
+
+    @staticmethod
+    def prompt_mean(hidden: torch.Tensor, batch: Batch) -> np.ndarray:
+        """mean_t<prompt_len h_t per row (right-padded batch), (b, hidden) float32."""
         positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         return masked_mean(hidden, positions < batch["prompt_len"].unsqueeze(1))
 

@@ -93,6 +93,11 @@ def check_names(cfg: ExperimentConfig) -> ExperimentConfig:
             + (" with a causal-LM form" if task.head == "lm" else "")
             + f"; model.name '{cfg.model.name}' is {kind or 'a local folder'}"
         )
+    if cfg.data.summary_features not in task.summary_views:
+        raise CeloraError(
+            f"data.summary_features = '{cfg.data.summary_features}' needs data.task = 'generate' "
+            f"(this run's task: '{task.name}')"
+        )
     if cfg.data.task != task.name:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"task": task.name})})
     for comp in cfg.data.mixture or []:
