@@ -60,9 +60,12 @@ def _default_out(config: Path | None, method: str) -> Path:
 
 
 def data_label(cfg: Any) -> str:
-    """Where the run's rows come from, for the banner: the sites' files, or a dataset and its partition."""
+    """Where the run's rows come from, for the banner: the sites' files, the mixture's components, or a dataset
+    and its partition."""
     if cfg.data.sites:
         return f"{len(cfg.data.sites)} site files (data.sites)"
+    if cfg.data.mixture:
+        return f"mixture of {', '.join(c.title for c in cfg.data.mixture)}"
     return f"{cfg.data.path or cfg.data.name} ({cfg.data.partition})"
 
 

@@ -238,3 +238,19 @@ def test_summary_and_table() -> None:
     console = Console(width=120, record=True)
     console.print(table)
     assert "pathological" in console.export_text()
+
+
+def test_partition_table_with_many_labels_lists_the_largest_counts() -> None:
+    """34 labels (a task mixture's union) do not become 34 columns: labels held and the three largest counts."""
+    hist = {f"l{i}": 0 for i in range(34)} | {"l3": 5, "l7": 2, "l9": 1, "l20": 1}
+    summary = {
+        "scheme": "natural",
+        "num_clients": 1,
+        "global_test": 4,
+        "clients": [{"id": 0, "n_train": 9, "n_test": 3, "label_hist": hist}],
+    }
+    table = format_partition_table(summary)
+    assert [str(c.header) for c in table.columns] == ["client", "n_train", "n_test", "labels", "largest (label count)"]
+    console = Console(width=80, record=True)
+    console.print(table)
+    assert "l3 5, l7 2, l20 1, +1" in console.export_text()

@@ -400,8 +400,12 @@ def partition_summary(split: FederatedSplit, labels: np.ndarray, label_names: li
     }
 
 
+MAX_LABEL_COLUMNS = 12  # more labels than this: one "labels held" column instead of one column per label
+
+
 def format_partition_table(summary: dict[str, Any]) -> Table:
-    """Render ``partition_summary`` output: one row per client, one column per label."""
+    """Render ``partition_summary`` output: one row per client, one column per label (with more than
+    ``MAX_LABEL_COLUMNS`` labels: how many each client holds and its largest counts, ``name count, …``)."""
     names: list[str] = []
     for client in summary["clients"]:
         names.extend(n for n in client["label_hist"] if n not in names)
@@ -413,14 +417,16 @@ def format_partition_table(summary: dict[str, Any]) -> Table:
     table.add_column("client", justify="right")
     table.add_column("n_train", justify="right")
     table.add_column("n_test", justify="right")
-    for name in names:
-        table.add_column(str(name), justify="right")
+    wide = len(names) > MAX_LABEL_COLUMNS
+    for name in ["labels", "largest (label count)"] if wide else names:
+        table.add_column(str(name), justify="left" if wide else "right")
     for client in summary["clients"]:
         hist = client["label_hist"]
-        table.add_row(
-            str(client["id"]),
-            str(client["n_train"]),
-            str(client["n_test"]),
-            *(str(hist.get(name, 0)) for name in names),
-        )
+        if wide:
+            held = sorted(((c, n) for n, c in hist.items() if c > 0), key=lambda t: (-t[0], t[1]))
+            shown = ", ".join(f"{n} {c}" for c, n in held[:3]) + (f", +{len(held) - 3}" if len(held) > 3 else "")
+            cells = [str(len(held)), shown]
+        else:
+            cells = [str(hist.get(name, 0)) for name in names]
+        table.add_row(str(client["id"]), str(client["n_train"]), str(client["n_test"]), *cells)
     return table
