@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table  # noqa: E402
 
 from celora.errors import CeloraError  # noqa: E402
-from celora.eval import MetricSpec  # noqa: E402
+from celora.eval import MetricSpec, score_headline  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning with tri-matrix LoRA.")
 console = Console()
@@ -43,10 +43,8 @@ class RichObserver:
 
     def on_round_end(self, rnd: int, metrics: dict[str, Any]) -> None:
         self.progress.advance(self.round_task)
-        p = MetricSpec.of(metrics).primary
         self.progress.console.print(
-            f"round {rnd}: {p} mean {metrics[f'{p}_mean']:.3f} (after agg. {metrics[f'{p}_mean_agg']:.3f}), "
-            f"worst-10% {metrics[f'{p}_worst10']:.3f}, up {metrics['bytes_up']} B, down {metrics['bytes_down']} B, "
+            f"round {rnd}: {score_headline(metrics)}, up {metrics['bytes_up']} B, down {metrics['bytes_down']} B, "
             f"{metrics['wall_s']:.1f}s"
         )
 

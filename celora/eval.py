@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -102,6 +103,17 @@ class MetricSpec:
 
 
 ACCURACY = MetricSpec()
+
+
+def score_headline(row: Mapping[str, Any]) -> str:
+    """A round row's scores for its printed line: ``<primary> mean m (after agg. a), worst-10% w``, or
+    ``<primary> not scored this round`` when the row holds no evaluation (rounds between ``eval.every``)."""
+    p = MetricSpec.of(row).primary
+    mean = float(row[f"{p}_mean"])
+    if math.isnan(mean):
+        return f"{p} not scored this round (eval.every)"
+    agg, worst = float(row[f"{p}_mean_agg"]), float(row[f"{p}_worst10"])
+    return f"{p} mean {mean:.3f} (after agg. {agg:.3f}), worst-10% {worst:.3f}"
 
 
 _ROUGE: list[object] = []  # the rouge-score scorer, built on first use

@@ -591,3 +591,15 @@ def test_input_response_summaries_need_the_generate_task(tmp_path):
     cfg.write_text('[data]\ntask = "classify"\nsummary_features = "input+response"\n', encoding="utf-8")
     with pytest.raises(CeloraError, match=r"data.summary_features = 'input\+response' needs data.task = 'generate'"):
         load_config(cfg)
+
+
+def test_round_lines_say_when_a_round_was_not_scored():
+    """eval.every > 1 leaves rounds without scores: their line says so instead of printing nan."""
+    from celora.eval import MetricSpec, score_headline
+
+    spec = GenerateTask().spec.as_dict()
+    scored = {"primary_metric": spec, "rougeL_mean": 0.5, "rougeL_mean_agg": 0.25, "rougeL_worst10": 0.125}
+    assert score_headline(scored) == "rougeL mean 0.500 (after agg. 0.250), worst-10% 0.125"
+    skipped = scored | {"rougeL_mean": math.nan, "rougeL_mean_agg": math.nan, "rougeL_worst10": math.nan}
+    assert score_headline(skipped) == "rougeL not scored this round (eval.every)"
+    assert MetricSpec.of(scored).primary == "rougeL"

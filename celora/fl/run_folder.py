@@ -33,7 +33,7 @@ from safetensors.torch import save as st_save
 
 from celora.config import ExperimentConfig, dump_config
 from celora.data.sources import one_line
-from celora.eval import MetricSpec
+from celora.eval import MetricSpec, score_headline
 
 log = logging.getLogger("celora")
 LOG_FILE = "celora.log"
@@ -112,15 +112,10 @@ class RunFolder:
 
     def append_row(self, row: dict[str, Any]) -> None:
         """Append one round's row to metrics.jsonl (and its headline to celora.log)."""
-        p = MetricSpec.of(row).primary
         log.info(
-            "round %d: %s mean %.3f (after agg. %.3f), worst-10%% %.3f, %d participants, %d rejected, "
-            "up %d B, down %d B, %.1fs",
+            "round %d: %s, %d participants, %d rejected, up %d B, down %d B, %.1fs",
             row["round"],
-            p,
-            row[f"{p}_mean"],
-            row[f"{p}_mean_agg"],
-            row[f"{p}_worst10"],
+            score_headline(row),
             row.get("participants", 0),
             row.get("rejected", 0),
             row["bytes_up"],
