@@ -57,16 +57,6 @@ def _default_out(config: Path | None, method: str) -> Path:
     return Path("runs") / f"{stem}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def data_label(cfg: Any) -> str:
-    """Where the run's rows come from, for the banner: the sites' files, the mixture's components, or a dataset
-    and its partition."""
-    if cfg.data.sites:
-        return f"{len(cfg.data.sites)} site files (data.sites)"
-    if cfg.data.mixture:
-        return f"mixture of {', '.join(c.title for c in cfg.data.mixture)}"
-    return f"{cfg.data.path or cfg.data.name} ({cfg.data.partition})"
-
-
 @app.command()
 def run(
     config: Annotated[Path | None, typer.Argument(help="experiment TOML (see configs/)")] = None,
@@ -121,7 +111,7 @@ def run(
     out_dir = resume or out or _default_out(config, cfg.method)
     console.print(
         f"[bold]celora[/bold] {cfg.method} · model {cfg.model.name} · {cfg.num_clients} clients · "
-        f"{cfg.rounds} rounds · data {data_label(cfg)} · runtime {runtime}"
+        f"{cfg.rounds} rounds · data {cfg.data.source} · runtime {runtime}"
     )
     if resume is not None:
         console.print(f"resuming {resume} from its checkpoint of round {resumed_from} of {cfg.rounds}")

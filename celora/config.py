@@ -185,6 +185,16 @@ class DataConfig(_Section):
         "without it there is no global test set",
     )
 
+    @property
+    def source(self) -> str:
+        """Where the rows come from, for banners and logs: the sites' files, the mixture's components, or a
+        dataset (or file) and its partition."""
+        if self.sites:
+            return f"{len(self.sites)} site files (data.sites)"
+        if self.mixture:
+            return f"mixture of {', '.join(c.title for c in self.mixture)}"
+        return f"{self.path or self.name} ({self.partition})"
+
     @model_validator(mode="after")
     def _check_sites(self) -> DataConfig:
         if self.labels is not None:

@@ -41,9 +41,7 @@ def _mixture_cfg(tmp: Path, *extra: str):
 def test_a_mixture_reports_per_component_and_celora_pools_within_components(tmp_path):
     cfg = _mixture_cfg(tmp_path)
     assert cfg.num_clients == 4
-    from celora.cli import data_label
-
-    assert data_label(cfg) == "mixture of math, words"  # the banner names the components, not data.name
+    assert cfg.data.source == "mixture of math, words"  # banner and celora.log name the components, not data.name
     res = Simulation(cfg, tmp_path / "run", prepared=prepare(cfg), export_adapters=False).run()
     comps = res.summary["components"]
     assert comps["math"]["clients"] == [0, 1] and comps["words"]["clients"] == [2, 3]
@@ -60,6 +58,7 @@ def test_a_mixture_reports_per_component_and_celora_pools_within_components(tmp_
     html = write_html_report(tmp_path / "run").read_text()
     assert "Per component (task mixture)" in html and "math" in html and "words" in html
     assert "data mixture of math, words" in html
+    assert "data mixture of math, words, seed 0" in (tmp_path / "run" / "celora.log").read_text()
 
 
 def test_fedavg_share_is_the_sample_share_and_celora_global_equals_it(tmp_path):

@@ -65,14 +65,13 @@ class RunFolder:
             (self.path / "metrics.jsonl").write_text("", encoding="utf-8")
         self.open_log(fresh)
         log.info(
-            "run %s: method %s, model %s, %d clients, %d rounds, data %s (%s), seed %d",
+            "run %s: method %s, model %s, %d clients, %d rounds, data %s, seed %d",
             "started" if fresh else "resumed",
             cfg.method,
             cfg.model.name,
             cfg.num_clients,
             cfg.rounds,
-            cfg.data.path or cfg.data.name,
-            cfg.data.partition,
+            cfg.data.source,
             cfg.seed,
         )
         self.write_text("config.toml", dump_config(cfg))
