@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from rich.table import Table
 
+from celora.config import MixtureComponent
 from celora.eval import MetricSpec
 from celora.tables import frame_html, frame_markdown, frame_rich
 
@@ -385,7 +386,7 @@ def _run_html(d: Path) -> str:
     p = MetricSpec.of(summary).primary
     facts = [
         f"model {model.get('name', '?')} (rank {model.get('rank', '?')})",
-        f"data mixture of {', '.join(component_titles(data['mixture']))}"
+        f"data mixture of {', '.join(MixtureComponent.model_validate(c).title for c in data['mixture'])}"
         if data.get("mixture")
         else f"data {data.get('path') or data.get('name', '?')} ({data.get('partition', '?')}"
         + (f", α = {data['alpha']}" if data.get("partition") == "dirichlet" and "alpha" in data else "")
@@ -549,11 +550,6 @@ def _compare_html(d: Path) -> str:
             frame_html(cell_frame, left=2),
         ]
     )
-
-
-def component_titles(mixture: list[dict[str, Any]]) -> list[str]:
-    """A config.toml's [[data.mixture]] names as results show them: label, else dataset name, else file stem."""
-    return [str(c.get("label") or c.get("name") or Path(str(c.get("path"))).stem) for c in mixture]
 
 
 def write_html_report(run_or_compare_dir: str | Path) -> Path:
